@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The two everyday commands; each installs what it needs on first use.
+#
+#   ./dev.sh quickstart [ARGS...]   2-process DDP training of mnist_ddp.py on CPU (gloo), ARGS passed on
+#   ./dev.sh test [PYTEST ARGS...]  the whole test suite (this is what .ci/run calls)
+#
+# Overrides: VENV (default .venv), PYTHON (default python3), DATA_DIR (default: ../shared/data when it
+# holds MNIST, as on the project's own machines, else ./data, where the script downloads MNIST).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+
+usage() { sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; }
+
+ensure_venv() {
+  # reinstall only when requirements.txt changed since the last install
+  if [ -x "$VENV/bin/python" ] && cmp -s requirements.txt "$VENV/.installed-requirements.txt"; then
+    return
+  fi
+  echo "== setting up $VENV (first run: about 90 s) =="
+  [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check -r requirements.txt
+  cp requirements.txt "$VENV/.installed-requirements.txt"
+}
+
+default_data_dir() {
+  if [ -d ../shared/data/MNIST/raw ]; then echo ../shared/data; else echo ./data; fi
+}
+
+cmd=${1:-}
+[ $# -gt 0 ] && shift
+case "$cmd" in
+  quickstart)
+    ensure_venv
+    export DATA_DIR=${DATA_DIR:-$(default_data_dir)}
+    echo "== 2-process DDP on CPU, data from $DATA_DIR =="
+    exec "$VENV/bin/torchrun" --standalone --nproc_per_node=2 mnist_ddp.py --device=cpu --epochs=2 "$@"
+    ;;
+  test)
+    ensure_venv
+    exec "$VENV/bin/python" -m pytest tests "$@"
+    ;;
+  *)
+    usage >&2
+    exit 2
+    ;;
+esac

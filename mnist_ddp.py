@@ -1,0 +1,370 @@
+"""
+Train a small CNN on MNIST with PyTorch DistributedDataParallel (DDP), on one process or many.
+
+The same file runs under every launcher, unchanged:
+
+    python mnist_ddp.py --epochs=1                           # one process (a GPU if there is one, else CPU)
+    torchrun --standalone --nproc_per_node=2 mnist_ddp.py    # 2 processes on this machine
+    torchrun --nnodes=2 --nproc_per_node=4 --rdzv_backend=c10d \
+        --rdzv_endpoint=FIRST_NODE:PORT --rdzv_id=JOB_ID mnist_ddp.py   # one torchrun per node
+    srun python mnist_ddp.py                                 # inside a Slurm job, one task per GPU
+    sbatch run-gpu4-dist.sh mnist_ddp.py --epochs=100        # the wrapper does the above for you
+
+Data: --data-dir (default $DATA_DIR, else ./data) must hold MNIST/raw/ in torchvision's layout; local rank 0
+of each node downloads it if it is missing. Compute nodes are often offline: download on the login node with
+    python mnist_ddp.py --download-only --data-dir /path/to/data
+
+Expected (2 CPU processes, gloo, the 5,000-digit training sample; full MNIST reaches higher):
+    torchrun --standalone --nproc_per_node=2 mnist_ddp.py --epochs=2 --data-dir ../shared/data
+    -> test accuracy about 96-97% on the 10,000 official test digits, in a few seconds per epoch.
+"""
+import argparse
+import contextlib
+import glob
+import hashlib
+import io
+import json
+import os
+import re
+import socket
+import sys
+import time
+from datetime import datetime
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DistributedSampler
+from torchvision import datasets
+
+# -----------------------------------------------------------------------------
+# config
+
+
+def positive_int(text):
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="MNIST with DistributedDataParallel")
+    p.add_argument("--epochs", type=positive_int, default=2, help="number of epochs to train (default: 2)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="training batch size per process (default: 64)")
+    p.add_argument("--test-batch-size", type=positive_int, default=1000, help="evaluation batch size per process (default: 1000)")
+    p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (default: 3e-3)")
+    p.add_argument("--gamma", type=float, default=0.7, help="learning-rate decay per epoch (default: 0.7)")
+    p.add_argument("--seed", type=int, default=1, help="random seed (default: 1)")
+    p.add_argument("--data-dir", default=os.environ.get("DATA_DIR", "./data"), help="holds MNIST/raw (default: $DATA_DIR, else ./data)")
+    p.add_argument("--download-only", action="store_true", help="download MNIST into --data-dir and exit (run on a login node)")
+    p.add_argument("--output-dir", default="./out", help="metrics JSONL goes here (default: ./out)")
+    p.add_argument("--checkpoint-dir", default=os.environ.get("CHECKPOINT_DIR"), help="save every epoch and resume from the latest checkpoint here (default: $CHECKPOINT_DIR, else no checkpoints)")
+    p.add_argument("--log-interval", type=positive_int, default=20, help="steps between loss prints (default: 20)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: a GPU if there is one (default: auto)")
+    p.add_argument("--amp", action="store_true", help="bfloat16 autocast (GPU only; ignored on CPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    return p.parse_args(argv)
+
+
+# -----------------------------------------------------------------------------
+# distributed setup
+
+
+def first_host(nodelist):
+    """First host of a Slurm nodelist: 'n[1-2]' -> 'n1', 'gpu-[001-004,010],cpu1' -> 'gpu-001'."""
+    depth, end = 0, len(nodelist)
+    for i, ch in enumerate(nodelist):  # the first comma outside brackets ends the first group
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            end = i
+            break
+    return re.sub(r"\[([^\]]*)\]", lambda m: re.split(r"[-,]", m.group(1))[0], nodelist[:end])
+
+
+def launch_env(env=os.environ):
+    """Who am I? torchrun's variables first, else srun's, else a single process.
+    Returns rank, local_rank, world_size, and the MASTER_ADDR/PORT to use (None when already set)."""
+    if "RANK" in env and "WORLD_SIZE" in env:  # torchrun (or set by hand): it also sets MASTER_ADDR/PORT
+        return int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"]), None, None
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:  # srun: one task per GPU
+        world_size = int(env.get("SLURM_STEP_NUM_TASKS", env["SLURM_NTASKS"]))
+        # every rank computes the same address and port: rank 0 runs on the first node of the job,
+        # and the port comes from the job id so that two jobs sharing a node do not collide
+        addr = env.get("MASTER_ADDR") or first_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1"))
+        port = env.get("MASTER_PORT") or str(10000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
+        return int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), world_size, addr, port
+    return 0, 0, 1, None, None
+
+
+def print0(*args, **kwargs):
+    if RANK == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def fail(message):
+    """One clear line from rank 0, then a non-zero exit on every rank (the finally block tears down)."""
+    print0(f"ERROR: {message}", file=sys.stderr)
+    raise SystemExit(1)
+
+
+def all_ranks_ok(ok, device):
+    """Agree on a flag across ranks; doubles as a barrier. False if any rank reported a failure."""
+    if WORLD_SIZE == 1:
+        return ok
+    flag = torch.tensor([1 if ok else 0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def all_gather(obj):
+    """Every rank's obj, in rank order."""
+    if WORLD_SIZE == 1:
+        return [obj]
+    out = [None] * WORLD_SIZE
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# data
+
+MEAN, STD = 0.1307, 0.3081  # MNIST training-set pixel statistics
+
+
+def download_mnist(data_dir):
+    """Returns None on success, else the reason it failed. torchvision skips files already there."""
+    quiet = io.StringIO()  # torchvision prints one line per mirror tried; keep the log short
+    try:
+        with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+            for train in (True, False):
+                datasets.MNIST(data_dir, train=train, download=True)
+        return None
+    except Exception as e:  # offline compute node, read-only directory, proxy ...
+        return " ".join(f"{type(e).__name__}: {e}".split())[:300]  # one line for the log
+
+
+def load_mnist(data_dir, train, device):
+    """The whole split as one normalized tensor: MNIST is tiny, so no DataLoader, no per-sample transforms."""
+    ds = datasets.MNIST(data_dir, train=train, download=False)
+    x = ds.data.to(device=device, dtype=torch.float32).div_(255).sub_(MEAN).div_(STD).unsqueeze_(1)
+    return x, ds.targets.to(device)
+
+
+# -----------------------------------------------------------------------------
+# model
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 16, 5, padding=2)   # 28x28 -> 28x28, pooled to 14x14
+        self.conv2 = nn.Conv2d(16, 32, 5, padding=2)  # 14x14 -> 14x14, pooled to 7x7
+        self.fc1 = nn.Linear(32 * 7 * 7, 128)
+        self.fc2 = nn.Linear(128, 10)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        return self.fc2(F.relu(self.fc1(x.flatten(1))))
+
+
+def param_checksum(model):
+    """A hash of every parameter's bytes: equal on all ranks iff the replicas are bit-identical."""
+    h = hashlib.sha256()
+    for p in model.state_dict().values():
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@torch.no_grad()
+def evaluate(model, x, y, batch_size, device):
+    """Exact test metrics: rank r scores digits r, r+W, r+2W, ... (no padding, no digit twice), then sums."""
+    model.eval()
+    xs, ys = x[RANK::WORLD_SIZE], y[RANK::WORLD_SIZE]
+    stats = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
+    for i in range(0, len(xs), batch_size):
+        out = model(xs[i:i + batch_size]).float()
+        stats[0] += F.cross_entropy(out, ys[i:i + batch_size], reduction="sum")
+        stats[1] += (out.argmax(1) == ys[i:i + batch_size]).sum()
+    stats[2] = len(xs)
+    if WORLD_SIZE > 1:
+        dist.all_reduce(stats)
+    loss_sum, correct, count = stats.tolist()
+    return loss_sum / count, correct / count, int(count)
+
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+
+def save_checkpoint(ckpt_dir, epoch, state, keep=2):
+    """Atomic: write a temporary file, fsync, rename. A crash mid-save leaves the previous checkpoint intact."""
+    path = os.path.join(ckpt_dir, f"epoch_{epoch:04d}.pt")
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(state, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    for old in sorted(glob.glob(os.path.join(ckpt_dir, "epoch_*.pt")))[:-keep]:
+        os.remove(old)
+    return path
+
+
+def load_latest_checkpoint(ckpt_dir, device):
+    """Newest loadable checkpoint, or (None, None). A corrupt newest file is reported, never silently skipped to a fresh start."""
+    for path in sorted(glob.glob(os.path.join(ckpt_dir, "epoch_*.pt")), reverse=True):
+        try:
+            return path, torch.load(path, map_location=device, weights_only=True)
+        except Exception as e:
+            print0(f"WARNING: cannot load {path} ({type(e).__name__}: {e}); trying the previous checkpoint")
+    return None, None
+
+
+# -----------------------------------------------------------------------------
+# main
+
+RANK, LOCAL_RANK, WORLD_SIZE = 0, 0, 1
+
+
+def main(args):
+    global RANK, LOCAL_RANK, WORLD_SIZE
+    RANK, LOCAL_RANK, WORLD_SIZE, addr, port = launch_env()
+    if args.download_only:
+        reason = download_mnist(args.data_dir)
+        if reason:
+            fail(f"could not download MNIST into {os.path.abspath(args.data_dir)} ({reason})")
+        print0(f"MNIST is ready in {os.path.abspath(args.data_dir)}")
+        return
+
+    # one process per device: cuda:(local_rank % device_count) with NCCL, else CPU with gloo
+    if args.device == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda was given, but no CUDA device is visible here. HINT: request a GPU (e.g. --gres=gpu:1) or use --device cpu")
+    use_cuda = args.device != "cpu" and torch.cuda.is_available()
+    device = torch.device("cuda", LOCAL_RANK % torch.cuda.device_count()) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if WORLD_SIZE > 1:
+        if addr:  # launched by srun: tell init_process_group where rank 0 listens
+            os.environ.setdefault("MASTER_ADDR", addr)
+            os.environ.setdefault("MASTER_PORT", port)
+        dist.init_process_group("nccl" if use_cuda else "gloo", rank=RANK, world_size=WORLD_SIZE)
+    print(f"[rank {RANK}/{WORLD_SIZE}] local_rank {LOCAL_RANK} host {socket.gethostname()} device {device}", flush=True)
+    try:
+        train(args, device)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train(args, device):
+    torch.manual_seed(args.seed)  # same initial weights everywhere (DDP also broadcasts rank 0's)
+    if args.amp and device.type != "cuda":
+        print0("NOTE: --amp is bfloat16 autocast on GPU only; training in float32 on CPU")
+    amp = args.amp and device.type == "cuda"
+
+    # -----------------------------------------------------------------------------
+    # data: local rank 0 of each node downloads if needed while the other ranks wait
+    reason = download_mnist(args.data_dir) if LOCAL_RANK == 0 else None
+    if not all_ranks_ok(reason is None, device):
+        fail(f"MNIST is not in {os.path.abspath(args.data_dir)} and could not be downloaded ({reason or 'on another node'}). "
+             f"HINT: compute nodes are often offline; on the login node run: python mnist_ddp.py --download-only --data-dir {args.data_dir}")
+    x_train, y_train = load_mnist(args.data_dir, True, device)
+    x_test, y_test = load_mnist(args.data_dir, False, device)
+    # each rank sees a disjoint 1/WORLD_SIZE of the training set, reshuffled every epoch by set_epoch();
+    # drop_last keeps the shards equal, so every rank takes the same number of steps
+    sampler = DistributedSampler(range(len(x_train)), num_replicas=WORLD_SIZE, rank=RANK, shuffle=True, seed=args.seed, drop_last=True)
+
+    # -----------------------------------------------------------------------------
+    # model and optimizer
+    raw_model = Net().to(device)
+    model = torch.compile(raw_model) if args.compile else raw_model
+    if WORLD_SIZE > 1:  # averages gradients across ranks during backward()
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = torch.optim.AdamW(raw_model.parameters(), lr=args.lr)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=args.gamma)
+
+    # -----------------------------------------------------------------------------
+    # resume: every rank loads the same checkpoint, so the replicas start equal
+    start_epoch = 1
+    if args.checkpoint_dir:
+        os.makedirs(args.checkpoint_dir, exist_ok=True)
+        path, ckpt = load_latest_checkpoint(args.checkpoint_dir, device)
+        if ckpt is not None:
+            raw_model.load_state_dict(ckpt["model"])  # the raw module's keys: no "module." or "_orig_mod." prefix
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            if len(ckpt["rng"]) == WORLD_SIZE:
+                torch.set_rng_state(ckpt["rng"][RANK].cpu())
+            start_epoch = ckpt["epoch"] + 1
+            print0(f"resumed from {path}: epoch {ckpt['epoch']} done, continuing at epoch {start_epoch}")
+    os.makedirs(args.output_dir, exist_ok=True)
+    run_id = os.environ.get("SLURM_JOB_ID") or datetime.now().strftime("%Y%m%d-%H%M%S")
+    metrics = open(os.path.join(args.output_dir, f"metrics-{run_id}.jsonl"), "a") if RANK == 0 else None
+
+    # -----------------------------------------------------------------------------
+    # training loop
+    t_start, trained, train_seconds, result = time.perf_counter(), 0, 0.0, None
+    for epoch in range(start_epoch, args.epochs + 1):
+        model.train()
+        sampler.set_epoch(epoch)  # without this every epoch repeats the same shuffle
+        order = torch.tensor(list(sampler), device=device)
+        loss_sum = torch.zeros((), device=device)  # accumulated on the device: no host sync per step
+        t0 = time.perf_counter()
+        for step, i in enumerate(range(0, len(order), args.batch_size)):
+            idx = order[i:i + args.batch_size]
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.detach() * len(idx)
+            if RANK == 0 and step % args.log_interval == 0:  # .item() syncs, so only now and then
+                print(f"  epoch {epoch} step {step} loss {loss.item():.4f}", flush=True)
+        scheduler.step()
+        stats = torch.stack([loss_sum, torch.tensor(float(len(order)), device=device)]).double()
+        if WORLD_SIZE > 1:
+            dist.all_reduce(stats)  # the mean over all ranks' samples, not just rank 0's
+        seconds = time.perf_counter() - t0
+        train_loss, samples = (stats[0] / stats[1]).item(), int(stats[1].item())
+        test_loss, test_acc, n_test = evaluate(raw_model, x_test, y_test, args.test_batch_size, device)
+        trained, train_seconds = trained + samples, train_seconds + seconds
+        result = dict(epoch=epoch, train_loss=train_loss, test_loss=test_loss, test_acc=test_acc,
+                      test_count=n_test, seconds=seconds, samples_per_s=samples / seconds)
+        print0(f"epoch {epoch}/{args.epochs} | train loss {train_loss:.4f} | test loss {test_loss:.4f} | "
+               f"test acc {100 * test_acc:.2f}% | {seconds:.1f} s | {samples / seconds:.0f} samples/s")
+        if metrics:
+            metrics.write(json.dumps({"event": "epoch", **result}) + "\n")
+            metrics.flush()
+
+        # checkpoint: rank 0 writes while the others wait; RNG states come from every rank
+        if args.checkpoint_dir:
+            rng = all_gather(torch.get_rng_state())
+            if RANK == 0:
+                save_checkpoint(args.checkpoint_dir, epoch, {
+                    "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "epoch": epoch, "rng": rng, "args": vars(args)})
+            if WORLD_SIZE > 1:
+                dist.barrier()
+
+    # -----------------------------------------------------------------------------
+    # summary
+    if result is None:  # nothing left to train (resumed a finished run): still report the model's accuracy
+        test_loss, test_acc, n_test = evaluate(raw_model, x_test, y_test, args.test_batch_size, device)
+        result = dict(epoch=start_epoch - 1, test_loss=test_loss, test_acc=test_acc, test_count=n_test)
+        print0(f"nothing to train: the checkpoint already has {start_epoch - 1} epochs (--epochs={args.epochs})")
+    checksums = all_gather(param_checksum(raw_model))  # each rank's own hash: the test compares them
+    done = {"event": "done", "test_acc": result["test_acc"], "test_loss": result["test_loss"],
+            "test_count": result["test_count"], "epoch": result["epoch"], "world_size": WORLD_SIZE,
+            "seconds": time.perf_counter() - t_start,
+            "samples_per_s": trained / train_seconds if train_seconds else None, "param_checksums": checksums}
+    print0(json.dumps(done))
+    if metrics:
+        metrics.write(json.dumps(done) + "\n")
+        metrics.close()
+
+
+if __name__ == "__main__":
+    main(get_args())

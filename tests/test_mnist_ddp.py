@@ -1,0 +1,215 @@
+"""mnist_ddp.py: launch-environment parsing, and real trainings on MNIST digits under every launcher (CPU, gloo)."""
+import shutil
+import socket
+import sys
+import time
+
+import pytest
+
+from conftest import (PYTHON, REPO, TORCHRUN, clean_env, done_record, epoch_lines, run, start,
+                      startup_ranks)
+
+sys.path.insert(0, str(REPO))
+import mnist_ddp  # noqa: E402  (only its pure functions are used here)
+
+SCRIPT = str(REPO / "mnist_ddp.py")
+# measured on the 5,000-digit training sample, 2 epochs, global batch 64: 95.97%
+# (one process with --batch-size=64, or two with --batch-size=32, see test_ddp_matches_single_process)
+MIN_ACC_2_EPOCHS = 95.0
+
+
+# ---------------------------------------------------------------------------- unit: who am I?
+
+@pytest.mark.parametrize("nodelist, first", [
+    ("n1", "n1"),
+    ("n[1-2]", "n1"),
+    ("n[1-3,5]", "n1"),
+    ("gpu-[001-004,010]", "gpu-001"),
+    ("node-[001-004]", "node-001"),
+    ("gpu-[003,010-012],cpu1", "gpu-003"),
+    ("a1,b[2-3]", "a1"),
+    ("rack[7-8]-n[04-05]", "rack7-n04"),
+    ("10.0.0.5", "10.0.0.5"),
+])
+def test_first_host_of_nodelist(nodelist, first):
+    assert mnist_ddp.first_host(nodelist) == first
+
+
+def test_launch_env_torchrun_wins_over_slurm():
+    env = {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "SLURM_PROCID": "0", "SLURM_NTASKS": "2"}
+    assert mnist_ddp.launch_env(env) == (3, 1, 8, None, None)
+
+
+def test_launch_env_slurm():
+    env = {"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8",
+           "SLURM_JOB_NODELIST": "gpu-[001-004]", "SLURM_JOB_ID": "123456"}
+    rank, local_rank, world, addr, port = mnist_ddp.launch_env(env)
+    assert (rank, local_rank, world, addr) == (5, 1, 8, "gpu-001")
+    assert port == str(10000 + 123456 % 20000)
+
+
+def test_launch_env_slurm_step_size_and_overrides():
+    # srun -n2 inside a bigger allocation: the step's task count is the world size
+    env = {"SLURM_PROCID": "1", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8", "SLURM_STEP_NUM_TASKS": "2",
+           "SLURM_JOB_NODELIST": "n[1-2]", "SLURM_JOB_ID": "7", "MASTER_ADDR": "10.1.2.3", "MASTER_PORT": "4242"}
+    assert mnist_ddp.launch_env(env) == (1, 1, 2, "10.1.2.3", "4242")
+
+
+def test_master_port_same_within_a_job_and_differs_across_jobs():
+    def port(job_id, rank):
+        env = {"SLURM_PROCID": str(rank), "SLURM_NTASKS": "4", "SLURM_JOB_NODELIST": "n1", "SLURM_JOB_ID": str(job_id)}
+        return int(mnist_ddp.launch_env(env)[4])
+    assert len({port(4711, r) for r in range(4)}) == 1
+    ports = {port(j, 0) for j in range(1000, 1100)}
+    assert len(ports) == 100 and all(10000 <= p < 30000 for p in ports)  # below Linux's ephemeral range
+
+
+def test_launch_env_single_process():
+    assert mnist_ddp.launch_env({}) == (0, 0, 1, None, None)
+
+
+# ---------------------------------------------------------------------------- real trainings
+
+@pytest.fixture(scope="module")
+def single(mnist_dir, tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("single")
+    rc, out = run([PYTHON, SCRIPT, "--epochs=2", "--batch-size=64", "--amp", f"--data-dir={mnist_dir}",
+                   f"--output-dir={out_dir}"], env=clean_env(), cwd=out_dir)
+    return rc, out, out_dir
+
+
+@pytest.fixture(scope="module")
+def torchrun2(mnist_dir, tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("torchrun")
+    # --tee 3 prefixes every line with the local rank, so we can tell who printed what
+    rc, out = run([TORCHRUN, "--standalone", "--nproc_per_node=2", "--tee=3", SCRIPT, "--epochs=2", "--batch-size=32",
+                   f"--data-dir={mnist_dir}", f"--output-dir={out_dir}"], env=clean_env(), cwd=out_dir)
+    return rc, out
+
+
+def check_training(rc, out, world_size, epochs=2, min_acc=MIN_ACC_2_EPOCHS):
+    assert rc == 0, out[-3000:]
+    done = done_record(out)
+    assert done["world_size"] == world_size
+    assert done["test_count"] == 10000  # exact evaluation: every test digit counted once
+    assert done["test_acc"] * 100 >= min_acc, out[-2000:]
+    assert len(done["param_checksums"]) == world_size
+    assert len(set(done["param_checksums"])) == 1, "replicas diverged"
+    assert startup_ranks(out) == list(range(world_size))  # exactly one start-up line per rank
+    lines = epoch_lines(out)
+    assert [e for _, e, _ in lines] == list(range(1, epochs + 1)), "one epoch line per epoch, from rank 0 only"
+    assert lines[-1][2] == pytest.approx(done["test_acc"] * 100, abs=0.01)
+    return done
+
+
+def test_single_process(single):
+    rc, out, out_dir = single
+    done = check_training(rc, out, world_size=1)
+    assert "--amp is bfloat16 autocast on GPU only" in out
+    metrics = list(out_dir.glob("metrics-*.jsonl"))
+    assert len(metrics) == 1
+    events = [line for line in metrics[0].read_text().splitlines()]
+    assert len(events) == 3 and '"event": "done"' in events[-1] and str(done["test_acc"]) in events[-1]
+
+
+def test_torchrun_two_processes(torchrun2):
+    rc, out = torchrun2
+    check_training(rc, out, world_size=2)
+    assert {rank for rank, _, _ in epoch_lines(out)} == {"0"}  # only local rank 0 of torchrun printed epochs
+
+
+def test_ddp_matches_single_process(single, torchrun2):
+    # DistributedSampler interleaves one permutation, so 2 ranks x 32 digits see exactly the 64 digits one
+    # process sees per step, and DDP averages the gradients: the runs agree up to float summation order.
+    acc1 = done_record(single[1])["test_acc"]
+    acc2 = done_record(torchrun2[1])["test_acc"]
+    assert abs(acc1 - acc2) <= 0.003
+
+
+def slurm_job_id_with_free_port():
+    for job_id in range(1000, 20000, 97):
+        port = 10000 + job_id % 20000
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return job_id
+            except OSError:
+                continue
+    pytest.skip("no free port in the job-id-derived range")
+
+
+def test_srun_style_two_processes(mnist_dir, tmp_path, torchrun2):
+    """Two processes that know only what srun tells them: SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS, nodelist, job id."""
+    job_id = slurm_job_id_with_free_port()
+    procs = [start([PYTHON, SCRIPT, "--epochs=2", "--batch-size=32", f"--data-dir={mnist_dir}", f"--output-dir={tmp_path}"],
+                   cwd=tmp_path, env=clean_env(SLURM_PROCID=r, SLURM_LOCALID=r, SLURM_NTASKS=2, SLURM_NODEID=0,
+                                               SLURM_JOB_NODELIST="localhost", SLURM_JOB_ID=job_id)) for r in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    check_training(procs[0].returncode, outs[0] + outs[1], world_size=2)
+    assert procs[1].returncode == 0, outs[1]
+    assert epoch_lines(outs[1]) == [] and '"event"' not in outs[1], "rank 1 must stay quiet"
+    assert startup_ranks(outs[1]) == [1]
+    # same data order and same averaged gradients as torchrun: bit-identical final weights
+    assert done_record(outs[0])["param_checksums"] == done_record(torchrun2[1])["param_checksums"]
+
+
+def test_script_runs_alone_in_an_empty_directory(mnist_dir, tmp_path):
+    shutil.copy(SCRIPT, tmp_path / "mnist_ddp.py")
+    assert [p.name for p in tmp_path.iterdir()] == ["mnist_ddp.py"]
+    rc, out = run([PYTHON, "mnist_ddp.py", "--epochs=1"], cwd=tmp_path, env=clean_env(DATA_DIR=mnist_dir))
+    check_training(rc, out, world_size=1, epochs=1, min_acc=90.0)
+    assert list((tmp_path / "out").glob("metrics-*.jsonl")), "metrics land in ./out by default"
+
+
+def test_resume_continues_at_the_next_epoch(mnist_dir, tmp_path, torchrun2):
+    ckpt = tmp_path / "ckpt"
+    base = [TORCHRUN, "--standalone", "--nproc_per_node=2", SCRIPT, "--batch-size=32", f"--data-dir={mnist_dir}",
+            f"--output-dir={tmp_path}", f"--checkpoint-dir={ckpt}"]
+    rc, out = run(base + ["--epochs=1"], env=clean_env(), cwd=tmp_path)
+    assert rc == 0, out[-3000:]
+    assert [e for _, e, _ in epoch_lines(out)] == [1]
+    assert [p.name for p in ckpt.iterdir()] == ["epoch_0001.pt"]
+
+    rc, out = run(base + ["--epochs=2"], env=clean_env(), cwd=tmp_path)
+    assert rc == 0, out[-3000:]
+    assert "continuing at epoch 2" in out
+    assert [e for _, e, _ in epoch_lines(out)] == [2], "epoch 1 must not be trained again"
+    done = done_record(out)
+    assert done["param_checksums"] == done_record(torchrun2[1])["param_checksums"], \
+        "1 epoch + resumed 1 epoch must equal 2 uninterrupted epochs"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["epoch_0001.pt", "epoch_0002.pt"]
+
+    # asking again for 2 epochs trains nothing and still reports the model's accuracy
+    rc, out = run(base + ["--epochs=2"], env=clean_env(), cwd=tmp_path)
+    assert rc == 0 and epoch_lines(out) == [] and "nothing to train" in out
+    assert done_record(out)["test_acc"] == done["test_acc"]
+
+
+def test_offline_without_data_fails_fast_on_every_rank(tmp_path):
+    # no data and no network: every proxy points at a closed local port, so downloads are refused at once
+    dead = "http://127.0.0.1:9"
+    env = clean_env(http_proxy=dead, https_proxy=dead, HTTP_PROXY=dead, HTTPS_PROXY=dead, no_proxy="", NO_PROXY="")
+    t0 = time.monotonic()
+    rc, out = run([TORCHRUN, "--standalone", "--nproc_per_node=2", SCRIPT, f"--data-dir={tmp_path / 'nodata'}",
+                   f"--output-dir={tmp_path}"], env=env, cwd=tmp_path, timeout=120)
+    assert rc != 0
+    assert time.monotonic() - t0 < 60
+    errors = [line for line in out.splitlines() if "ERROR: MNIST is not in" in line]
+    assert len(errors) == 1, out  # one line, from rank 0
+    assert "--download-only" in errors[0] and str(tmp_path / "nodata") in errors[0]
+
+
+@pytest.mark.parametrize("bad", ["--batch-size=0", "--batch-size=-3", "--epochs=0", "--device=tpu"])
+def test_bad_arguments_are_argparse_errors(bad, tmp_path):
+    rc, out = run([PYTHON, SCRIPT, bad], env=clean_env(), cwd=tmp_path, timeout=120)
+    assert rc == 2
+    assert "error: argument" in out
+
+
+def test_cuda_requested_without_cuda(tmp_path):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible here; this tests the error on machines without one")
+    rc, out = run([PYTHON, SCRIPT, "--device=cuda"], env=clean_env(), cwd=tmp_path, timeout=120)
+    assert rc == 1
+    assert "--device cuda was given, but no CUDA device is visible" in out and "HINT" in out
