@@ -1,0 +1,124 @@
+"""Benchmarks for mnist_ddp.py, measured side by side in one run on this machine; prints each as a ratio.
+
+    .venv/bin/python bench/bench_mnist.py --data-dir ../shared/data
+
+P1  data path: samples/s of mnist_ddp.py's in-memory tensor indexing vs the usual torchvision
+    MNIST + ToTensor/Normalize + DataLoader path, same batch size (target >= 10x).
+P2  training step: steady-state samples/s of mnist_ddp.py (one process, one thread) vs the same
+    model's forward + backward + step on one pre-made batch, the compute bound (target >= 0.9).
+P3  scaling: per-process samples/s of 2-process DDP vs 1 process, same per-process batch,
+    one thread per process (target >= 0.9).
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def p1_data_path(data_dir, batch_size, epochs=3):
+    import torch
+    from torch.utils.data import DataLoader, DistributedSampler
+    from torchvision import datasets, transforms
+    import mnist_ddp
+
+    # ours: the whole split is one normalized tensor; a batch is an index gather
+    x, y = mnist_ddp.load_mnist(data_dir, True, torch.device("cpu"))
+    sampler = DistributedSampler(range(len(x)), num_replicas=1, rank=0, shuffle=True, seed=0, drop_last=True)
+    t0, n = time.perf_counter(), 0
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        order = torch.tensor(list(sampler))
+        for i in range(0, len(order), batch_size):
+            idx = order[i:i + batch_size]
+            xb, yb = x[idx], y[idx]
+            n += len(idx)
+    ours = n / (time.perf_counter() - t0)
+
+    # seed style: per-sample PIL -> ToTensor -> Normalize, collated by a DataLoader
+    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
+    ds = datasets.MNIST(data_dir, train=True, download=False, transform=tf)
+    baselines = {}
+    for workers in (0, 2):
+        loader = DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=workers)
+        t0, n = time.perf_counter(), 0
+        for _ in range(epochs):
+            for xb, yb in loader:
+                n += len(xb)
+        baselines[workers] = n / (time.perf_counter() - t0)
+    return ours, baselines
+
+
+def compute_bound(batch_size, seconds=5.0):
+    """forward + backward + step of mnist_ddp.Net on one pre-made batch, one thread."""
+    import torch
+    import torch.nn.functional as F
+    import mnist_ddp
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = mnist_ddp.Net()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    xb, yb = torch.randn(batch_size, 1, 28, 28), torch.randint(0, 10, (batch_size,))
+
+    def step():
+        loss = F.cross_entropy(model(xb), yb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    for _ in range(10):  # warm-up
+        step()
+    t0, n = time.perf_counter(), 0
+    while time.perf_counter() - t0 < seconds:
+        step()
+        n += batch_size
+    return n / (time.perf_counter() - t0)
+
+
+def script_samples_per_s(data_dir, nproc, batch_size, epochs):
+    """Per-process samples/s of mnist_ddp.py, averaged over epochs 2.. (epoch 1 is warm-up)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
+        env["OMP_NUM_THREADS"] = "1"
+        launcher = [sys.executable] if nproc == 1 else [str(Path(sys.executable).with_name("torchrun")), "--standalone", f"--nproc_per_node={nproc}"]
+        cmd = launcher + [str(REPO / "mnist_ddp.py"), f"--epochs={epochs}", f"--batch-size={batch_size}", "--device=cpu",
+                          f"--data-dir={data_dir}", f"--output-dir={tmp}", "--log-interval=1000000"]
+        subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        records = [json.loads(line) for f in Path(tmp).glob("metrics-*.jsonl") for line in f.read_text().splitlines()]
+        steady = [r["samples_per_s"] for r in records if r["event"] == "epoch" and r["epoch"] >= 2]
+        return sum(steady) / len(steady) / nproc
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", default=os.environ.get("DATA_DIR", "./data"))
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args()
+
+    ours, baselines = p1_data_path(args.data_dir, args.batch_size)
+    best = max(baselines.values())
+    print(f"P1 data path      : ours {ours:,.0f} samples/s | DataLoader+ToTensor/Normalize "
+          + ", ".join(f"{w} workers {v:,.0f}" for w, v in baselines.items())
+          + f" samples/s | ratio vs the faster {ours / best:.1f}x (target >= 10x)", flush=True)
+
+    # this is a small shared VM: alternate the runs and keep each one's best of --repeats
+    bound = max(compute_bound(args.batch_size) for _ in range(args.repeats))
+    single, double = 0.0, 0.0
+    for _ in range(args.repeats):
+        single = max(single, script_samples_per_s(args.data_dir, 1, args.batch_size, args.epochs))
+        double = max(double, script_samples_per_s(args.data_dir, 2, args.batch_size, args.epochs))
+    print(f"P2 training step  : mnist_ddp.py {single:,.0f} samples/s | compute bound {bound:,.0f} samples/s"
+          f" | ratio {single / bound:.2f} (target >= 0.9)", flush=True)
+    print(f"P3 DDP scaling    : 2 processes {double:,.0f} samples/s per process | 1 process {single:,.0f}"
+          f" | ratio {double / single:.2f} (target >= 0.9)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
