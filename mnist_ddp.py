@@ -99,9 +99,15 @@ def launch_env(env=os.environ):
     return 0, 0, 1, None, None
 
 
-def print0(*args, **kwargs):
+def print0(message, file=sys.stdout):
     if RANK == 0:
-        print(*args, **kwargs, flush=True)
+        print_line(message, file)
+
+
+def print_line(message, file=sys.stdout):
+    """One write per line, so that lines from several ranks sharing a log never interleave mid-line."""
+    file.write(f"{message}\n")
+    file.flush()
 
 
 def fail(message):
@@ -251,7 +257,7 @@ def main(args):
             os.environ.setdefault("MASTER_ADDR", addr)
             os.environ.setdefault("MASTER_PORT", port)
         dist.init_process_group("nccl" if use_cuda else "gloo", rank=RANK, world_size=WORLD_SIZE)
-    print(f"[rank {RANK}/{WORLD_SIZE}] local_rank {LOCAL_RANK} host {socket.gethostname()} device {device}", flush=True)
+    print_line(f"[rank {RANK}/{WORLD_SIZE}] local_rank {LOCAL_RANK} host {socket.gethostname()} device {device}")
     try:
         train(args, device)
     finally:
@@ -270,7 +276,7 @@ def train(args, device):
     reason = download_mnist(args.data_dir) if LOCAL_RANK == 0 else None
     if not all_ranks_ok(reason is None, device):
         fail(f"MNIST is not in {os.path.abspath(args.data_dir)} and could not be downloaded ({reason or 'on another node'}). "
-             f"HINT: compute nodes are often offline; on the login node run: python mnist_ddp.py --download-only --data-dir {args.data_dir}")
+             f"HINT: compute nodes are often offline; on the login node run: python {os.path.basename(__file__)} --download-only --data-dir {args.data_dir}")
     x_train, y_train = load_mnist(args.data_dir, True, device)
     x_test, y_test = load_mnist(args.data_dir, False, device)
     # each rank sees a disjoint 1/WORLD_SIZE of the training set, reshuffled every epoch by set_epoch();
@@ -322,7 +328,7 @@ def train(args, device):
             optimizer.step()
             loss_sum += loss.detach() * len(idx)
             if RANK == 0 and step % args.log_interval == 0:  # .item() syncs, so only now and then
-                print(f"  epoch {epoch} step {step} loss {loss.item():.4f}", flush=True)
+                print_line(f"  epoch {epoch} step {step} loss {loss.item():.4f}")
         scheduler.step()
         stats = torch.stack([loss_sum, torch.tensor(float(len(order)), device=device)]).double()
         if WORLD_SIZE > 1:

@@ -1,21 +1,17 @@
 """mnist_ddp.py: launch-environment parsing, and real trainings on MNIST digits under every launcher (CPU, gloo)."""
 import shutil
-import socket
 import sys
 import time
 
 import pytest
 
-from conftest import (PYTHON, REPO, TORCHRUN, clean_env, done_record, epoch_lines, run, start,
-                      startup_ranks)
+from conftest import (PYTHON, REPO, TORCHRUN, check_training, clean_env, done_record, epoch_lines, run,
+                      run_srun_style, startup_ranks)
 
 sys.path.insert(0, str(REPO))
 import mnist_ddp  # noqa: E402  (only its pure functions are used here)
 
 SCRIPT = str(REPO / "mnist_ddp.py")
-# measured on the 5,000-digit training sample, 2 epochs, global batch 64: 95.97%
-# (one process with --batch-size=64, or two with --batch-size=32, see test_ddp_matches_single_process)
-MIN_ACC_2_EPOCHS = 95.0
 
 
 # ---------------------------------------------------------------------------- unit: who am I?
@@ -87,21 +83,6 @@ def torchrun2(mnist_dir, tmp_path_factory):
     return rc, out
 
 
-def check_training(rc, out, world_size, epochs=2, min_acc=MIN_ACC_2_EPOCHS):
-    assert rc == 0, out[-3000:]
-    done = done_record(out)
-    assert done["world_size"] == world_size
-    assert done["test_count"] == 10000  # exact evaluation: every test digit counted once
-    assert done["test_acc"] * 100 >= min_acc, out[-2000:]
-    assert len(done["param_checksums"]) == world_size
-    assert len(set(done["param_checksums"])) == 1, "replicas diverged"
-    assert startup_ranks(out) == list(range(world_size))  # exactly one start-up line per rank
-    lines = epoch_lines(out)
-    assert [e for _, e, _ in lines] == list(range(1, epochs + 1)), "one epoch line per epoch, from rank 0 only"
-    assert lines[-1][2] == pytest.approx(done["test_acc"] * 100, abs=0.01)
-    return done
-
-
 def test_single_process(single):
     rc, out, out_dir = single
     done = check_training(rc, out, world_size=1)
@@ -126,27 +107,12 @@ def test_ddp_matches_single_process(single, torchrun2):
     assert abs(acc1 - acc2) <= 0.003
 
 
-def slurm_job_id_with_free_port():
-    for job_id in range(1000, 20000, 97):
-        port = 10000 + job_id % 20000
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-                return job_id
-            except OSError:
-                continue
-    pytest.skip("no free port in the job-id-derived range")
-
-
 def test_srun_style_two_processes(mnist_dir, tmp_path, torchrun2):
     """Two processes that know only what srun tells them: SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS, nodelist, job id."""
-    job_id = slurm_job_id_with_free_port()
-    procs = [start([PYTHON, SCRIPT, "--epochs=2", "--batch-size=32", f"--data-dir={mnist_dir}", f"--output-dir={tmp_path}"],
-                   cwd=tmp_path, env=clean_env(SLURM_PROCID=r, SLURM_LOCALID=r, SLURM_NTASKS=2, SLURM_NODEID=0,
-                                               SLURM_JOB_NODELIST="localhost", SLURM_JOB_ID=job_id)) for r in range(2)]
-    outs = [p.communicate(timeout=300)[0] for p in procs]
-    check_training(procs[0].returncode, outs[0] + outs[1], world_size=2)
-    assert procs[1].returncode == 0, outs[1]
+    rcs, outs = run_srun_style([PYTHON, SCRIPT, "--epochs=2", "--batch-size=32", f"--data-dir={mnist_dir}",
+                                f"--output-dir={tmp_path}"], ntasks=2, cwd=tmp_path)
+    check_training(rcs[0], outs[0] + outs[1], world_size=2)
+    assert rcs[1] == 0, outs[1]
     assert epoch_lines(outs[1]) == [] and '"event"' not in outs[1], "rank 1 must stay quiet"
     assert startup_ranks(outs[1]) == [1]
     # same data order and same averaged gradients as torchrun: bit-identical final weights

@@ -1,0 +1,334 @@
+"""
+Train a small CNN on MNIST with PyTorch Lightning's DDP strategy, on one process or many.
+A sibling of mnist_ddp.py: `diff mnist_ddp.py mnist_lightning_ddp.py` shows only what Lightning changes.
+
+The same file runs under every launcher, unchanged:
+
+    python mnist_lightning_ddp.py --epochs=1                 # one process (a GPU if there is one, else CPU)
+    python mnist_lightning_ddp.py --gpus=2                   # Lightning starts the 2 processes itself
+    torchrun --standalone --nproc_per_node=2 mnist_lightning_ddp.py --gpus=2
+    srun python mnist_lightning_ddp.py --gpus=4 --nodes=2    # inside a Slurm job, one task per GPU
+    sbatch run-gpu4.sh mnist_lightning_ddp.py --gpus=4 --epochs=100   # the wrapper does the above for you
+
+--gpus is the number of devices (processes) per node and --nodes the number of nodes; without them both
+come from the launcher. Without a GPU, --gpus=N runs N CPU processes with gloo.
+
+Data: --data-dir (default $DATA_DIR, else ./data) must hold MNIST/raw/ in torchvision's layout; local rank 0
+of each node downloads it if it is missing. Compute nodes are often offline: download on the login node with
+    python mnist_lightning_ddp.py --download-only --data-dir /path/to/data
+
+Expected (2 CPU processes, gloo, the 5,000-digit training sample; full MNIST reaches higher):
+    python mnist_lightning_ddp.py --gpus=2 --batch-size=32 --epochs=2 --data-dir ../shared/data
+    -> test accuracy about 96% on the 10,000 official test digits, in a few seconds per epoch.
+"""
+import argparse
+import contextlib
+import hashlib
+import io
+import json
+import os
+import socket
+import sys
+import time
+from datetime import datetime
+
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from pytorch_lightning.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torchvision import datasets
+
+# -----------------------------------------------------------------------------
+# config
+
+
+def positive_int(text):
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="MNIST with PyTorch Lightning DDP")
+    p.add_argument("--epochs", type=positive_int, default=2, help="number of epochs to train (default: 2)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="training batch size per process (default: 64)")
+    p.add_argument("--test-batch-size", type=positive_int, default=1000, help="evaluation batch size per process (default: 1000)")
+    p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (default: 3e-3)")
+    p.add_argument("--gamma", type=float, default=0.7, help="learning-rate decay per epoch (default: 0.7)")
+    p.add_argument("--seed", type=int, default=1, help="random seed (default: 1)")
+    p.add_argument("--data-dir", default=os.environ.get("DATA_DIR", "./data"), help="holds MNIST/raw (default: $DATA_DIR, else ./data)")
+    p.add_argument("--download-only", action="store_true", help="download MNIST into --data-dir and exit (run on a login node)")
+    p.add_argument("--output-dir", default="./out", help="metrics JSONL goes here (default: ./out)")
+    p.add_argument("--checkpoint-dir", default=os.environ.get("CHECKPOINT_DIR"), help="save every epoch and resume from the latest checkpoint here (default: $CHECKPOINT_DIR, else no checkpoints)")
+    p.add_argument("--log-interval", type=positive_int, default=20, help="steps between loss prints (default: 20)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: a GPU if there is one (default: auto)")
+    p.add_argument("--amp", action="store_true", help="bfloat16 autocast (GPU only; ignored on CPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    # Lightning: how many processes. The CSC README spells them --gpus=4 --nodes=2
+    p.add_argument("--gpus", type=positive_int, default=None, help="devices (processes) per node (default: from torchrun or srun, else 1)")
+    p.add_argument("--nodes", type=positive_int, default=None, help="number of nodes (default: from torchrun or srun, else 1)")
+    return p.parse_args(argv)
+
+
+# -----------------------------------------------------------------------------
+# distributed setup
+# Lightning decides who we are: torchrun's variables (TorchElasticEnvironment) first, else srun's
+# (SLURMEnvironment), else it starts the processes itself. We only read the answer (trainer.global_rank ...).
+
+
+def launch_size(env=os.environ):
+    """Devices per node and nodes, as the launcher set them up (Lightning checks they match --gpus/--nodes)."""
+    if "LOCAL_WORLD_SIZE" in env and "WORLD_SIZE" in env:  # torchrun
+        per_node = int(env["LOCAL_WORLD_SIZE"])
+        return per_node, int(env["WORLD_SIZE"]) // per_node
+    if "SLURM_NTASKS_PER_NODE" in env and env.get("SLURM_JOB_NAME") not in ("bash", "interactive"):  # srun
+        return int(env["SLURM_NTASKS_PER_NODE"].split("(")[0]), int(env.get("SLURM_NNODES", 1))
+    return 1, 1
+
+
+def print0(message, file=sys.stdout):
+    if RANK == 0:
+        print_line(message, file)
+
+
+def print_line(message, file=sys.stdout):
+    """One write per line, so that lines from several ranks sharing a log never interleave mid-line."""
+    file.write(f"{message}\n")
+    file.flush()
+
+
+def fail(message):
+    """One clear line from rank 0, then a non-zero exit on every rank (the finally block tears down)."""
+    print0(f"ERROR: {message}", file=sys.stderr)
+    raise SystemExit(1)
+
+
+def all_ranks_ok(ok, device):
+    """Agree on a flag across ranks; doubles as a barrier. False if any rank reported a failure."""
+    if WORLD_SIZE == 1:
+        return ok
+    flag = torch.tensor([1 if ok else 0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def all_gather(obj):
+    """Every rank's obj, in rank order."""
+    if WORLD_SIZE == 1:
+        return [obj]
+    out = [None] * WORLD_SIZE
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# data
+
+MEAN, STD = 0.1307, 0.3081  # MNIST training-set pixel statistics
+
+
+def download_mnist(data_dir):
+    """Returns None on success, else the reason it failed. torchvision skips files already there."""
+    quiet = io.StringIO()  # torchvision prints one line per mirror tried; keep the log short
+    try:
+        with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+            for train in (True, False):
+                datasets.MNIST(data_dir, train=train, download=True)
+        return None
+    except Exception as e:  # offline compute node, read-only directory, proxy ...
+        return " ".join(f"{type(e).__name__}: {e}".split())[:300]  # one line for the log
+
+
+def load_mnist(data_dir, train, device):
+    """The whole split as one normalized tensor: MNIST is tiny, so no per-sample transforms."""
+    ds = datasets.MNIST(data_dir, train=train, download=False)
+    x = ds.data.to(device=device, dtype=torch.float32).div_(255).sub_(MEAN).div_(STD).unsqueeze_(1)
+    return x, ds.targets.to(device)
+
+
+# -----------------------------------------------------------------------------
+# model
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 16, 5, padding=2)   # 28x28 -> 28x28, pooled to 14x14
+        self.conv2 = nn.Conv2d(16, 32, 5, padding=2)  # 14x14 -> 14x14, pooled to 7x7
+        self.fc1 = nn.Linear(32 * 7 * 7, 128)
+        self.fc2 = nn.Linear(128, 10)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        return self.fc2(F.relu(self.fc1(x.flatten(1))))
+
+
+def param_checksum(model):
+    """A hash of every parameter's bytes: equal on all ranks iff the replicas are bit-identical."""
+    h = hashlib.sha256()
+    for p in model.state_dict().values():
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class LitMNIST(pl.LightningModule):
+    """mnist_ddp.py's training loop, cut into the hooks Lightning calls."""
+
+    def __init__(self, args):
+        super().__init__()
+        self.args = args
+        self.net = Net()
+        self.result = None  # the last epoch's metrics; saved in checkpoints for the final report
+
+    # data: local rank 0 of each node downloads if needed while the other ranks wait
+    def setup(self, stage):
+        global RANK, LOCAL_RANK, WORLD_SIZE
+        RANK, LOCAL_RANK, WORLD_SIZE = self.global_rank, self.local_rank, self.trainer.world_size
+        print_line(f"[rank {RANK}/{WORLD_SIZE}] local_rank {LOCAL_RANK} host {socket.gethostname()} device {self.device}")
+        reason = download_mnist(self.args.data_dir) if LOCAL_RANK == 0 else None
+        if not all_ranks_ok(reason is None, self.device):
+            fail(f"MNIST is not in {os.path.abspath(self.args.data_dir)} and could not be downloaded ({reason or 'on another node'}). "
+                 f"HINT: compute nodes are often offline; on the login node run: python {os.path.basename(__file__)} --download-only --data-dir {self.args.data_dir}")
+        self.train_set = TensorDataset(*load_mnist(self.args.data_dir, True, "cpu"))
+        x_test, y_test = load_mnist(self.args.data_dir, False, "cpu")
+        # exact evaluation: rank r scores digits r, r+W, r+2W, ... (no padding, no digit twice)
+        self.test_shard = TensorDataset(x_test[RANK::WORLD_SIZE], y_test[RANK::WORLD_SIZE])
+
+    def train_dataloader(self):
+        # each rank sees a disjoint 1/WORLD_SIZE of the training set; Lightning calls sampler.set_epoch() for us
+        sampler = DistributedSampler(self.train_set, num_replicas=WORLD_SIZE, rank=RANK, shuffle=True, seed=self.args.seed, drop_last=True)
+        return DataLoader(self.train_set, batch_size=self.args.batch_size, sampler=sampler)
+
+    def val_dataloader(self):
+        return DataLoader(self.test_shard, batch_size=self.args.test_batch_size)
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.net.parameters(), lr=self.args.lr)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=self.args.gamma)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    # training loop
+    def on_train_epoch_start(self):
+        self.train_stats = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss sum, samples
+        self.t0 = time.perf_counter()
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self.net(x), y)  # Lightning runs backward() and step() after this returns
+        self.train_stats += torch.stack([loss.detach() * len(y), torch.tensor(len(y), device=self.device)])
+        if RANK == 0 and batch_idx % self.args.log_interval == 0:  # .item() syncs, so only now and then
+            print_line(f"  epoch {self.current_epoch + 1} step {batch_idx} loss {loss.item():.4f}")
+        return loss
+
+    def on_validation_epoch_start(self):
+        self.seconds = time.perf_counter() - self.t0  # the training part of the epoch
+        self.val_stats = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, correct, count
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        out = self.net(x).float()
+        self.val_stats += torch.stack([F.cross_entropy(out, y, reduction="sum"), (out.argmax(1) == y).sum(), torch.tensor(len(y), device=self.device)])
+
+    def on_validation_epoch_end(self):
+        # sums from every rank: the mean over all samples, not just rank 0's
+        train_loss_sum, samples = self.trainer.strategy.reduce(self.train_stats, reduce_op="sum").tolist()
+        loss_sum, correct, count = self.trainer.strategy.reduce(self.val_stats, reduce_op="sum").tolist()
+        epoch, seconds = self.current_epoch + 1, self.seconds
+        self.result = dict(epoch=epoch, train_loss=train_loss_sum / samples, test_loss=loss_sum / count, test_acc=correct / count,
+                           test_count=int(count), seconds=seconds, samples_per_s=samples / seconds)
+        self.trained, self.train_seconds = self.trained + samples, self.train_seconds + seconds
+        print0(f"epoch {epoch}/{self.args.epochs} | train loss {self.result['train_loss']:.4f} | test loss {self.result['test_loss']:.4f} | "
+               f"test acc {100 * self.result['test_acc']:.2f}% | {seconds:.1f} s | {samples / seconds:.0f} samples/s")
+        if self.metrics:
+            self.metrics.write(json.dumps({"event": "epoch", **self.result}) + "\n")
+            self.metrics.flush()
+
+    # checkpoints: Lightning saves weights, optimizer, scheduler, loop state; we add the last metrics
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["result"] = self.result
+
+    def on_load_checkpoint(self, checkpoint):
+        self.result = checkpoint.get("result")
+
+    def on_fit_start(self):
+        os.makedirs(self.args.output_dir, exist_ok=True)
+        run_id = os.environ.get("SLURM_JOB_ID") or datetime.now().strftime("%Y%m%d-%H%M%S")
+        self.metrics = open(os.path.join(self.args.output_dir, f"metrics-{run_id}.jsonl"), "a") if RANK == 0 else None
+        self.t_start, self.trained, self.train_seconds = time.perf_counter(), 0, 0.0
+
+    # summary
+    def on_fit_end(self):
+        if not self.trained:  # nothing left to train (resumed a finished run): report the checkpoint's metrics
+            print0(f"nothing to train: the checkpoint already has {self.current_epoch} epochs (--epochs={self.args.epochs})")
+        checksums = all_gather(param_checksum(self.net))  # each rank's own hash: the test compares them
+        done = {"event": "done", "test_acc": self.result["test_acc"], "test_loss": self.result["test_loss"],
+                "test_count": self.result["test_count"], "epoch": self.result["epoch"], "world_size": WORLD_SIZE,
+                "seconds": time.perf_counter() - self.t_start,
+                "samples_per_s": self.trained / self.train_seconds if self.train_seconds else None, "param_checksums": checksums}
+        print0(json.dumps(done))
+        if self.metrics:
+            self.metrics.write(json.dumps(done) + "\n")
+            self.metrics.close()
+
+
+# -----------------------------------------------------------------------------
+# main
+
+RANK, LOCAL_RANK, WORLD_SIZE = 0, 0, 1
+
+
+def main(args):
+    global RANK
+    RANK = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))  # so that print0 works before Lightning knows
+    if args.download_only:
+        reason = download_mnist(args.data_dir)
+        if reason:
+            fail(f"could not download MNIST into {os.path.abspath(args.data_dir)} ({reason})")
+        print0(f"MNIST is ready in {os.path.abspath(args.data_dir)}")
+        return
+
+    # one process per device: Lightning picks cuda:local_rank with NCCL when CUDA is there, else CPU with gloo
+    if args.device == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda was given, but no CUDA device is visible here. HINT: request a GPU (e.g. --gres=gpu:1) or use --device cpu")
+    use_cuda = args.device != "cpu" and torch.cuda.is_available()
+    per_node, nodes = launch_size()
+    devices, num_nodes = args.gpus or per_node, args.nodes or nodes
+    if args.amp and not use_cuda:
+        print0("NOTE: --amp is bfloat16 autocast on GPU only; training in float32 on CPU")
+    torch.manual_seed(args.seed)  # same initial weights everywhere (DDP also broadcasts rank 0's)
+    model = LitMNIST(args)
+
+    # resume: Lightning restores weights, optimizer, scheduler, epoch and RNG from the last checkpoint
+    callbacks, ckpt_path = [], None
+    if args.checkpoint_dir:
+        callbacks.append(ModelCheckpoint(dirpath=args.checkpoint_dir, filename="lightning-{epoch}",
+                                         save_last=True, save_top_k=1, every_n_epochs=1))  # last.ckpt + the newest epoch
+        last = os.path.join(args.checkpoint_dir, "last.ckpt")
+        ckpt_path = last if os.path.exists(last) else None
+        if ckpt_path:
+            print0(f"resuming from {ckpt_path}")
+    try:
+        trainer = pl.Trainer(
+            accelerator="gpu" if use_cuda else "cpu", devices=devices, num_nodes=num_nodes,
+            strategy="ddp" if devices * num_nodes > 1 else "auto", precision="bf16-mixed" if args.amp and use_cuda else "32-true",
+            max_epochs=args.epochs, callbacks=callbacks, use_distributed_sampler=False,  # we shard ourselves, see train_dataloader
+            num_sanity_val_steps=0, logger=False, enable_progress_bar=False, enable_model_summary=False,
+            enable_checkpointing=bool(args.checkpoint_dir))
+        if getattr(trainer.strategy, "cluster_environment", None):  # fit() would check this too, with a traceback per rank
+            trainer.strategy.cluster_environment.validate_settings(num_devices=devices, num_nodes=num_nodes)
+    except (ValueError, RuntimeError) as e:  # Lightning's launch checks, e.g. --gpus differs from srun's tasks per node
+        fail(f"{e} (from --gpus={devices} --nodes={num_nodes})")
+    try:
+        trainer.fit(torch.compile(model) if args.compile else model, ckpt_path=ckpt_path, weights_only=True)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(get_args())

@@ -1,0 +1,65 @@
+"""mnist_lightning_ddp.py on CPU with gloo, on real MNIST digits: Lightning's own launcher, srun-style, torchrun."""
+import pytest
+
+from conftest import (PYTHON, REPO, TORCHRUN, check_training, clean_env, done_record, epoch_lines, run,
+                      run_srun_style, startup_ranks)
+
+SCRIPT = str(REPO / "mnist_lightning_ddp.py")
+
+
+@pytest.fixture(scope="module")
+def lightning_spawned(mnist_dir, tmp_path_factory):
+    """plain python --gpus=2 on CPU: Lightning starts the second process itself."""
+    out_dir = tmp_path_factory.mktemp("lightning")
+    rc, out = run([PYTHON, SCRIPT, "--gpus=2", "--epochs=2", "--batch-size=32", f"--data-dir={mnist_dir}",
+                   f"--output-dir={out_dir}"], env=clean_env(), cwd=out_dir)
+    return rc, out
+
+
+def test_plain_python_with_gpus_2_on_cpu(lightning_spawned):
+    rc, out = lightning_spawned
+    check_training(rc, out, world_size=2)
+    assert "Starting with 2 processes" in out
+
+
+def test_srun_style_two_tasks(mnist_dir, tmp_path, lightning_spawned):
+    rcs, outs = run_srun_style([PYTHON, SCRIPT, "--gpus=2", "--epochs=2", "--batch-size=32", f"--data-dir={mnist_dir}",
+                                f"--output-dir={tmp_path}"], ntasks=2, cwd=tmp_path)
+    check_training(rcs[0], outs[0] + outs[1], world_size=2)
+    assert rcs[1] == 0, outs[1]
+    assert epoch_lines(outs[1]) == [] and '"event"' not in outs[1], "rank 1 must stay quiet"
+    assert startup_ranks(outs[1]) == [1]
+    # same shards, same seed: identical to the run where Lightning started the processes
+    assert done_record(outs[0])["param_checksums"] == done_record(lightning_spawned[1])["param_checksums"]
+
+
+def test_srun_tasks_per_node_differs_from_gpus_fails_fast_with_hint(mnist_dir, tmp_path):
+    rcs, outs = run_srun_style([PYTHON, SCRIPT, "--gpus=4", "--epochs=1", f"--data-dir={mnist_dir}"],
+                               ntasks=2, cwd=tmp_path, timeout=120)
+    assert all(rc != 0 for rc in rcs)
+    errors = [line for line in "".join(outs).splitlines() if line.startswith("ERROR:")]
+    assert len(errors) == 1, outs  # one line, from rank 0
+    assert "--ntasks-per-node=2" in errors[0] and "HINT" in errors[0] and "--gpus=4" in errors[0]
+
+
+def test_torchrun_two_processes(mnist_dir, tmp_path, lightning_spawned):
+    rc, out = run([TORCHRUN, "--standalone", "--nproc_per_node=2", "--tee=3", SCRIPT, "--epochs=2", "--batch-size=32",
+                   f"--data-dir={mnist_dir}", f"--output-dir={tmp_path}"], env=clean_env(), cwd=tmp_path)
+    check_training(rc, out, world_size=2)  # --gpus comes from torchrun's LOCAL_WORLD_SIZE
+    assert {rank for rank, _, _ in epoch_lines(out)} == {"0"}
+    assert done_record(out)["param_checksums"] == done_record(lightning_spawned[1])["param_checksums"]
+
+
+def test_resume_from_last_checkpoint(mnist_dir, tmp_path, lightning_spawned):
+    ckpt = tmp_path / "ckpt"
+    base = [PYTHON, SCRIPT, "--gpus=2", "--batch-size=32", f"--data-dir={mnist_dir}", f"--output-dir={tmp_path}",
+            f"--checkpoint-dir={ckpt}"]
+    rc, out = run(base + ["--epochs=1"], env=clean_env(), cwd=tmp_path)
+    assert rc == 0, out[-3000:]
+    assert (ckpt / "last.ckpt").exists()
+    rc, out = run(base + ["--epochs=2"], env=clean_env(), cwd=tmp_path)
+    assert rc == 0, out[-3000:]
+    assert "resuming from" in out
+    assert [e for _, e, _ in epoch_lines(out)] == [2], "epoch 1 must not be trained again"
+    assert done_record(out)["param_checksums"] == done_record(lightning_spawned[1])["param_checksums"], \
+        "1 epoch + resumed 1 epoch must equal 2 uninterrupted epochs"
