@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+#SBATCH --job-name=ddp-gpu4                # names the log file and shows in squeue
+#SBATCH --nodes=1                          # nodes (sbatch --nodes=N overrides)
+#SBATCH --ntasks-per-node=1                # one torchrun per node; it starts one process per GPU
+#SBATCH --gpus-per-node=4                  # 4 GPUs on each node
+#SBATCH --cpus-per-task=32                 # 8 cores per GPU, for the 4 processes of this task
+#SBATCH --mem=128G                         # memory per node
+#SBATCH --time=02:00:00                    # wall-clock limit, hh:mm:ss
+#SBATCH --output=%x-%j.out                 # log: job name and job id, in the directory you submit from
+#
+# 1 node x 4 GPUs, torchrun: e.g. sbatch run-gpu4-dist.sh mnist_ddp.py --epochs=100
+# usage:  sbatch run-gpu4-dist.sh SCRIPT.py [ARGS...]
+# No account or partition is set here: add them when you submit (sbatch --account=ACC --partition=PART run-gpu4-dist.sh ...)
+# or export SBATCH_ACCOUNT / SBATCH_PARTITION once. Site set-up (modules, venv): slurm/site.sh.
+set -euo pipefail
+# sbatch runs a spooled copy of this file: ask Slurm where the original is, to reach slurm/launch.sh beside it
+wrapper=$(scontrol show job "${SLURM_JOB_ID:?submit this file with sbatch}" -o | sed -n 's/.* Command=\([^ ]*\).*/\1/p')
+WRAPPER_NAME=$(basename "$wrapper") exec bash "$(dirname "$wrapper")/slurm/launch.sh" torchrun "$@"
