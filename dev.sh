@@ -2,7 +2,8 @@
 # The two everyday commands; each installs what it needs on first use.
 #
 #   ./dev.sh quickstart [ARGS...]   2-process DDP training of mnist_ddp.py on CPU (gloo), ARGS passed on
-#   ./dev.sh test [PYTEST ARGS...]  the whole test suite (this is what .ci/run calls)
+#   ./dev.sh test [PYTEST ARGS...]  the whole test suite (this is what .ci/run calls); as root it also
+#                                   installs Slurm with apt for the tests' own 2-node cluster
 #
 # Overrides: VENV (default .venv), PYTHON (default python3), DATA_DIR (default: ../shared/data when it
 # holds MNIST, as on the project's own machines, else ./data, where the script downloads MNIST).
@@ -25,6 +26,25 @@ ensure_venv() {
   cp requirements.txt "$VENV/.installed-requirements.txt"
 }
 
+ensure_slurm() {
+  # the Slurm cluster tests need Debian's slurm and munge packages, and root; without them they skip, saying why
+  if command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v sbatch >/dev/null \
+     && command -v munge >/dev/null && command -v ip >/dev/null; then
+    return
+  fi
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "== installing Slurm, munge and iproute2 (apt, about 15 s) =="
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+      slurmctld slurmd slurm-client munge iproute2 >/dev/null
+  elif [ "${CI:-}" = true ]; then
+    echo "ERROR: CI needs root and apt-get to install Slurm for the cluster tests" >&2
+    exit 1
+  else
+    echo "NOTE: no Slurm here and no root apt-get to install it: the Slurm cluster tests will skip" >&2
+  fi
+}
+
 default_data_dir() {
   if [ -d ../shared/data/MNIST/raw ]; then echo ../shared/data; else echo ./data; fi
 }
@@ -40,6 +60,7 @@ case "$cmd" in
     ;;
   test)
     ensure_venv
+    ensure_slurm
     export PATH="$PWD/$VENV/bin:$PATH"
     # DeepSpeed JIT-builds one C++ op for CPU runs (~60 s once): build it now, not inside a timed test
     export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/$VENV/torch_extensions}

@@ -29,6 +29,7 @@ import re
 import socket
 import sys
 import time
+import warnings
 from datetime import datetime
 
 import torch
@@ -238,6 +239,8 @@ RANK, LOCAL_RANK, WORLD_SIZE = 0, 0, 1
 def main(args):
     global RANK, LOCAL_RANK, WORLD_SIZE
     RANK, LOCAL_RANK, WORLD_SIZE, addr, port = launch_env()
+    if RANK != 0:  # only rank 0 speaks: other ranks' warnings would repeat it WORLD_SIZE times
+        warnings.filterwarnings("ignore")
     if args.download_only:
         reason = download_mnist(args.data_dir)
         if reason:

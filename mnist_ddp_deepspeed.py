@@ -34,6 +34,7 @@ import re
 import socket
 import sys
 import time
+import warnings
 from datetime import datetime
 
 import torch
@@ -296,6 +297,8 @@ RANK, LOCAL_RANK, WORLD_SIZE = 0, 0, 1
 def main(args):
     global RANK, LOCAL_RANK, WORLD_SIZE
     RANK, LOCAL_RANK, WORLD_SIZE, addr, port = launch_env()
+    if RANK != 0:  # only rank 0 speaks: other ranks' warnings would repeat it WORLD_SIZE times
+        warnings.filterwarnings("ignore")
     if args.download_only:
         reason = download_mnist(args.data_dir)
         if reason:
@@ -321,6 +324,9 @@ def main(args):
         os.environ.setdefault("MASTER_PORT", port)
     deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", auto_mpi_discovery=True, verbose=False)
     RANK, WORLD_SIZE = dist.get_rank(), dist.get_world_size()  # MPI discovery may have filled them in
+    if RANK != 0:  # likewise DeepSpeed's own log lines
+        warnings.filterwarnings("ignore")
+        deepspeed.utils.logger.setLevel("ERROR")
     print_line(f"[rank {RANK}/{WORLD_SIZE}] local_rank {LOCAL_RANK} host {socket.gethostname()} device {device}")
     try:
         train(args, config, device)

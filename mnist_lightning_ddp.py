@@ -30,6 +30,7 @@ import os
 import socket
 import sys
 import time
+import warnings
 from datetime import datetime
 
 import pytorch_lightning as pl
@@ -189,6 +190,8 @@ class LitMNIST(pl.LightningModule):
     def setup(self, stage):
         global RANK, LOCAL_RANK, WORLD_SIZE
         RANK, LOCAL_RANK, WORLD_SIZE = self.global_rank, self.local_rank, self.trainer.world_size
+        if RANK != 0:  # only rank 0 speaks: other ranks' warnings would repeat it WORLD_SIZE times
+            warnings.filterwarnings("ignore")
         print_line(f"[rank {RANK}/{WORLD_SIZE}] local_rank {LOCAL_RANK} host {socket.gethostname()} device {self.device}")
         reason = download_mnist(self.args.data_dir) if LOCAL_RANK == 0 else None
         if not all_ranks_ok(reason is None, self.device):

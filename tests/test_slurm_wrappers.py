@@ -2,11 +2,9 @@
 these tests start (tests/slurm_cluster.py). Every node has 4 fake GPUs, so the scripts fall back to CPU + gloo.
 Each seed command from the README runs verbatim; the tests only append --epochs=1 and a smaller per-process
 batch (so that 4 or 8 processes still take enough steps in one epoch on 5,000 digits)."""
-import re
 import shutil
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
