@@ -43,7 +43,10 @@ def submit(cluster, workdir, mnist_dir, args, timeout=600):
     r = subprocess.run(["sbatch", "--parsable"] + args, cwd=workdir, env=env, text=True,
                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     assert r.returncode == 0, r.stdout
-    job_id = r.stdout.strip().split(";")[0]
+    return wait_for_job(cluster, r.stdout.strip().split(";")[0], workdir, timeout)
+
+
+def wait_for_job(cluster, job_id, workdir, timeout=600):
     deadline = time.monotonic() + timeout
     state = None
     while time.monotonic() < deadline:
@@ -52,7 +55,7 @@ def submit(cluster, workdir, mnist_dir, args, timeout=600):
             break
         time.sleep(0.5)
     else:
-        subprocess.run(["scancel", job_id], env=env)
+        subprocess.run(["scancel", job_id], env={**clean_env(), "SLURM_CONF": str(cluster.conf)})
         pytest.fail(f"job {job_id} still {state} after {timeout} s")
     logs = list(workdir.glob(f"*-{job_id}.out"))
     assert len(logs) == 1, f"no log for job {job_id} in {workdir}"
@@ -106,3 +109,32 @@ def test_wrapper_without_a_valid_script_fails_fast(args, message, cluster, workd
     assert message in out and "usage: sbatch run-gpu4.sh SCRIPT.py" in out
     assert "== job" not in out, "nothing may be launched"
     assert time.monotonic() - t0 < 30
+
+
+def test_safe_sbatch_runs_the_committed_code(cluster, workdir, mnist_dir, tmp_path):
+    proj = tmp_path / "proj"
+    shutil.copytree(workdir, proj, ignore=shutil.ignore_patterns("*.out", "out"))
+    shutil.copy(REPO / "safe-sbatch.sh", proj)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(proj)]
+    subprocess.run(git + ["init", "-q"], check=True)
+    (proj / ".gitignore").write_text(".snapshots/\n*.out\nout/\n")
+    subprocess.run(git + ["add", "-A"], check=True)
+    subprocess.run(git + ["commit", "-qm", "v1"], check=True)
+    commit = subprocess.run(git + ["rev-parse", "HEAD"], check=True, text=True, stdout=subprocess.PIPE).stdout.strip()
+    env = clean_env(DATA_DIR=mnist_dir, SLURM_CONF=cluster.conf)
+    cmd = ["./safe-sbatch.sh", "run-gpu4.sh", "mnist_ddp.py"] + FAST
+
+    (proj / "notes.txt").write_text("not committed")
+    r = subprocess.run(cmd, cwd=proj, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert r.returncode == 1 and "uncommitted or untracked" in r.stdout and "notes.txt" in r.stdout
+    (proj / "notes.txt").unlink()
+
+    r = subprocess.run(cmd, cwd=proj, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert r.returncode == 0, r.stdout
+    job_id = r.stdout.split("Submitted batch job")[1].split()[0]
+    (proj / "mnist_ddp.py").write_text("raise SystemExit(3)\n")  # edit the working copy right after submitting
+    state, exit_code, out = wait_for_job(cluster, job_id, proj)
+    assert (state, exit_code) == ("COMPLETED", "0:0"), out[-4000:]
+    assert f".snapshots/{commit}/mnist_ddp.py" in out
+    assert done_record(out)["world_size"] == 4
+    assert list((proj / "out").glob("metrics-*.jsonl")), "outputs land in the submit directory, not the snapshot"
