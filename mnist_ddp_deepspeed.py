@@ -155,6 +155,10 @@ def launch_env(env=os.environ):
         return int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"]), None, None
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:  # srun: one task per GPU
         world_size = int(env.get("SLURM_STEP_NUM_TASKS", env["SLURM_NTASKS"]))
+        if world_size > 1 and "SLURM_STEP_ID" not in env:  # the job's batch script itself: the other ranks never come
+            raise SystemExit(f"ERROR: this job has {world_size} tasks, but this process was not started by srun, so it "
+                             f"would wait for {world_size - 1} ranks that never start. HINT: srun python {os.path.basename(__file__)} ..., "
+                             "or submit with one of the run-gpu*.sh wrappers")
         # every rank computes the same address and port: rank 0 runs on the first node of the job,
         # and the port comes from the job id so that two jobs sharing a node do not collide
         addr = env.get("MASTER_ADDR") or first_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1"))

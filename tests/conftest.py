@@ -113,7 +113,7 @@ def run_srun_style(cmd, ntasks, cwd, timeout=300, **extra):
     one task per 'GPU' on one node. Returns ([returncode per rank], [output per rank])."""
     job_id = slurm_job_id_with_free_port()
     procs = [start(cmd, cwd=cwd, env=clean_env(
-        SLURM_PROCID=r, SLURM_LOCALID=r, SLURM_NODEID=0, SLURM_NTASKS=ntasks, SLURM_NTASKS_PER_NODE=ntasks,
+        SLURM_PROCID=r, SLURM_LOCALID=r, SLURM_NODEID=0, SLURM_STEP_ID=0, SLURM_NTASKS=ntasks, SLURM_NTASKS_PER_NODE=ntasks,
         SLURM_NNODES=1, SLURM_JOB_NODELIST="localhost", SLURM_NODELIST="localhost", SLURM_JOB_ID=job_id,
         SLURM_JOB_NAME="pytest", **extra)) for r in range(ntasks)]
     outs = []

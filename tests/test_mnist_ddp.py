@@ -37,7 +37,7 @@ def test_launch_env_torchrun_wins_over_slurm():
 
 
 def test_launch_env_slurm():
-    env = {"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8",
+    env = {"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8", "SLURM_STEP_ID": "0",
            "SLURM_JOB_NODELIST": "gpu-[001-004]", "SLURM_JOB_ID": "123456"}
     rank, local_rank, world, addr, port = mnist_ddp.launch_env(env)
     assert (rank, local_rank, world, addr) == (5, 1, 8, "gpu-001")
@@ -46,18 +46,27 @@ def test_launch_env_slurm():
 
 def test_launch_env_slurm_step_size_and_overrides():
     # srun -n2 inside a bigger allocation: the step's task count is the world size
-    env = {"SLURM_PROCID": "1", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8", "SLURM_STEP_NUM_TASKS": "2",
+    env = {"SLURM_PROCID": "1", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8", "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_ID": "3",
            "SLURM_JOB_NODELIST": "n[1-2]", "SLURM_JOB_ID": "7", "MASTER_ADDR": "10.1.2.3", "MASTER_PORT": "4242"}
     assert mnist_ddp.launch_env(env) == (1, 1, 2, "10.1.2.3", "4242")
 
 
 def test_master_port_same_within_a_job_and_differs_across_jobs():
     def port(job_id, rank):
-        env = {"SLURM_PROCID": str(rank), "SLURM_NTASKS": "4", "SLURM_JOB_NODELIST": "n1", "SLURM_JOB_ID": str(job_id)}
+        env = {"SLURM_PROCID": str(rank), "SLURM_NTASKS": "4", "SLURM_STEP_ID": "0", "SLURM_JOB_NODELIST": "n1", "SLURM_JOB_ID": str(job_id)}
         return int(mnist_ddp.launch_env(env)[4])
     assert len({port(4711, r) for r in range(4)}) == 1
     ports = {port(j, 0) for j in range(1000, 1100)}
     assert len(ports) == 100 and all(10000 <= p < 30000 for p in ports)  # below Linux's ephemeral range
+
+
+def test_launch_env_refuses_the_batch_script_of_a_multi_task_job():
+    # `python mnist_ddp.py` written straight into an sbatch script with --ntasks=4: Slurm sets SLURM_PROCID=0 and
+    # SLURM_NTASKS=4 there too, but no SLURM_STEP_ID; without srun it would wait forever for ranks 1-3
+    env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_JOB_NODELIST": "n1", "SLURM_JOB_ID": "9"}
+    with pytest.raises(SystemExit, match="not started by srun.*HINT: srun python mnist_ddp.py"):
+        mnist_ddp.launch_env(env)
+    assert mnist_ddp.launch_env({**env, "SLURM_NTASKS": "1"}) == (0, 0, 1, "n1", str(10000 + 9))
 
 
 def test_launch_env_single_process():

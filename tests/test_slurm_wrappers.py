@@ -90,6 +90,13 @@ def test_seed_command(command, world_size, nodes, cluster, workdir, mnist_dir):
     assert [e for _, e, _ in epoch_lines(out)] == [1], "one epoch line, from rank 0 only"
 
 
+def test_python_without_srun_in_a_multi_task_job_fails_at_once(cluster, workdir, mnist_dir):
+    # the classic mistake: srun forgotten in a hand-written batch script; it must fail, not wait for the time limit
+    state, exit_code, out = submit(cluster, workdir, mnist_dir, ["--ntasks=2", "--wrap", "python mnist_ddp.py --epochs=1"], timeout=120)
+    assert state == "FAILED" and exit_code == "1:0", out
+    assert "not started by srun" in out and "HINT: srun python mnist_ddp.py" in out
+
+
 def test_same_wrapper_on_one_node(cluster, workdir, mnist_dir):
     # run-gpu8-dist.sh asks for 2 nodes; the node count comes from the allocation, so --nodes=1 gives 1 x 4
     state, exit_code, out = submit(cluster, workdir, mnist_dir, ["--nodes=1", "run-gpu8-dist.sh", "mnist_ddp.py"] + FAST)
