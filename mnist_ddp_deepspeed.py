@@ -31,6 +31,7 @@ import io
 import json
 import os
 import re
+import shutil
 import socket
 import sys
 import time
@@ -287,7 +288,6 @@ def evaluate(model, x, y, batch_size, device):
 def save_checkpoint(engine, ckpt_dir, epoch, client_state, keep=2):
     engine.save_checkpoint(ckpt_dir, tag=f"epoch_{epoch:04d}", client_state=client_state)  # called on every rank
     if RANK == 0:
-        import shutil
         for old in sorted(d for d in os.listdir(ckpt_dir) if d.startswith("epoch_"))[:-keep]:
             shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
 

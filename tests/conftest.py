@@ -123,3 +123,13 @@ def run_srun_style(cmd, ntasks, cwd, timeout=300, **extra):
         for p in procs:
             p.kill()
     return [p.returncode for p in procs], outs
+
+
+def check_srun_style(rcs, outs, reference_out):
+    """Two srun-style ranks trained correctly, rank 1 stayed quiet, and they ended bit-identical to the reference run
+    (same shards, same seed, same averaged gradients: only the launcher differs)."""
+    check_training(rcs[0], outs[0] + outs[1], world_size=2)
+    assert rcs[1] == 0, outs[1]
+    assert epoch_lines(outs[1]) == [] and '"event"' not in outs[1], "rank 1 must stay quiet"
+    assert startup_ranks(outs[1]) == [1]
+    assert done_record(outs[0])["param_checksums"] == done_record(reference_out)["param_checksums"]

@@ -1,8 +1,8 @@
 """mnist_lightning_ddp.py on CPU with gloo, on real MNIST digits: Lightning's own launcher, srun-style, torchrun."""
 import pytest
 
-from conftest import (PYTHON, REPO, TORCHRUN, check_training, clean_env, done_record, epoch_lines, run,
-                      run_srun_style, startup_ranks)
+from conftest import (PYTHON, REPO, TORCHRUN, check_srun_style, check_training, clean_env, done_record,
+                      epoch_lines, run, run_srun_style)
 
 SCRIPT = str(REPO / "mnist_lightning_ddp.py")
 
@@ -25,12 +25,7 @@ def test_plain_python_with_gpus_2_on_cpu(lightning_spawned):
 def test_srun_style_two_tasks(mnist_dir, tmp_path, lightning_spawned):
     rcs, outs = run_srun_style([PYTHON, SCRIPT, "--gpus=2", "--epochs=2", "--batch-size=32", f"--data-dir={mnist_dir}",
                                 f"--output-dir={tmp_path}"], ntasks=2, cwd=tmp_path)
-    check_training(rcs[0], outs[0] + outs[1], world_size=2)
-    assert rcs[1] == 0, outs[1]
-    assert epoch_lines(outs[1]) == [] and '"event"' not in outs[1], "rank 1 must stay quiet"
-    assert startup_ranks(outs[1]) == [1]
-    # same shards, same seed: identical to the run where Lightning started the processes
-    assert done_record(outs[0])["param_checksums"] == done_record(lightning_spawned[1])["param_checksums"]
+    check_srun_style(rcs, outs, reference_out=lightning_spawned[1])
 
 
 def test_srun_tasks_per_node_differs_from_gpus_fails_fast_with_hint(mnist_dir, tmp_path):
