@@ -133,3 +133,33 @@ def check_srun_style(rcs, outs, reference_out):
     assert epoch_lines(outs[1]) == [] and '"event"' not in outs[1], "rank 1 must stay quiet"
     assert startup_ranks(outs[1]) == [1]
     assert done_record(outs[0])["param_checksums"] == done_record(reference_out)["param_checksums"]
+
+
+def make_imagenet_train_tar(path, n_classes=3, n_images=4, size=(50, 40), seed=0):
+    """A real ILSVRC2012_img_train.tar in miniature: one tar per class (nXXXXXXXX.tar) of real JPEG files
+    nXXXXXXXX_N.JPEG, written with PIL from random pixels. Returns the class ids (wnids) in archive order."""
+    import io
+    import tarfile
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    wnids = [f"n{1440764 + 1000 * k:08d}" for k in range(n_classes)]
+
+    def add(tar, name, data):
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+
+    with tarfile.open(path, "w") as outer:
+        for wnid in wnids:
+            inner_bytes = io.BytesIO()
+            with tarfile.open(fileobj=inner_bytes, mode="w") as inner:
+                for i in range(n_images):
+                    jpeg = io.BytesIO()
+                    pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+                    Image.fromarray(pixels).save(jpeg, format="JPEG", quality=90)
+                    add(inner, f"{wnid}_{i + 1}.JPEG", jpeg.getvalue())
+            add(outer, f"{wnid}.tar", inner_bytes.getvalue())
+    return wnids
