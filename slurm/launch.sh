@@ -49,11 +49,11 @@ PYTHON=${PYTHON:-python}
 
 echo "== job $SLURM_JOB_ID on $SLURM_JOB_NODELIST: $nodes node(s) x $gpus GPU(s), $mode, rank 0 at $MASTER_ADDR:$MASTER_PORT =="
 echo "== $PYTHON $script $* =="
+# srun does not pass sbatch's --cpus-per-task on (Slurm >= 22.05): say it again. --kill-on-bad-exit: one
+# task failing ends the others at once, instead of leaving them waiting in a collective until the time limit
 case $mode in
   torchrun)
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cpus / gpus > 0 ? cpus / gpus : 1 ))}
-    # srun does not pass sbatch's --cpus-per-task on (Slurm >= 22.05): say it again.
-    # --kill-on-bad-exit: one task failing ends the others at once, instead of them waiting in a collective
     srun --nodes="$nodes" --ntasks="$nodes" --ntasks-per-node=1 --cpus-per-task="$cpus" --kill-on-bad-exit=1 \
       "$PYTHON" -m torch.distributed.run --nnodes="$nodes" --nproc_per_node="$gpus" \
       --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_id="$SLURM_JOB_ID" \

@@ -183,3 +183,18 @@ def test_cuda_requested_without_cuda(tmp_path):
     rc, out = run([PYTHON, SCRIPT, "--device=cuda"], env=clean_env(), cwd=tmp_path, timeout=120)
     assert rc == 1
     assert "--device cuda was given, but no CUDA device is visible" in out and "HINT" in out
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(mnist_dir, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    base = [PYTHON, SCRIPT, "--epochs=2", f"--data-dir={mnist_dir}", f"--output-dir={tmp_path}", f"--checkpoint-dir={ckpt}"]
+    rc, out = run(base, env=clean_env(), cwd=tmp_path)
+    assert rc == 0, out[-3000:]
+    first = done_record(out)["param_checksums"]
+    newest = ckpt / "epoch_0002.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])  # as if the node died mid-write without our atomic rename
+    rc, out = run(base, env=clean_env(), cwd=tmp_path)
+    assert rc == 0, out[-3000:]
+    assert f"WARNING: cannot load {newest}" in out and "continuing at epoch 2" in out
+    assert [e for _, e, _ in epoch_lines(out)] == [2]
+    assert done_record(out)["param_checksums"] == first, "epoch 2 redone from epoch 1's checkpoint: the same weights"

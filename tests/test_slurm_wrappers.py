@@ -2,9 +2,12 @@
 these tests start (tests/slurm_cluster.py). Every node has 4 fake GPUs, so the scripts fall back to CPU + gloo.
 Each seed command from the README runs verbatim; the tests only append --epochs=1 and a smaller per-process
 batch (so that 4 or 8 processes still take enough steps in one epoch on 5,000 digits)."""
+import os
 import shutil
+import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -95,6 +98,40 @@ def test_python_without_srun_in_a_multi_task_job_fails_at_once(cluster, workdir,
     state, exit_code, out = submit(cluster, workdir, mnist_dir, ["--ntasks=2", "--wrap", "python mnist_ddp.py --epochs=1"], timeout=120)
     assert state == "FAILED" and exit_code == "1:0", out
     assert "not started by srun" in out and "HINT: srun python mnist_ddp.py" in out
+
+
+def job_pids(job_id, rank):
+    """PIDs of this machine's processes that belong to job_id's task `rank` and run python."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            env = dict(kv.split("=", 1) for kv in (proc / "environ").read_text().split("\0") if "=" in kv)
+            cmd = (proc / "cmdline").read_text().split("\0")
+        except (OSError, ValueError):
+            continue
+        if env.get("SLURM_JOB_ID") == job_id and env.get("SLURM_PROCID") == str(rank) and "mnist_ddp.py" in cmd:
+            pids.append(int(proc.name))
+    return pids
+
+
+def test_a_killed_rank_ends_the_whole_job_quickly(cluster, workdir, mnist_dir):
+    env = clean_env(DATA_DIR=mnist_dir, SLURM_CONF=cluster.conf)
+    r = subprocess.run(["sbatch", "--parsable", "run-gpu4.sh", "mnist_ddp.py", "--epochs=100", "--batch-size=16"],
+                       cwd=workdir, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    job_id = r.stdout.strip()
+    log = workdir / f"srun-gpu4-{job_id}.out"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (log.exists() and "epoch 1 step 20" in log.read_text()):
+        time.sleep(0.5)  # wait until all 4 ranks are training
+    assert log.exists() and "epoch 1 step 20" in log.read_text(), log.read_text() if log.exists() else "no log"
+    victims = job_pids(job_id, rank=2)
+    assert victims, "rank 2's process not found"
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    t0 = time.monotonic()
+    state, exit_code, out = wait_for_job(cluster, job_id, workdir, timeout=90)
+    assert state == "FAILED", out[-3000:]
+    assert time.monotonic() - t0 < 60, "the other ranks must not wait for the dead one"
 
 
 def test_same_wrapper_on_one_node(cluster, workdir, mnist_dir):
