@@ -16,7 +16,7 @@ of each node downloads it if it is missing. Compute nodes are often offline: dow
 
 Expected (2 CPU processes, gloo, the 5,000-digit training sample; full MNIST reaches higher):
     torchrun --standalone --nproc_per_node=2 mnist_ddp.py --epochs=2 --data-dir ../shared/data
-    -> test accuracy about 96-97% on the 10,000 official test digits, in a few seconds per epoch.
+    -> test accuracy 95.4% on the 10,000 official test digits, about 2 s per epoch (2 vCPUs).
 """
 import argparse
 import contextlib
