@@ -359,6 +359,7 @@ def train(args, config, device):
              f"HINT: compute nodes are often offline; on the login node run: python {os.path.basename(__file__)} --download-only --data-dir {args.data_dir}")
     x_train, y_train = load_mnist(args.data_dir, True, device)
     x_test, y_test = load_mnist(args.data_dir, False, device)
+    x_test = x_test.to(dtype)  # the model is in this dtype; cast the test set once, not every epoch
     # each rank sees a disjoint 1/WORLD_SIZE of the training set, reshuffled every epoch by set_epoch();
     # drop_last keeps the shards equal, so every rank takes the same number of steps
     sampler = DistributedSampler(range(len(x_train)), num_replicas=WORLD_SIZE, rank=RANK, shuffle=True, seed=args.seed, drop_last=True)
@@ -414,7 +415,7 @@ def train(args, config, device):
             dist.all_reduce(stats)  # the mean over all ranks' samples, not just rank 0's
         seconds = time.perf_counter() - t0
         train_loss, samples = (stats[0] / stats[1]).item(), int(stats[1].item())
-        test_loss, test_acc, n_test = evaluate(engine.module, x_test.to(dtype), y_test, args.test_batch_size, device)
+        test_loss, test_acc, n_test = evaluate(engine.module, x_test, y_test, args.test_batch_size, device)
         trained, train_seconds = trained + samples, train_seconds + seconds
         result = dict(epoch=epoch, train_loss=train_loss, test_loss=test_loss, test_acc=test_acc,
                       test_count=n_test, seconds=seconds, samples_per_s=samples / seconds)
@@ -432,7 +433,7 @@ def train(args, config, device):
     # -----------------------------------------------------------------------------
     # summary
     if result is None:  # nothing left to train (resumed a finished run): still report the model's accuracy
-        test_loss, test_acc, n_test = evaluate(engine.module, x_test.to(dtype), y_test, args.test_batch_size, device)
+        test_loss, test_acc, n_test = evaluate(engine.module, x_test, y_test, args.test_batch_size, device)
         result = dict(epoch=start_epoch - 1, test_loss=test_loss, test_acc=test_acc, test_count=n_test)
         print0(f"nothing to train: the checkpoint already has {start_epoch - 1} epochs (--epochs={args.epochs})")
     checksums = all_gather(param_checksum(engine.module))  # each rank's own hash: the test compares them
