@@ -261,8 +261,7 @@ def main(args):
         torch.cuda.set_device(device)
     if WORLD_SIZE > 1:
         if addr:  # launched by srun: tell init_process_group where rank 0 listens
-            os.environ.setdefault("MASTER_ADDR", addr)
-            os.environ.setdefault("MASTER_PORT", port)
+            os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = addr, port
         dist.init_process_group("nccl" if use_cuda else "gloo", rank=RANK, world_size=WORLD_SIZE)
     print_line(f"[rank {RANK}/{WORLD_SIZE}] local_rank {LOCAL_RANK} host {socket.gethostname()} device {device}")
     try:

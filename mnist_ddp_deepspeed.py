@@ -26,6 +26,7 @@ Expected (2 CPU processes, gloo, the 5,000-digit training sample; full MNIST rea
 """
 import argparse
 import contextlib
+import copy
 import hashlib
 import io
 import json
@@ -110,7 +111,7 @@ def load_config(args, world_size, use_cuda):
                 config = json.load(f)
         except (OSError, json.JSONDecodeError) as e:
             fail(f"cannot read the DeepSpeed config {args.deepspeed_config}: {e}. HINT: start from ds_config.json in this repository")
-    config = json.loads(json.dumps(config))  # a private copy
+    config = copy.deepcopy(config)  # overrides below must not touch DEFAULT_CONFIG
     if args.batch_size:
         config["train_micro_batch_size_per_gpu"] = args.batch_size
         config.pop("train_batch_size", None)  # DeepSpeed derives it: micro batch x accumulation x world size
@@ -324,8 +325,7 @@ def main(args):
         addr, port = "127.0.0.1", str(free_port())
     if addr:
         os.environ.update(RANK=str(RANK), LOCAL_RANK=str(LOCAL_RANK), WORLD_SIZE=str(WORLD_SIZE))
-        os.environ.setdefault("MASTER_ADDR", addr)
-        os.environ.setdefault("MASTER_PORT", port)
+        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = addr, port  # launch_env already honours the user's
     deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", auto_mpi_discovery=True, verbose=False)
     RANK, WORLD_SIZE = dist.get_rank(), dist.get_world_size()  # MPI discovery may have filled them in
     if RANK != 0:  # likewise DeepSpeed's own log lines

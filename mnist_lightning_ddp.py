@@ -223,7 +223,8 @@ class LitMNIST(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         x, y = batch
         loss = F.cross_entropy(self.net(x), y)  # Lightning runs backward() and step() after this returns
-        self.train_stats += torch.stack([loss.detach() * len(y), torch.tensor(len(y), device=self.device)])
+        self.train_stats[0] += loss.detach() * len(y)  # stays on the device: no host sync, no copy per step
+        self.train_stats[1] += len(y)
         if RANK == 0 and batch_idx % self.args.log_interval == 0:  # .item() syncs, so only now and then
             print_line(f"  epoch {self.current_epoch + 1} step {batch_idx} loss {loss.item():.4f}")
         return loss
@@ -235,7 +236,9 @@ class LitMNIST(pl.LightningModule):
     def validation_step(self, batch, batch_idx):
         x, y = batch
         out = self.net(x).float()
-        self.val_stats += torch.stack([F.cross_entropy(out, y, reduction="sum"), (out.argmax(1) == y).sum(), torch.tensor(len(y), device=self.device)])
+        self.val_stats[0] += F.cross_entropy(out, y, reduction="sum")
+        self.val_stats[1] += (out.argmax(1) == y).sum()
+        self.val_stats[2] += len(y)
 
     def on_validation_epoch_end(self):
         # sums from every rank: the mean over all samples, not just rank 0's

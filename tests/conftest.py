@@ -43,12 +43,6 @@ def start(cmd, **kwargs):
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
 
 
-def free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 # measured on the 5,000-digit training sample, 2 epochs, global batch 64: 95.97% with mnist_ddp.py
 # (one process with --batch-size=64, or two with --batch-size=32), 96.11% with mnist_lightning_ddp.py

@@ -158,14 +158,6 @@ PartitionName=debug Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=U
         raise RuntimeError(f"nodes not idle after {timeout} s: {r.stdout}\n{self.logs()}")
 
     # ------------------------------------------------------------------ use
-    def sbatch(self, args, cwd, timeout=600, env=None):
-        """sbatch --wait ARGS; returns (job id, exit code of sbatch, the job's output text)."""
-        env = {**(env or os.environ), "SLURM_CONF": str(self.conf)}
-        r = subprocess.run(["sbatch", "--wait", "--parsable"] + list(args), cwd=cwd, env=env, text=True,
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout)
-        job_id = r.stdout.strip().splitlines()[0].split(";")[0] if r.stdout.strip() else None
-        return job_id, r.returncode, r.stdout
-
     def job_state(self, job_id):
         r = sh("scontrol", "show", "job", "-o", str(job_id), check=False, env=self.env)
         fields = dict(kv.split("=", 1) for kv in r.stdout.split() if "=" in kv)
