@@ -2,8 +2,10 @@
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -129,31 +131,103 @@ def check_srun_style(rcs, outs, reference_out):
     assert done_record(outs[0])["param_checksums"] == done_record(reference_out)["param_checksums"]
 
 
-def make_imagenet_train_tar(path, n_classes=3, n_images=4, size=(50, 40), seed=0):
-    """A real ILSVRC2012_img_train.tar in miniature: one tar per class (nXXXXXXXX.tar) of real JPEG files
-    nXXXXXXXX_N.JPEG, written with PIL from random pixels. Returns the class ids (wnids) in archive order."""
+def jpeg_bytes(rng, size, label=0, quality=90):
+    """A real JPEG file's bytes: noise around a colour that depends on the label (so classes are learnable)."""
     import io
-    import tarfile
 
     import numpy as np
     from PIL import Image
 
+    base = np.array([(label * 67) % 256, (label * 141) % 256, (label * 29 + 100) % 256])
+    pixels = np.clip(base + rng.normal(0, 40, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="JPEG", quality=quality)
+    return out.getvalue()
+
+
+def tar_add(tar, name, data):
+    import io
+    import tarfile
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def make_imagenet_train_tar(path, n_classes=3, n_images=4, size=(50, 40), seed=0):
+    """A real ILSVRC2012_img_train.tar in miniature: one tar per class (nXXXXXXXX.tar) of real JPEG files
+    nXXXXXXXX_N.JPEG, written with PIL. Returns the class ids (wnids) in archive order."""
+    import io
+    import tarfile
+
+    import numpy as np
+
     rng = np.random.default_rng(seed)
     wnids = [f"n{1440764 + 1000 * k:08d}" for k in range(n_classes)]
-
-    def add(tar, name, data):
-        info = tarfile.TarInfo(name)
-        info.size = len(data)
-        tar.addfile(info, io.BytesIO(data))
-
     with tarfile.open(path, "w") as outer:
-        for wnid in wnids:
+        for label, wnid in enumerate(wnids):
             inner_bytes = io.BytesIO()
             with tarfile.open(fileobj=inner_bytes, mode="w") as inner:
                 for i in range(n_images):
-                    jpeg = io.BytesIO()
-                    pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-                    Image.fromarray(pixels).save(jpeg, format="JPEG", quality=90)
-                    add(inner, f"{wnid}_{i + 1}.JPEG", jpeg.getvalue())
-            add(outer, f"{wnid}.tar", inner_bytes.getvalue())
+                    tar_add(inner, f"{wnid}_{i + 1}.JPEG", jpeg_bytes(rng, size, label))
+            tar_add(outer, f"{wnid}.tar", inner_bytes.getvalue())
     return wnids
+
+
+def make_imagenet_archives(folder, n_classes=3, n_train=4, n_val=2, size=(50, 40), seed=0):
+    """The three ImageNet downloads in miniature, in their real layouts: ILSVRC2012_img_train.tar (per-class tars),
+    ILSVRC2012_img_val.tar (flat ILSVRC2012_val_NNNNNNNN.JPEG files, classes interleaved) and ILSVRC2012_devkit_t12.tar.gz
+    (data/meta.mat with the synsets and data/ILSVRC2012_validation_ground_truth.txt with one ILSVRC id per val image).
+    The ILSVRC ids run in reverse wnid order, and meta.mat also holds a non-leaf synset, as the real one does.
+    Returns (wnids, the wnid of each validation image)."""
+    import io
+    import tarfile
+
+    import numpy as np
+    import scipy.io
+
+    folder.mkdir(parents=True, exist_ok=True)
+    wnids = make_imagenet_train_tar(folder / "ILSVRC2012_img_train.tar", n_classes, n_train, size, seed)
+    ilsvrc_id = {w: n_classes - k for k, w in enumerate(wnids)}
+    rng = np.random.default_rng(seed + 1)
+    val_labels = [(i * 7) % n_classes for i in range(n_val * n_classes)]
+    with tarfile.open(folder / "ILSVRC2012_img_val.tar", "w") as tar:
+        for i, label in enumerate(val_labels):
+            tar_add(tar, f"ILSVRC2012_val_{i + 1:08d}.JPEG", jpeg_bytes(rng, size, label))
+    synsets = np.zeros(n_classes + 1, dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O"), ("words", "O"), ("num_children", "O")])
+    for k, w in enumerate(wnids):
+        synsets[k] = (ilsvrc_id[w], w, f"class {k}", 0)
+    synsets[n_classes] = (n_classes + 1, "n00001740", "entity", 2)
+    mat = io.BytesIO()
+    scipy.io.savemat(mat, {"synsets": synsets})
+    truth = "".join(f"{ilsvrc_id[wnids[label]]}\n" for label in val_labels).encode()
+    with tarfile.open(folder / "ILSVRC2012_devkit_t12.tar.gz", "w:gz") as tar:
+        tar_add(tar, "ILSVRC2012_devkit_t12/data/meta.mat", mat.getvalue())
+        tar_add(tar, "ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt", truth)
+    return wnids, [wnids[label] for label in val_labels]
+
+
+def check_signal_stop(cmd, workdir, expect_checkpoint, signal_rank=1, sig=signal.SIGUSR1, timeout=300):
+    """Start 2 srun-style ranks, send `sig` to one rank once it is up, and check the agreed stop: both ranks exit 75
+    (EXIT_RESUMABLE), rank 0 names the signal, and a mid-epoch checkpoint matching `expect_checkpoint` exists."""
+    job_id = slurm_job_id_with_free_port()
+    logs = [open(workdir / f"rank{r}.log", "w+") for r in range(2)]
+    procs = [subprocess.Popen(cmd, cwd=workdir, stdout=logs[r], stderr=subprocess.STDOUT, text=True, env=clean_env(
+        SLURM_PROCID=r, SLURM_LOCALID=r, SLURM_NODEID=0, SLURM_STEP_ID=0, SLURM_NTASKS=2, SLURM_NTASKS_PER_NODE=2,
+        SLURM_NNODES=1, SLURM_JOB_NODELIST="localhost", SLURM_NODELIST="localhost", SLURM_JOB_ID=job_id,
+        SLURM_JOB_NAME="pytest")) for r in range(2)]
+    try:
+        deadline = time.monotonic() + timeout
+        while not STARTUP_LINE.search((workdir / f"rank{signal_rank}.log").read_text()):
+            assert time.monotonic() < deadline and procs[signal_rank].poll() is None, (workdir / f"rank{signal_rank}.log").read_text()
+            time.sleep(0.05)
+        procs[signal_rank].send_signal(sig)
+        rcs = [p.wait(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    outs = [(workdir / f"rank{r}.log").read_text() for r in range(2)]
+    assert rcs == [75, 75], outs[0][-3000:] + outs[1][-3000:]
+    assert f"stopped on {sig.name}" in outs[0] and "stopped on" not in outs[1], outs[0][-2000:]
+    assert list(workdir.glob(f"ckpt/{expect_checkpoint}")), sorted(p.name for p in (workdir / "ckpt").iterdir())
+    assert '"event": "done"' not in outs[0]
+    return outs

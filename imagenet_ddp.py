@@ -1,0 +1,666 @@
+"""
+Train a torchvision ResNet on ImageNet with PyTorch DistributedDataParallel (DDP), on one process or many.
+
+The same file runs under every launcher, unchanged:
+
+    python imagenet_ddp.py --data-dir /datasets/imagenet                          # one process
+    torchrun --standalone --nproc_per_node=4 imagenet_ddp.py --data-dir ...        # 4 GPUs on this machine
+    srun python imagenet_ddp.py --data-dir ...                                     # inside a Slurm job, one task per GPU
+    sbatch run-imagenet.sh imagenet_ddp.py --data-dir /datasets/imagenet           # the wrapper: staging, then training
+    python imagenet_ddp.py --synthetic --steps-per-epoch=100                       # generated tensors: throughput only
+
+Data: --data-dir holds either the three archives as downloaded (ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar,
+ILSVRC2012_devkit_t12.tar.gz; reading the devkit needs scipy) or an extracted train/<wnid>/*.JPEG, val/<wnid>/*.JPEG
+tree. Archives are extracted once per node to node-local disk (--local-dir, default $SLURM_TMPDIR, else $TMPDIR,
+else /tmp), in parallel, by one process while the others of that node wait; a marker written last makes later jobs
+on that node skip it. Shared filesystems are slow at millions of small files: never train from an extracted copy there.
+
+Expected: ResNet-50, 90 epochs, cosine schedule, label smoothing 0.1, bf16: about 76-77% top-1 (the usual figure for
+this recipe). On CPU this script is only a smoke test (see tests/): resnet18 at 64 px on a few generated classes.
+"""
+import argparse
+import concurrent.futures
+import contextlib
+import fcntl
+import glob
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+import warnings
+from datetime import datetime, timedelta
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import torchvision
+from torch.distributed.elastic.multiprocessing.errors import record
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, DistributedSampler
+from torchvision.io import ImageReadMode, decode_image, read_file
+from torchvision.transforms import v2
+
+# -----------------------------------------------------------------------------
+# config
+
+
+def positive_int(text):
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def default_workers():
+    """DataLoader workers per process: the CPUs Slurm gave this task, shared by the processes torchrun starts in it."""
+    cpus = int(os.environ.get("SLURM_CPUS_PER_TASK", 0)) or len(os.sched_getaffinity(0))
+    return max(1, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1)  # one core stays with the training process
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="ImageNet with DistributedDataParallel")
+    p.add_argument("--epochs", type=positive_int, default=90, help="number of epochs to train (default: 90)")
+    p.add_argument("--batch-size", type=positive_int, default=256, help="training and validation batch size per process (default: 256)")
+    p.add_argument("--lr", type=float, default=0.1, help="SGD learning rate per 256 images; scaled by the global batch size (default: 0.1)")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
+    p.add_argument("--weight-decay", type=float, default=5e-5, help="weight decay, not applied to biases and norms (default: 5e-5)")
+    p.add_argument("--label-smoothing", type=float, default=0.1, help="label smoothing of the training loss (default: 0.1)")
+    p.add_argument("--warmup-epochs", type=float, default=5, help="linear learning-rate warm-up from 0 (default: 5)")
+    p.add_argument("--schedule", choices=["cosine", "step"], default="cosine", help="after warm-up: cosine to 0, or /10 every 30 epochs (default: cosine)")
+    p.add_argument("--arch", default="resnet50", help="a torchvision classification model (default: resnet50)")
+    p.add_argument("--image-size", type=positive_int, default=224, help="training crop; validation resizes to size/0.875 and center-crops (default: 224)")
+    p.add_argument("--seed", type=int, default=1, help="random seed (default: 1)")
+    p.add_argument("--data-dir", default=os.environ.get("DATA_DIR", "./data"), help="the ImageNet archives or train/ val/ folders (default: $DATA_DIR, else ./data)")
+    p.add_argument("--local-dir", default=None, help="node-local disk for the extracted images (default: $SLURM_TMPDIR, else $TMPDIR, else /tmp)")
+    p.add_argument("--stage-only", action="store_true", help="extract the archives to --local-dir and exit (once per node, e.g. srun --ntasks-per-node=1)")
+    p.add_argument("--workers", type=int, default=default_workers(), help="DataLoader worker processes per process (default: $SLURM_CPUS_PER_TASK / processes per task - 1)")
+    p.add_argument("--steps-per-epoch", type=positive_int, default=None, help="cap the training steps per epoch, for smoke tests (default: the whole epoch)")
+    p.add_argument("--synthetic", action="store_true", help="train on generated tensors (no data, no validation): throughput only")
+    p.add_argument("--output-dir", default="./out", help="metrics JSONL goes here (default: ./out)")
+    p.add_argument("--checkpoint-dir", default=os.environ.get("CHECKPOINT_DIR"), help="save every epoch and resume from the latest checkpoint here (default: $CHECKPOINT_DIR, else no checkpoints)")
+    p.add_argument("--log-interval", type=positive_int, default=50, help="steps between loss prints (default: 50)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: a GPU if there is one (default: auto)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bfloat16 autocast on GPU (default: on; CPU trains in float32)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="NHWC memory format on GPU (default: on)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    return p.parse_args(argv)
+
+
+# -----------------------------------------------------------------------------
+# distributed setup
+
+
+def first_host(nodelist):
+    """First host of a Slurm nodelist: 'n[1-2]' -> 'n1', 'gpu-[001-004,010],cpu1' -> 'gpu-001'."""
+    depth, end = 0, len(nodelist)
+    for i, ch in enumerate(nodelist):  # the first comma outside brackets ends the first group
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            end = i
+            break
+    return re.sub(r"\[([^\]]*)\]", lambda m: re.split(r"[-,]", m.group(1))[0], nodelist[:end])
+
+
+def launch_env(env=os.environ):
+    """Who am I? torchrun's variables first, else srun's, else a single process.
+    Returns rank, local_rank, world_size, and the MASTER_ADDR/PORT to use (None when already set)."""
+    if "RANK" in env and "WORLD_SIZE" in env:  # torchrun (or set by hand): it also sets MASTER_ADDR/PORT
+        return int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"]), None, None
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:  # srun: one task per GPU
+        world_size = int(env.get("SLURM_STEP_NUM_TASKS", env["SLURM_NTASKS"]))
+        if world_size > 1 and "SLURM_STEP_ID" not in env:  # the job's batch script itself: the other ranks never come
+            raise SystemExit(f"ERROR: this job has {world_size} tasks, but this process was not started by srun, so it "
+                             f"would wait for {world_size - 1} ranks that never start. HINT: srun python {os.path.basename(__file__)} ..., "
+                             "or submit with one of the run-gpu*.sh wrappers")
+        # every rank computes the same address and port: rank 0 runs on the first node of the job,
+        # and the port comes from the job id so that two jobs sharing a node do not collide
+        addr = env.get("MASTER_ADDR") or first_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1"))
+        port = env.get("MASTER_PORT") or str(10000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
+        return int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), world_size, addr, port
+    return 0, 0, 1, None, None
+
+
+def print0(message, file=sys.stdout):
+    if RANK == 0:
+        print_line(message, file)
+
+
+def print_line(message, file=sys.stdout):
+    """One write per line, so that lines from several ranks sharing a log never interleave mid-line."""
+    file.write(f"{message}\n")
+    file.flush()
+
+
+def fail(message):
+    """One clear line from rank 0, then a non-zero exit on every rank (the finally block tears down)."""
+    print0(f"ERROR: {message}", file=sys.stderr)
+    raise SystemExit(1)
+
+
+def all_ranks_ok(ok, device):
+    """Agree on a flag across ranks; doubles as a barrier. False if any rank reported a failure."""
+    if WORLD_SIZE == 1:
+        return ok
+    flag = torch.tensor([1 if ok else 0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def all_gather(obj):
+    """Every rank's obj, in rank order."""
+    if WORLD_SIZE == 1:
+        return [obj]
+    out = [None] * WORLD_SIZE
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# Preemption: Slurm sends SIGUSR1 before the time limit (the wrappers ask for it with --signal) and SIGTERM when it
+# cancels or preempts. The handler only notes the signal; the training loop checks it at step boundaries, all ranks
+# agree, rank 0 writes a mid-epoch checkpoint, and the job requeues itself (on SIGUSR1) and exits with EXIT_RESUMABLE.
+STOP_SIGNALS = {signal.SIGUSR1: "SIGUSR1", signal.SIGTERM: "SIGTERM"}
+STOP_CHECK_EVERY = 10  # steps between the (tiny) all-reduces that agree on stopping
+EXIT_RESUMABLE = 75    # "try again": stopped on a signal with a checkpoint; run the same command to resume
+received_signals = []
+
+
+def on_stop_signal(signum, frame):
+    received_signals.append(signum)
+
+
+def stop_signal(device):
+    """The stop signal any rank received (0: none), the same on every rank at the same step."""
+    signum = torch.tensor([max(received_signals, default=0)], device=device)
+    if WORLD_SIZE > 1:
+        dist.all_reduce(signum, op=dist.ReduceOp.MAX)
+    return int(signum.item())
+
+
+def stop_and_requeue(signum, message):
+    """After the checkpoint: requeue the Slurm job if it was the time-limit warning, then exit on every rank."""
+    job_id = os.environ.get("SLURM_JOB_ID")
+    if RANK == 0 and job_id and signum == signal.SIGUSR1:
+        r = subprocess.run(["scontrol", "requeue", job_id], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        message += f"; requeued job {job_id}" if r.returncode == 0 else f"; could not requeue job {job_id}: {r.stdout.strip()} (resubmit it)"
+    print0(f"stopped on {STOP_SIGNALS[signum]}: {message}")
+    raise SystemExit(EXIT_RESUMABLE)
+
+
+# -----------------------------------------------------------------------------
+# data: stage the archives to node-local disk once per node, then decode JPEGs in DataLoader workers
+
+TRAIN_TAR, VAL_TAR, DEVKIT = "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar", "ILSVRC2012_devkit_t12.tar.gz"
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet RGB statistics
+NORMALIZE = {}  # device -> (mean, std) tensors, made once
+
+
+def val_wnids(devkit):
+    """The class (wnid) of validation image 1, 2, ... from the devkit: ground-truth ILSVRC ids mapped through meta.mat."""
+    import scipy.io  # only the devkit's MATLAB file needs it
+    with tarfile.open(devkit, "r:gz") as tar:
+        files = {os.path.basename(m.name): m for m in tar if m.isfile()}
+        meta = scipy.io.loadmat(io.BytesIO(tar.extractfile(files["meta.mat"]).read()), squeeze_me=True)["synsets"]
+        truth = tar.extractfile(files["ILSVRC2012_validation_ground_truth.txt"]).read().split()
+    wnid_of_id = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in meta if int(s["num_children"]) == 0}  # the 1000 leaves
+    return [wnid_of_id[int(i)] for i in truth]
+
+
+def extract_members(tar_path, members):
+    """Copy (offset, size, dest) byte ranges of an uncompressed tar to files. Runs in a worker process."""
+    with open(tar_path, "rb") as f:
+        for offset, size, dest in members:
+            f.seek(offset)
+            with open(dest, "wb") as out:
+                out.write(f.read(size))
+    return len(members)
+
+
+def extract_class_tar(tar_path, offset, dest):
+    """Unpack one per-class tar nXXXXXXXX.tar, found at `offset` inside the big train tar, into dest/."""
+    os.makedirs(dest, exist_ok=True)
+    with open(tar_path, "rb") as f:
+        f.seek(offset)
+        with tarfile.open(fileobj=f, mode="r|") as inner:  # streamed: reads only this class's bytes
+            for m in inner:
+                if m.isfile():
+                    with open(os.path.join(dest, os.path.basename(m.name)), "wb") as out:
+                        shutil.copyfileobj(inner.extractfile(m), out)
+    return 1
+
+
+def stage(data_dir, local_dir, workers):
+    """Extract the archives into local_dir/train/<wnid>/ and local_dir/val/<wnid>/, once per node.
+    An flock makes one process extract while the others wait; the marker, written last, makes later runs skip."""
+    archives = [os.path.join(data_dir, name) for name in (TRAIN_TAR, VAL_TAR, DEVKIT)]
+    stamp = json.dumps([[os.path.abspath(a), os.path.getsize(a), int(os.path.getmtime(a))] for a in archives])
+    marker = os.path.join(local_dir, "STAGED")
+    os.makedirs(local_dir, exist_ok=True)
+    with open(os.path.join(local_dir, ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when this process exits, even on a crash
+        if os.path.exists(marker) and open(marker).read() == stamp:
+            return False
+        t0 = time.perf_counter()
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(marker)
+        for sub in ("train", "val"):  # a half-finished copy (no marker) is redone from scratch
+            shutil.rmtree(os.path.join(local_dir, sub), ignore_errors=True)
+        wnids = val_wnids(archives[2])
+        with tarfile.open(archives[0]) as train, tarfile.open(archives[1]) as val:
+            classes = [(m.offset_data, m.name[:-4]) for m in train if m.isfile() and m.name.endswith(".tar")]
+            images = [(m.offset_data, m.size, m.name) for m in val if m.isfile()]
+        for wnid in set(wnids):
+            os.makedirs(os.path.join(local_dir, "val", wnid))
+        val_files = [(offset, size, os.path.join(local_dir, "val", wnids[int(re.findall(r"\d+", name)[-1]) - 1], os.path.basename(name)))
+                     for offset, size, name in images]
+        # both archives are uncompressed tars: workers read disjoint byte ranges of them in parallel
+        with concurrent.futures.ProcessPoolExecutor(workers) as pool:
+            jobs = [pool.submit(extract_class_tar, archives[0], offset, os.path.join(local_dir, "train", wnid)) for offset, wnid in classes]
+            jobs += [pool.submit(extract_members, archives[1], val_files[k::workers]) for k in range(workers)]
+            for job in concurrent.futures.as_completed(jobs):
+                job.result()  # re-raises a worker's error here
+        with open(marker + ".tmp", "w") as f:
+            f.write(stamp)
+        os.replace(marker + ".tmp", marker)
+        print_line(f"staged {len(classes)} classes and {len(val_files)} validation images into {local_dir} "
+                   f"in {time.perf_counter() - t0:.1f} s on {socket.gethostname()}")
+        return True
+
+
+class JPEGFolder(torch.utils.data.Dataset):
+    """root/<class>/<image> files, decoded with torchvision.io (libjpeg-turbo) into uint8 tensors, cropped and flipped
+    as uint8: no PIL, no float images in the workers (normalization happens on the device, on the whole batch)."""
+
+    def __init__(self, root, train, size, seed):
+        self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+        self.samples = [(os.path.join(root, c, name), label) for label, c in enumerate(self.classes)
+                        for name in sorted(os.listdir(os.path.join(root, c)))]
+        self.train, self.size, self.seed = train, size, seed
+        self.transform = (v2.Compose([v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()]) if train else
+                          v2.Compose([v2.Resize(round(size / 0.875), antialias=True), v2.CenterCrop(size)]))
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, key):
+        epoch, i = key if self.train else (0, key)
+        path, label = self.samples[i]
+        try:
+            image = decode_image(read_file(path), mode=ImageReadMode.RGB)
+        except Exception as e:  # a corrupt or unreadable file is skipped and counted, not fatal (label -100 is ignored)
+            print_line(f"WARNING: skipping unreadable image {path} ({type(e).__name__}: {e})", sys.stderr)
+            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), -100
+        # the crop of image i in epoch e depends on (seed, e, i) only: the same with any number of workers or ranks,
+        # and again after a resume from the middle of an epoch
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash((self.seed, epoch, i)))
+            return self.transform(image), label
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """This rank's shard of the epoch from DistributedSampler, as (epoch, index) keys, from step `skip` on (resume)."""
+
+    def __init__(self, sampler, batch_size):
+        self.sampler, self.batch_size, self.epoch, self.skip = sampler, batch_size, 0, 0
+
+    def set_epoch(self, epoch, skip_steps=0):
+        self.sampler.set_epoch(epoch)  # without this every epoch repeats the same shuffle
+        self.epoch, self.skip = epoch, skip_steps * self.batch_size
+
+    def __iter__(self):
+        return ((self.epoch, i) for i in list(self.sampler)[self.skip:])
+
+    def __len__(self):
+        return len(self.sampler) - self.skip
+
+
+def to_device(x, y, device, channels_last):
+    """uint8 NCHW batch -> normalized float on the device (4x less to copy than float images)."""
+    if device not in NORMALIZE:
+        NORMALIZE[device] = [torch.tensor(v, device=device).view(1, 3, 1, 1) * 255 for v in (MEAN, STD)]
+    mean, std = NORMALIZE[device]
+    x = x.to(device, non_blocking=True).float().sub_(mean).div_(std)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x, y.to(device, non_blocking=True)
+
+
+# -----------------------------------------------------------------------------
+# model
+
+
+def param_checksum(model):
+    """A hash of every parameter's bytes: equal on all ranks iff the replicas are bit-identical."""
+    h = hashlib.sha256()
+    for p in model.state_dict().values():
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def average_buffers(model):
+    """BatchNorm running statistics are per rank (DDP copies rank 0's at every forward): average them, so that
+    validation and checkpoints see one model, estimated from every rank's batches."""
+    if WORLD_SIZE > 1:
+        for b in model.buffers():
+            if b.is_floating_point():
+                dist.all_reduce(b)
+                b.div_(WORLD_SIZE)
+
+
+def lr_factor(step, steps_per_epoch, args):
+    """Linear warm-up from 0, then cosine to 0 or /10 every 30 epochs. Per optimizer step."""
+    warmup = args.warmup_epochs * steps_per_epoch
+    if step < warmup:
+        return (step + 1) / warmup
+    if args.schedule == "step":
+        return 0.1 ** (step // steps_per_epoch // 30)
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, args.epochs * steps_per_epoch - warmup)))
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, args, amp):
+    """Exact validation: rank r scores images r, r+W, r+2W, ... (no padding, no image twice), then sums."""
+    model.eval()
+    stats = torch.zeros(5, dtype=torch.float64, device=device)  # loss sum, top-1 hits, top-5 hits, count, skipped
+    for x, y in loader:
+        x, y = to_device(x, y, device, args.channels_last and device.type == "cuda")
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            out = model(x).float()
+        ok = y >= 0  # -100: an unreadable image
+        hits = (out.topk(min(5, out.shape[1]), 1).indices == y[:, None]) & ok[:, None]
+        stats += torch.stack([F.cross_entropy(out, y, reduction="sum", ignore_index=-100), hits[:, 0].sum(),
+                              hits.any(1).sum(), ok.sum(), (~ok).sum()]).double()
+    if WORLD_SIZE > 1:
+        dist.all_reduce(stats)
+    loss_sum, top1, top5, count, skipped = stats.tolist()
+    return dict(val_loss=loss_sum / max(count, 1), top1=top1 / max(count, 1), top5=top5 / max(count, 1),
+                val_count=int(count), val_skipped=int(skipped))
+
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+
+def save_checkpoint(ckpt_dir, name, state, scratch, keep=2):
+    """Atomic: write to node-local scratch, copy to a temporary file in ckpt_dir, fsync, rename. A crash mid-save
+    leaves the previous checkpoint intact. Names sort in training order: epoch_0003.pt, epoch_0003_step_0000120.pt."""
+    path = os.path.join(ckpt_dir, f"{name}.pt")
+    local, tmp = os.path.join(scratch, f"{name}.pt"), f"{path}.tmp{os.getpid()}"
+    torch.save(state, local)  # fast local write; then one sequential copy to the (shared) checkpoint dir
+    shutil.copyfile(local, tmp)
+    os.remove(local)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    for old in sorted(glob.glob(os.path.join(ckpt_dir, "epoch_*.pt")))[:-keep]:
+        os.remove(old)
+    return path
+
+
+def load_latest_checkpoint(ckpt_dir, device):
+    """Newest loadable checkpoint, or (None, None). A corrupt newest file is reported, never silently skipped to a fresh start."""
+    for path in sorted(glob.glob(os.path.join(ckpt_dir, "epoch_*.pt")), reverse=True):
+        try:
+            return path, torch.load(path, map_location=device, weights_only=True)
+        except Exception as e:
+            print0(f"WARNING: cannot load {path} ({type(e).__name__}: {e}); trying the previous checkpoint")
+    return None, None
+
+
+# -----------------------------------------------------------------------------
+# main
+
+RANK, LOCAL_RANK, WORLD_SIZE = 0, 0, 1
+
+
+@record  # under torchrun, a crash is written to its error file and the summary names the failing rank
+def main(args):
+    global RANK, LOCAL_RANK, WORLD_SIZE
+    RANK, LOCAL_RANK, WORLD_SIZE, addr, port = launch_env()
+    if RANK != 0:  # only rank 0 speaks: other ranks' warnings would repeat it WORLD_SIZE times
+        warnings.filterwarnings("ignore")
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, on_stop_signal)
+    data_root = None if args.synthetic else find_data(args)
+    if args.stage_only:
+        print_line(f"data ready in {data_root} on {socket.gethostname()}")
+        return
+
+    # one process per device: cuda:(local_rank % device_count) with NCCL, else CPU with gloo
+    if args.device == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda was given, but no CUDA device is visible here. HINT: request a GPU (e.g. --gres=gpu:1) or use --device cpu")
+    use_cuda = args.device != "cpu" and torch.cuda.is_available()
+    device = torch.device("cuda", LOCAL_RANK % torch.cuda.device_count()) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if WORLD_SIZE > 1:
+        if addr:  # launched by srun: tell init_process_group where rank 0 listens
+            os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = addr, port
+        # the timeout bounds every collective: a rank that hangs ends the job instead of holding it until the time limit
+        dist.init_process_group("nccl" if use_cuda else "gloo", rank=RANK, world_size=WORLD_SIZE, timeout=timedelta(minutes=10))
+    print_line(f"[rank {RANK}/{WORLD_SIZE}] local_rank {LOCAL_RANK} host {socket.gethostname()} device {device}")
+    try:
+        train(args, device, data_root)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def local_base(args):
+    """Node-local disk: fast, private to the node, usually wiped when the job ends."""
+    base = os.environ.get("SLURM_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
+    return args.local_dir or os.path.join(base, f"imagenet-{os.getuid()}")
+
+
+def find_data(args):
+    """The folder holding train/ and val/: the extracted tree as given, or a node-local copy of the archives."""
+    if all(os.path.isdir(os.path.join(args.data_dir, s)) for s in ("train", "val")):
+        return args.data_dir
+    missing = [n for n in (TRAIN_TAR, VAL_TAR, DEVKIT) if not os.path.isfile(os.path.join(args.data_dir, n))]
+    if missing:
+        fail(f"no ImageNet in {os.path.abspath(args.data_dir)}: it needs train/ and val/ folders, or {', '.join(missing)}. "
+             "HINT: --data-dir (or $DATA_DIR) must point at the folder holding the archives as downloaded from image-net.org")
+    local_dir = local_base(args)
+    try:
+        stage(args.data_dir, local_dir, max(1, len(os.sched_getaffinity(0))))
+    except Exception as e:  # each node stages for itself: local rank 0 of the node that failed says so
+        if LOCAL_RANK == 0:
+            print_line(f"ERROR: staging {args.data_dir} into {local_dir} on {socket.gethostname()} failed ({type(e).__name__}: {e}). "
+                       "HINT: --local-dir needs ~160 GB free for ImageNet; a half-finished copy is redone on the next run", sys.stderr)
+        raise SystemExit(1)
+    return local_dir
+
+
+def train(args, device, data_root):
+    torch.manual_seed(args.seed)  # same initial weights everywhere (DDP also broadcasts rank 0's)
+    cuda = device.type == "cuda"
+    amp, channels_last = args.amp and cuda, args.channels_last and cuda
+
+    # -----------------------------------------------------------------------------
+    # data: each rank reads a disjoint 1/WORLD_SIZE of the images, reshuffled every epoch
+    if args.synthetic:  # one fixed random batch per rank, fed again and again: measures the model, not the data
+        num_classes, n_train, n_val = 1000, None, 0
+        g = torch.Generator().manual_seed(args.seed + RANK)
+        fake = (torch.randint(0, 256, (args.batch_size, 3, args.image_size, args.image_size), dtype=torch.uint8, generator=g),
+                torch.randint(0, num_classes, (args.batch_size,), generator=g))
+        fake = tuple(t.to(device) for t in fake)
+        steps_per_epoch = args.steps_per_epoch or 100
+    else:
+        train_set = JPEGFolder(os.path.join(data_root, "train"), True, args.image_size, args.seed)
+        val_set = JPEGFolder(os.path.join(data_root, "val"), False, args.image_size, args.seed)
+        if not train_set.samples or train_set.classes != val_set.classes:
+            fail(f"{data_root}: train/ has {len(train_set.classes)} classes and {len(train_set)} images, val/ has "
+                 f"{len(val_set.classes)} classes: they must be the same non-empty set of class folders")
+        num_classes, n_train, n_val = len(train_set.classes), len(train_set), len(val_set)
+        # drop_last keeps the shards equal, so every rank takes the same number of steps
+        sampler = EpochSampler(DistributedSampler(train_set, WORLD_SIZE, RANK, shuffle=True, seed=args.seed, drop_last=True), args.batch_size)
+        loader_args = dict(num_workers=args.workers, pin_memory=cuda, persistent_workers=args.workers > 0)
+        train_loader = DataLoader(train_set, args.batch_size, sampler=sampler, drop_last=True, **loader_args)
+        val_loader = DataLoader(val_set, args.batch_size, sampler=range(RANK, n_val, WORLD_SIZE), **loader_args)
+        steps_per_epoch = min(len(train_loader), args.steps_per_epoch or len(train_loader))
+        if steps_per_epoch == 0:
+            fail(f"{n_train} training images are fewer than one batch per rank ({WORLD_SIZE} x --batch-size={args.batch_size})")
+
+    # -----------------------------------------------------------------------------
+    # model and optimizer
+    if args.arch not in torchvision.models.list_models(module=torchvision.models):
+        fail(f"unknown --arch {args.arch}. HINT: one of torchvision's classification models, e.g. resnet18, resnet50, "
+             "resnet101, wide_resnet50_2, convnext_tiny (python -c 'import torchvision; print(torchvision.models.list_models())')")
+    raw_model = torchvision.models.get_model(args.arch, weights=None, num_classes=num_classes).to(device)
+    if channels_last:  # NHWC: what tensor cores and cuDNN's fastest convolutions want
+        raw_model = raw_model.to(memory_format=torch.channels_last)
+    model = eval_model = torch.compile(raw_model) if args.compile else raw_model  # evaluation bypasses DDP: shards differ in size
+    if WORLD_SIZE > 1:  # averages gradients across ranks during backward()
+        model = DDP(model, device_ids=[device.index] if cuda else None)
+    decay = [p for p in raw_model.parameters() if p.ndim > 1]  # no weight decay on biases and norm scales
+    no_decay = [p for p in raw_model.parameters() if p.ndim <= 1]
+    lr = args.lr * args.batch_size * WORLD_SIZE / 256  # the linear scaling rule, with warm-up
+    optimizer = torch.optim.SGD([{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0}],
+                                lr=lr, momentum=args.momentum)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps_per_epoch, args))
+
+    # -----------------------------------------------------------------------------
+    # resume: every rank loads the same checkpoint, so the replicas start equal; mid-epoch checkpoints resume at their step
+    start_epoch, start_step = 1, 0
+    run_id = os.environ.get("SLURM_JOB_ID") or datetime.now().strftime("%Y%m%d-%H%M%S")
+    scratch = os.path.join(local_base(args), f"run-{run_id}-{os.getpid()}")  # rank 0's outputs, on local disk first
+    os.makedirs(args.output_dir, exist_ok=True)
+    if RANK == 0:
+        os.makedirs(scratch, exist_ok=True)
+    if args.checkpoint_dir:
+        try:
+            os.makedirs(args.checkpoint_dir, exist_ok=True)
+            open(os.path.join(args.checkpoint_dir, f".writable{os.getpid()}"), "w").close()
+            os.remove(os.path.join(args.checkpoint_dir, f".writable{os.getpid()}"))
+        except OSError as e:
+            fail(f"cannot write checkpoints to {args.checkpoint_dir} ({e.strerror}). HINT: choose a --checkpoint-dir you can write to")
+        path, ckpt = load_latest_checkpoint(args.checkpoint_dir, device)
+        if ckpt is not None:
+            if (ckpt.get("script"), ckpt.get("arch"), ckpt.get("num_classes")) != ("imagenet_ddp.py", args.arch, num_classes):
+                fail(f"{path} is from {ckpt.get('script', 'another script')} with arch {ckpt.get('arch')} and {ckpt.get('num_classes')} "
+                     f"classes; this run is {args.arch} with {num_classes}. HINT: use a new --checkpoint-dir for a different model or data")
+            raw_model.load_state_dict(ckpt["model"])  # the raw module's keys: no "module." or "_orig_mod." prefix
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            if len(ckpt["rng"]) == WORLD_SIZE:
+                torch.set_rng_state(ckpt["rng"][RANK].cpu())
+            start_epoch, start_step = ckpt["epoch"] + 1, ckpt["step"]
+            print0(f"resumed from {path}: epoch {ckpt['epoch']} done" + (f" and {start_step} steps of epoch {start_epoch}" if start_step else "")
+                   + f", continuing at epoch {start_epoch}")
+    metrics_name = f"metrics-{run_id}.jsonl"
+    if RANK == 0 and os.path.exists(os.path.join(args.output_dir, metrics_name)):  # a requeued job appends to its own file
+        shutil.copyfile(os.path.join(args.output_dir, metrics_name), os.path.join(scratch, metrics_name))
+    metrics = open(os.path.join(scratch, metrics_name), "a") if RANK == 0 else None
+
+    def copy_back():
+        """Local outputs to --output-dir, atomically (at each checkpoint and at the end)."""
+        tmp = os.path.join(args.output_dir, f".{metrics_name}.tmp")
+        shutil.copyfile(os.path.join(scratch, metrics_name), tmp)
+        os.replace(tmp, os.path.join(args.output_dir, metrics_name))
+
+    def checkpoint(epoch, step):
+        """Rank 0 writes while the others wait; RNG states come from every rank."""
+        rng = all_gather(torch.get_rng_state())
+        if RANK == 0:
+            name = f"epoch_{epoch - 1:04d}_step_{step:07d}" if step else f"epoch_{epoch:04d}"
+            save_checkpoint(args.checkpoint_dir, name, {
+                "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "epoch": epoch - 1 if step else epoch, "step": step, "rng": rng, "args": vars(args),
+                "script": "imagenet_ddp.py", "arch": args.arch, "num_classes": num_classes}, scratch)
+            copy_back()
+        if WORLD_SIZE > 1:
+            dist.barrier()
+
+    print0(f"{args.arch}, {num_classes} classes, " + ("SYNTHETIC DATA (random tensors, no validation)" if args.synthetic else
+           f"{n_train} training / {n_val} validation images from {data_root}") + f" | {WORLD_SIZE} processes x {args.batch_size} "
+           f"images, lr {lr:g}, {steps_per_epoch} steps/epoch, {args.workers} workers/process | {'bf16' if amp else 'fp32'}"
+           f"{', channels_last' if channels_last else ''}{', compiled' if args.compile else ''} on {device.type}")
+
+    # -----------------------------------------------------------------------------
+    # training loop
+    t_start, result, meter_images, meter_seconds = time.perf_counter(), None, 0, 0.0
+    tag = " [SYNTHETIC DATA]" if args.synthetic else ""
+    for epoch in range(start_epoch, args.epochs + 1):
+        model.train()
+        skip, start_step = start_step, 0
+        if args.synthetic:
+            batches = (fake for _ in range(steps_per_epoch - skip))
+        else:
+            sampler.set_epoch(epoch, skip)
+            batches = iter(train_loader)
+        stats = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, images, skipped: no host sync per step
+        t0 = time.perf_counter()
+        warm = min(5, (steps_per_epoch - skip) // 2)
+        for step in range(skip, steps_per_epoch):
+            if step - skip == warm:  # the throughput meter starts after warm-up steps (workers starting, cuDNN autotuning)
+                if cuda:
+                    torch.cuda.synchronize()
+                t_meter = time.perf_counter()
+            x, y = to_device(*next(batches), device, channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                loss = F.cross_entropy(model(x), y, label_smoothing=args.label_smoothing, ignore_index=-100)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            ok = (y >= 0).sum()
+            stats += torch.stack([loss.detach().double() * ok, ok.double(), (len(y) - ok).double()])
+            if RANK == 0 and step % args.log_interval == 0:  # .item() syncs, so only now and then
+                print_line(f"  epoch {epoch} step {step}/{steps_per_epoch} loss {loss.item():.4f} lr {scheduler.get_last_lr()[0]:.4g}{tag}")
+            if (step + 1) % STOP_CHECK_EVERY == 0 and step + 1 < steps_per_epoch and (signum := stop_signal(device)):
+                if args.checkpoint_dir:
+                    checkpoint(epoch, step + 1)
+                stop_and_requeue(signum, f"checkpoint at epoch {epoch} step {step + 1}" if args.checkpoint_dir else "no --checkpoint-dir, nothing saved")
+        if cuda:
+            torch.cuda.synchronize()
+        t_end = time.perf_counter()
+        if steps_per_epoch - skip > warm:
+            meter_images += (steps_per_epoch - skip - warm) * args.batch_size * WORLD_SIZE
+            meter_seconds += t_end - t_meter
+        if WORLD_SIZE > 1:
+            dist.all_reduce(stats)  # the mean over all ranks' images, not just rank 0's
+        train_loss, images, skipped = (stats[0] / stats[1].clamp(min=1)).item(), int(stats[1].item()), int(stats[2].item())
+        seconds = t_end - t0
+        result = dict(epoch=epoch, train_loss=train_loss, train_images=images, train_skipped=skipped, seconds=seconds,
+                      images_per_s=images / seconds, synthetic=args.synthetic)
+        average_buffers(raw_model)
+        if not args.synthetic:
+            result.update(evaluate(eval_model, val_loader, device, args, amp))
+        val = "no validation" if args.synthetic else f"val loss {result['val_loss']:.4f} | top-1 {100 * result['top1']:.2f}% | top-5 {100 * result['top5']:.2f}%"
+        print0(f"epoch {epoch}/{args.epochs} | train loss {train_loss:.4f} | {val} | {seconds:.1f} s | {images / seconds:.0f} img/s{tag}")
+        if skipped or result.get("val_skipped"):
+            print0(f"WARNING: skipped {skipped} training and {result.get('val_skipped', 0)} validation images that could not be decoded (named above)")
+        if metrics:
+            metrics.write(json.dumps({"event": "epoch", **result}) + "\n")
+            metrics.flush()
+            copy_back()
+        if args.checkpoint_dir:
+            checkpoint(epoch, 0)
+        if signum := stop_signal(device):
+            stop_and_requeue(signum, f"checkpoint at the end of epoch {epoch}" if args.checkpoint_dir else "no --checkpoint-dir, nothing saved")
+
+    # -----------------------------------------------------------------------------
+    # summary
+    if result is None:
+        print0(f"nothing to train: the checkpoint already has {start_epoch - 1} epochs (--epochs={args.epochs})")
+        result = {"epoch": start_epoch - 1, **({} if args.synthetic else evaluate(eval_model, val_loader, device, args, amp))}
+    checksums = all_gather(param_checksum(raw_model))  # each rank's own hash: the test compares them
+    done = {"event": "done", **{k: result.get(k) for k in ("epoch", "top1", "top5", "val_loss", "val_count", "val_skipped")},
+            "world_size": WORLD_SIZE, "synthetic": args.synthetic, "seconds": time.perf_counter() - t_start,
+            "images_per_s": meter_images / meter_seconds if meter_seconds else None, "param_checksums": checksums}
+    print0(json.dumps(done))
+    if metrics:
+        metrics.write(json.dumps(done) + "\n")
+        metrics.close()
+        copy_back()
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main(get_args())

@@ -1,0 +1,142 @@
+"""imagenet_ddp.py on a miniature ImageNet in its real download layout (real JPEG files in nested tars, a devkit with
+meta.mat), CPU + gloo, resnet18 at 64 px: staging, training with exact validation, mid-epoch stop and exact resume."""
+import json
+import re
+import sys
+
+import pytest
+
+from conftest import PYTHON, REPO, check_signal_stop, clean_env, done_record, make_imagenet_archives, run, run_srun_style
+
+sys.path.insert(0, str(REPO))
+import imagenet_ddp  # noqa: E402  (only its pure functions are used here)
+
+SCRIPT = str(REPO / "imagenet_ddp.py")
+N_CLASSES, N_TRAIN, N_VAL = 4, 20, 3  # 80 training images: 20 steps per epoch for 2 ranks x 2 images
+TOY = ["--arch=resnet18", "--image-size=64", "--batch-size=2", "--epochs=2", "--workers=1", "--device=cpu", "--log-interval=5"]
+
+
+@pytest.fixture(scope="module")
+def archives(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("imagenet")
+    wnids, val_wnids = make_imagenet_archives(folder, N_CLASSES, N_TRAIN, N_VAL, size=(80, 60))
+    return folder, wnids, val_wnids
+
+
+def stage_only(archives, local_dir):
+    return run([PYTHON, SCRIPT, f"--data-dir={archives[0]}", f"--local-dir={local_dir}", "--stage-only"], env=clean_env(), timeout=120)
+
+
+def test_staging_extracts_once_and_labels_val_from_the_devkit(archives, tmp_path):
+    folder, wnids, val_wnids = archives
+    local = tmp_path / "local"
+    rc, out = stage_only(archives, local)
+    assert rc == 0 and f"staged {N_CLASSES} classes and {len(val_wnids)} validation images" in out, out
+    assert sorted(p.name for p in (local / "train").iterdir()) == wnids
+    assert all(len(list((local / "train" / w).glob("*.JPEG"))) == N_TRAIN for w in wnids)
+    for i, wnid in enumerate(val_wnids):  # every val image in the folder of its devkit label
+        assert (local / "val" / wnid / f"ILSVRC2012_val_{i + 1:08d}.JPEG").is_file()
+    assert sum(1 for _ in (local / "val").glob("*/*.JPEG")) == len(val_wnids)
+
+    rc, out = stage_only(archives, local)  # the marker says it is complete: nothing extracted again
+    assert rc == 0 and "staged" not in out and f"data ready in {local}" in out, out
+
+
+def test_half_finished_staging_is_redone(archives, tmp_path):
+    local = tmp_path / "local"
+    (local / "train" / "n01440764").mkdir(parents=True)  # a copy killed mid-way: some files, no marker
+    (local / "train" / "n01440764" / "partial.JPEG").write_bytes(b"\xff\xd8 cut off")
+    rc, out = stage_only(archives, local)
+    assert rc == 0 and "staged 4 classes" in out, out
+    assert not (local / "train" / "n01440764" / "partial.JPEG").exists()
+    assert (local / "STAGED").is_file()
+
+
+def test_missing_data_is_one_clear_error(tmp_path):
+    rc, out = run([PYTHON, SCRIPT, f"--data-dir={tmp_path}", "--stage-only"], env=clean_env(), timeout=60)
+    assert rc == 1 and "ERROR: no ImageNet in" in out and "ILSVRC2012_img_train.tar" in out and "Traceback" not in out, out
+
+
+@pytest.fixture(scope="module")
+def reference(archives, tmp_path_factory):
+    """Two srun-style ranks, 2 epochs of 20 steps, with checkpoints: the uninterrupted run."""
+    d = tmp_path_factory.mktemp("reference")
+    cmd = [PYTHON, SCRIPT, f"--data-dir={archives[0]}", f"--local-dir={d / 'local'}", f"--checkpoint-dir={d / 'ckpt'}",
+           f"--output-dir={d / 'out'}"] + TOY
+    rcs, outs = run_srun_style(cmd, 2, cwd=d, timeout=300)
+    return d, rcs, outs
+
+
+def test_two_ranks_train_and_validate_exactly(reference, archives):
+    d, rcs, outs = reference
+    assert rcs == [0, 0], outs[0][-3000:] + outs[1][-2000:]
+    done = done_record(outs[0])
+    assert done["world_size"] == 2 and done["synthetic"] is False
+    assert done["val_count"] == len(archives[2]) == N_CLASSES * N_VAL  # 12 images over 2 ranks: each counted once
+    assert 0 <= done["top1"] <= done["top5"] <= 1 and done["images_per_s"] > 0
+    assert len(set(done["param_checksums"])) == 1, "replicas diverged (BatchNorm statistics included)"
+    epochs = [line for line in outs[0].splitlines() if line.startswith("epoch ")]
+    assert [e.split()[1] for e in epochs] == ["1/2", "2/2"] and "top-1" in epochs[0]
+    assert not any(line.startswith("epoch ") for line in outs[1].splitlines()), "rank 1 must stay quiet"
+    assert "20 steps/epoch" in outs[0] and "1 workers/process" in outs[0]
+    assert sorted(p.name for p in (d / "ckpt").iterdir()) == ["epoch_0001.pt", "epoch_0002.pt"]
+    metrics = [json.loads(line) for line in next((d / "out").glob("metrics-*.jsonl")).read_text().splitlines()]
+    assert [m["event"] for m in metrics] == ["epoch", "epoch", "done"]  # copied back from local disk
+
+
+def test_signal_mid_epoch_then_resume_is_bit_identical(reference, archives, tmp_path):
+    """SIGUSR1 to rank 1 only: both ranks stop at the same step, rank 0 checkpoints mid-epoch, both exit 75;
+    the rerun resumes at that step and ends with exactly the parameters of the uninterrupted run."""
+    cmd = [PYTHON, SCRIPT, f"--data-dir={archives[0]}", f"--local-dir={tmp_path / 'local'}",
+           f"--checkpoint-dir={tmp_path / 'ckpt'}", f"--output-dir={tmp_path / 'out'}"] + TOY
+    check_signal_stop(cmd, tmp_path, expect_checkpoint="epoch_0000_step_*.pt", signal_rank=1)
+    rcs, outs = run_srun_style(cmd, 2, cwd=tmp_path, timeout=300)
+    assert rcs == [0, 0], outs[0][-3000:]
+    assert re.search(r"resumed from .*epoch_0000_step_\d+\.pt: epoch 0 done and \d+ steps of epoch 1", outs[0]), outs[0][-3000:]
+    assert done_record(outs[0])["param_checksums"] == done_record(reference[2][0])["param_checksums"]
+
+
+def test_synthetic_mode_is_labelled(tmp_path):
+    rc, out = run([PYTHON, SCRIPT, "--synthetic", "--steps-per-epoch=8", "--epochs=1", "--arch=resnet18", "--image-size=32",
+                   "--batch-size=4", f"--output-dir={tmp_path}", f"--local-dir={tmp_path}"], env=clean_env(), timeout=120)
+    assert rc == 0, out[-3000:]
+    assert "SYNTHETIC DATA" in out and "[SYNTHETIC DATA]" in out.splitlines()[-2]
+    done = done_record(out)
+    assert done["synthetic"] is True and done["top1"] is None and done["images_per_s"] > 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--arch=resnet51"], "unknown --arch resnet51"),
+    (["--batch-size=0"], "--batch-size: must be a positive integer"),
+    (["--device=cuda"], "--device cuda was given, but no CUDA device"),
+])
+def test_bad_inputs_fail_with_one_line(args, message, tmp_path):
+    rc, out = run([PYTHON, SCRIPT, "--synthetic", "--steps-per-epoch=2", f"--output-dir={tmp_path}", f"--local-dir={tmp_path}"] + args,
+                  env=clean_env(CUDA_VISIBLE_DEVICES=""), timeout=120)
+    assert rc != 0 and message in out and "Traceback" not in out, out
+
+
+def test_unreadable_images_are_skipped_and_counted(archives, tmp_path):
+    tree = tmp_path / "tree"
+    rc, out = stage_only(archives, tree)
+    assert rc == 0, out
+    (tree / "STAGED").unlink()  # from here on an extracted train/ val/ tree, used as it is
+    victim = sorted((tree / "val" / archives[1][0]).iterdir())[0]
+    victim.write_bytes(b"not a jpeg")
+    rc, out = run([PYTHON, SCRIPT, f"--data-dir={tree}", "--epochs=1", "--steps-per-epoch=2", "--arch=resnet18", "--image-size=32",
+                   "--batch-size=4", "--workers=0", f"--output-dir={tmp_path}", f"--local-dir={tmp_path}"], env=clean_env(), timeout=120)
+    assert rc == 0, out[-3000:]
+    assert f"skipping unreadable image {victim}" in out
+    assert "skipped 0 training and 1 validation images" in out
+    done = done_record(out)
+    assert (done["val_count"], done["val_skipped"]) == (N_CLASSES * N_VAL - 1, 1)
+
+
+def test_lr_schedule_warms_up_then_decays():
+    class A:
+        warmup_epochs, epochs, schedule = 2, 10, "cosine"
+    f = [imagenet_ddp.lr_factor(s, 10, A) for s in range(100)]
+    assert f[0] == pytest.approx(0.05) and f[19] == pytest.approx(1.0)  # linear warm-up over 20 steps
+    assert f[20] == pytest.approx(1.0) and f[99] < 0.01 and all(a >= b for a, b in zip(f[20:], f[21:]))
+    A.schedule = "step"
+    assert imagenet_ddp.lr_factor(29 * 10, 10, A) == 1.0 and imagenet_ddp.lr_factor(30 * 10, 10, A) == pytest.approx(0.1)
