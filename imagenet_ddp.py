@@ -403,6 +403,17 @@ def save_checkpoint(ckpt_dir, name, state, scratch, keep=2):
     return path
 
 
+def check_writable(ckpt_dir):
+    """Fail now, with the reason, rather than after the first epoch."""
+    probe = os.path.join(ckpt_dir, f".write-test-{socket.gethostname()}-{os.getpid()}")
+    try:
+        os.makedirs(ckpt_dir, exist_ok=True)
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        fail(f"cannot write checkpoints to {os.path.abspath(ckpt_dir)} ({e.strerror}). HINT: choose a --checkpoint-dir you can write to")
+
+
 def load_latest_checkpoint(ckpt_dir, device):
     """Newest loadable checkpoint, or (None, None). A corrupt newest file is reported, never silently skipped to a fresh start."""
     for path in sorted(glob.glob(os.path.join(ckpt_dir, "epoch_*.pt")), reverse=True):
@@ -442,8 +453,11 @@ def main(args):
     if WORLD_SIZE > 1:
         if addr:  # launched by srun: tell init_process_group where rank 0 listens
             os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = addr, port
-        # the timeout bounds every collective: a rank that hangs ends the job instead of holding it until the time limit
-        dist.init_process_group("nccl" if use_cuda else "gloo", rank=RANK, world_size=WORLD_SIZE, timeout=timedelta(minutes=10))
+        try:  # the timeout bounds every collective: a hung rank ends the job instead of holding it until the time limit
+            dist.init_process_group("nccl" if use_cuda else "gloo", rank=RANK, world_size=WORLD_SIZE, timeout=timedelta(minutes=10))
+        except dist.DistNetworkError as e:  # rank 0 cannot listen there: another program, or another job, holds the port
+            fail(f"rank 0 cannot listen on MASTER_ADDR:MASTER_PORT = {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} "
+                 f"({str(e).splitlines()[0][:200]}). HINT: the port is in use; unset MASTER_PORT to derive one from the job id, or pick a free one")
     print_line(f"[rank {RANK}/{WORLD_SIZE}] local_rank {LOCAL_RANK} host {socket.gethostname()} device {device}")
     try:
         train(args, device, data_root)
@@ -534,12 +548,7 @@ def train(args, device, data_root):
     if RANK == 0:
         os.makedirs(scratch, exist_ok=True)
     if args.checkpoint_dir:
-        try:
-            os.makedirs(args.checkpoint_dir, exist_ok=True)
-            open(os.path.join(args.checkpoint_dir, f".writable{os.getpid()}"), "w").close()
-            os.remove(os.path.join(args.checkpoint_dir, f".writable{os.getpid()}"))
-        except OSError as e:
-            fail(f"cannot write checkpoints to {args.checkpoint_dir} ({e.strerror}). HINT: choose a --checkpoint-dir you can write to")
+        check_writable(args.checkpoint_dir)
         path, ckpt = load_latest_checkpoint(args.checkpoint_dir, device)
         if ckpt is not None:
             if (ckpt.get("script"), ckpt.get("arch"), ckpt.get("num_classes")) != ("imagenet_ddp.py", args.arch, num_classes):

@@ -26,16 +26,19 @@ import io
 import json
 import os
 import re
+import signal
 import socket
+import subprocess
 import sys
 import time
 import warnings
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DistributedSampler
 from torchvision import datasets
@@ -139,6 +142,37 @@ def all_gather(obj):
     return out
 
 
+# Preemption: Slurm sends SIGUSR1 before the time limit (the wrappers ask for it with --signal) and SIGTERM when it
+# cancels or preempts. The handler only notes the signal; the training loop checks it at step boundaries, all ranks
+# agree, rank 0 writes a mid-epoch checkpoint, and the job requeues itself (on SIGUSR1) and exits with EXIT_RESUMABLE.
+STOP_SIGNALS = {signal.SIGUSR1: "SIGUSR1", signal.SIGTERM: "SIGTERM"}
+STOP_CHECK_EVERY = 10  # steps between the (tiny) all-reduces that agree on stopping
+EXIT_RESUMABLE = 75    # "try again": stopped on a signal with a checkpoint; run the same command to resume
+received_signals = []
+
+
+def on_stop_signal(signum, frame):
+    received_signals.append(signum)
+
+
+def stop_signal(device):
+    """The stop signal any rank received (0: none), the same on every rank at the same step."""
+    signum = torch.tensor([max(received_signals, default=0)], device=device)
+    if WORLD_SIZE > 1:
+        dist.all_reduce(signum, op=dist.ReduceOp.MAX)
+    return int(signum.item())
+
+
+def stop_and_requeue(signum, message):
+    """After the checkpoint: requeue the Slurm job if it was the time-limit warning, then exit on every rank."""
+    job_id = os.environ.get("SLURM_JOB_ID")
+    if RANK == 0 and job_id and signum == signal.SIGUSR1:
+        r = subprocess.run(["scontrol", "requeue", job_id], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        message += f"; requeued job {job_id}" if r.returncode == 0 else f"; could not requeue job {job_id}: {r.stdout.strip()} (resubmit it)"
+    print0(f"stopped on {STOP_SIGNALS[signum]}: {message}")
+    raise SystemExit(EXIT_RESUMABLE)
+
+
 # -----------------------------------------------------------------------------
 # data
 
@@ -211,9 +245,10 @@ def evaluate(model, x, y, batch_size, device):
 # checkpoints
 
 
-def save_checkpoint(ckpt_dir, epoch, state, keep=2):
-    """Atomic: write a temporary file, fsync, rename. A crash mid-save leaves the previous checkpoint intact."""
-    path = os.path.join(ckpt_dir, f"epoch_{epoch:04d}.pt")
+def save_checkpoint(ckpt_dir, name, state, keep=2):
+    """Atomic: write a temporary file, fsync, rename. A crash mid-save leaves the previous checkpoint intact.
+    Names sort in training order: epoch_0003.pt, then epoch_0003_step_0000120.pt (3 epochs and 120 steps done)."""
+    path = os.path.join(ckpt_dir, f"{name}.pt")
     tmp = f"{path}.tmp{os.getpid()}"
     torch.save(state, tmp)
     with open(tmp, "rb") as f:
@@ -222,6 +257,17 @@ def save_checkpoint(ckpt_dir, epoch, state, keep=2):
     for old in sorted(glob.glob(os.path.join(ckpt_dir, "epoch_*.pt")))[:-keep]:
         os.remove(old)
     return path
+
+
+def check_writable(ckpt_dir):
+    """Fail now, with the reason, rather than after the first epoch."""
+    probe = os.path.join(ckpt_dir, f".write-test-{socket.gethostname()}-{os.getpid()}")
+    try:
+        os.makedirs(ckpt_dir, exist_ok=True)
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        fail(f"cannot write checkpoints to {os.path.abspath(ckpt_dir)} ({e.strerror}). HINT: choose a --checkpoint-dir you can write to")
 
 
 def load_latest_checkpoint(ckpt_dir, device):
@@ -240,11 +286,14 @@ def load_latest_checkpoint(ckpt_dir, device):
 RANK, LOCAL_RANK, WORLD_SIZE = 0, 0, 1
 
 
+@record  # under torchrun, a crash is written to its error file and the summary names the failing rank
 def main(args):
     global RANK, LOCAL_RANK, WORLD_SIZE
     RANK, LOCAL_RANK, WORLD_SIZE, addr, port = launch_env()
     if RANK != 0:  # only rank 0 speaks: other ranks' warnings would repeat it WORLD_SIZE times
         warnings.filterwarnings("ignore")
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, on_stop_signal)
     if args.download_only:
         reason = download_mnist(args.data_dir)
         if reason:
@@ -262,7 +311,11 @@ def main(args):
     if WORLD_SIZE > 1:
         if addr:  # launched by srun: tell init_process_group where rank 0 listens
             os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = addr, port
-        dist.init_process_group("nccl" if use_cuda else "gloo", rank=RANK, world_size=WORLD_SIZE)
+        try:  # the timeout bounds every collective: a hung rank ends the job instead of holding it until the time limit
+            dist.init_process_group("nccl" if use_cuda else "gloo", rank=RANK, world_size=WORLD_SIZE, timeout=timedelta(minutes=10))
+        except dist.DistNetworkError as e:  # rank 0 cannot listen there: another program, or another job, holds the port
+            fail(f"rank 0 cannot listen on MASTER_ADDR:MASTER_PORT = {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} "
+                 f"({str(e).splitlines()[0][:200]}). HINT: the port is in use; unset MASTER_PORT to derive one from the job id, or pick a free one")
     print_line(f"[rank {RANK}/{WORLD_SIZE}] local_rank {LOCAL_RANK} host {socket.gethostname()} device {device}")
     try:
         train(args, device)
@@ -299,22 +352,36 @@ def train(args, device):
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=args.gamma)
 
     # -----------------------------------------------------------------------------
-    # resume: every rank loads the same checkpoint, so the replicas start equal
-    start_epoch = 1
+    # resume: every rank loads the same checkpoint, so the replicas start equal; mid-epoch checkpoints resume at their step
+    start_epoch, start_step = 1, 0
     if args.checkpoint_dir:
-        os.makedirs(args.checkpoint_dir, exist_ok=True)
+        check_writable(args.checkpoint_dir)
         path, ckpt = load_latest_checkpoint(args.checkpoint_dir, device)
         if ckpt is not None:
+            if ckpt.get("script") != "mnist_ddp.py":
+                fail(f"{path} was not written by mnist_ddp.py (it is from {ckpt.get('script', 'another script')}). "
+                     "HINT: use a new --checkpoint-dir for a different script or model")
             raw_model.load_state_dict(ckpt["model"])  # the raw module's keys: no "module." or "_orig_mod." prefix
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
             if len(ckpt["rng"]) == WORLD_SIZE:
                 torch.set_rng_state(ckpt["rng"][RANK].cpu())
-            start_epoch = ckpt["epoch"] + 1
-            print0(f"resumed from {path}: epoch {ckpt['epoch']} done, continuing at epoch {start_epoch}")
+            start_epoch, start_step = ckpt["epoch"] + 1, ckpt["step"]
+            print0(f"resumed from {path}: epoch {ckpt['epoch']} done" + (f" and {start_step} steps of epoch {start_epoch}" if start_step else "")
+                   + f", continuing at epoch {start_epoch}")
     os.makedirs(args.output_dir, exist_ok=True)
     run_id = os.environ.get("SLURM_JOB_ID") or datetime.now().strftime("%Y%m%d-%H%M%S")
     metrics = open(os.path.join(args.output_dir, f"metrics-{run_id}.jsonl"), "a") if RANK == 0 else None
+
+    def checkpoint(epoch, step):
+        """Rank 0 writes while the others wait; RNG states come from every rank."""
+        rng = all_gather(torch.get_rng_state())
+        if RANK == 0:
+            save_checkpoint(args.checkpoint_dir, f"epoch_{epoch - 1:04d}_step_{step:07d}" if step else f"epoch_{epoch:04d}", {
+                "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "epoch": epoch - 1 if step else epoch, "step": step, "rng": rng, "args": vars(args), "script": "mnist_ddp.py"})
+        if WORLD_SIZE > 1:
+            dist.barrier()
 
     # -----------------------------------------------------------------------------
     # training loop
@@ -323,10 +390,12 @@ def train(args, device):
         model.train()
         sampler.set_epoch(epoch)  # without this every epoch repeats the same shuffle
         order = torch.tensor(list(sampler), device=device)
+        steps = -(-len(order) // args.batch_size)
+        skip, start_step = start_step, 0  # a mid-epoch checkpoint: continue after the steps it already holds
         loss_sum = torch.zeros((), device=device)  # accumulated on the device: no host sync per step
         t0 = time.perf_counter()
-        for step, i in enumerate(range(0, len(order), args.batch_size)):
-            idx = order[i:i + args.batch_size]
+        for step in range(skip, steps):
+            idx = order[step * args.batch_size:(step + 1) * args.batch_size]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
             optimizer.zero_grad(set_to_none=True)
@@ -335,8 +404,12 @@ def train(args, device):
             loss_sum += loss.detach() * len(idx)
             if RANK == 0 and step % args.log_interval == 0:  # .item() syncs, so only now and then
                 print_line(f"  epoch {epoch} step {step} loss {loss.item():.4f}")
+            if (step + 1) % STOP_CHECK_EVERY == 0 and step + 1 < steps and (signum := stop_signal(device)):
+                if args.checkpoint_dir:
+                    checkpoint(epoch, step + 1)
+                stop_and_requeue(signum, f"checkpoint at epoch {epoch} step {step + 1}" if args.checkpoint_dir else "no --checkpoint-dir, nothing saved")
         scheduler.step()
-        stats = torch.stack([loss_sum, torch.tensor(float(len(order)), device=device)]).double()
+        stats = torch.stack([loss_sum, torch.tensor(float(len(order) - skip * args.batch_size), device=device)]).double()
         if WORLD_SIZE > 1:
             dist.all_reduce(stats)  # the mean over all ranks' samples, not just rank 0's
         seconds = time.perf_counter() - t0
@@ -351,15 +424,10 @@ def train(args, device):
             metrics.write(json.dumps({"event": "epoch", **result}) + "\n")
             metrics.flush()
 
-        # checkpoint: rank 0 writes while the others wait; RNG states come from every rank
         if args.checkpoint_dir:
-            rng = all_gather(torch.get_rng_state())
-            if RANK == 0:
-                save_checkpoint(args.checkpoint_dir, epoch, {
-                    "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "epoch": epoch, "rng": rng, "args": vars(args)})
-            if WORLD_SIZE > 1:
-                dist.barrier()
+            checkpoint(epoch, 0)
+        if signum := stop_signal(device):
+            stop_and_requeue(signum, f"checkpoint at the end of epoch {epoch}" if args.checkpoint_dir else "no --checkpoint-dir, nothing saved")
 
     # -----------------------------------------------------------------------------
     # summary

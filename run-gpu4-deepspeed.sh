@@ -7,6 +7,9 @@
 #SBATCH --mem=128G                         # memory per node
 #SBATCH --time=02:00:00                    # wall-clock limit, hh:mm:ss
 #SBATCH --output=%x-%j.out                 # log: job name and job id, in the directory you submit from
+#SBATCH --signal=USR1@120                  # SIGUSR1 2 min before the time limit: checkpoint, then requeue
+#SBATCH --requeue                          # allow the job to put itself back in the queue (scontrol requeue)
+#SBATCH --open-mode=append                 # a requeued run appends to the same log
 #
 # 1 node x 4 GPUs, DeepSpeed, one srun task per GPU: e.g. sbatch run-gpu4-deepspeed.sh mnist_ddp_deepspeed.py --epochs=100 --deepspeed --deepspeed_config ds_config.json
 # usage:  sbatch run-gpu4-deepspeed.sh SCRIPT.py [ARGS...]

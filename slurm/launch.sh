@@ -47,15 +47,23 @@ export MASTER_ADDR MASTER_PORT
 export PYTHONUNBUFFERED=1  # log lines appear as they are printed, not at exit
 PYTHON=${PYTHON:-python}
 
-echo "== job $SLURM_JOB_ID on $SLURM_JOB_NODELIST: $nodes node(s) x $gpus GPU(s), $mode, rank 0 at $MASTER_ADDR:$MASTER_PORT =="
+echo "== job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST: $nodes node(s) x $gpus GPU(s), $mode, rank 0 at $MASTER_ADDR:$MASTER_PORT =="
 echo "== $PYTHON $script $* =="
+if [ "${STAGE_FIRST:-0}" = 1 ]; then
+  # one task per node with all of the node's cores, before any training process starts (run-imagenet.sh)
+  tasks_per_node=${SLURM_NTASKS_PER_NODE:-$gpus}
+  echo "== staging: $script --stage-only, once on each of the $nodes node(s) =="
+  srun --nodes="$nodes" --ntasks="$nodes" --ntasks-per-node=1 --cpus-per-task=$(( cpus * ${tasks_per_node%%[!0-9]*} )) \
+    --kill-on-bad-exit=1 "$PYTHON" "$script" --stage-only "$@"
+fi
 # srun does not pass sbatch's --cpus-per-task on (Slurm >= 22.05): say it again. --kill-on-bad-exit: one
-# task failing ends the others at once, instead of leaving them waiting in a collective until the time limit
+# task failing ends the others at once, instead of leaving them waiting in a collective until the time limit.
+# torchrun runs through slurm/torchrun.py, which passes the time-limit warning (SIGUSR1) on to the workers.
 case $mode in
   torchrun)
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cpus / gpus > 0 ? cpus / gpus : 1 ))}
     srun --nodes="$nodes" --ntasks="$nodes" --ntasks-per-node=1 --cpus-per-task="$cpus" --kill-on-bad-exit=1 \
-      "$PYTHON" -m torch.distributed.run --nnodes="$nodes" --nproc_per_node="$gpus" \
+      "$PYTHON" "$(dirname "${BASH_SOURCE[0]}")/torchrun.py" --nnodes="$nodes" --nproc_per_node="$gpus" \
       --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_id="$SLURM_JOB_ID" \
       "$script" "$@"
     ;;

@@ -1,12 +1,15 @@
 """mnist_ddp.py: launch-environment parsing, and real trainings on MNIST digits under every launcher (CPU, gloo)."""
+import os
+import re
 import shutil
+import signal
 import sys
 import time
 
 import pytest
 
-from conftest import (PYTHON, REPO, TORCHRUN, check_srun_style, check_training, clean_env, done_record,
-                      epoch_lines, run, run_srun_style)
+from conftest import (PYTHON, REPO, TORCHRUN, check_signal_stop, check_srun_style, check_training, clean_env, done_record,
+                      epoch_lines, run, run_srun_style, start)
 
 sys.path.insert(0, str(REPO))
 import mnist_ddp  # noqa: E402  (only its pure functions are used here)
@@ -131,28 +134,48 @@ def test_script_runs_alone_in_an_empty_directory(mnist_dir, tmp_path):
     assert list((tmp_path / "out").glob("metrics-*.jsonl")), "metrics land in ./out by default"
 
 
-def test_resume_continues_at_the_next_epoch(mnist_dir, tmp_path, torchrun2):
-    ckpt = tmp_path / "ckpt"
-    base = [TORCHRUN, "--standalone", "--nproc_per_node=2", SCRIPT, "--batch-size=32", f"--data-dir={mnist_dir}",
-            f"--output-dir={tmp_path}", f"--checkpoint-dir={ckpt}"]
-    rc, out = run(base + ["--epochs=1"], env=clean_env(), cwd=tmp_path)
-    assert rc == 0, out[-3000:]
-    assert [e for _, e, _ in epoch_lines(out)] == [1]
-    assert [p.name for p in ckpt.iterdir()] == ["epoch_0001.pt"]
-
-    rc, out = run(base + ["--epochs=2"], env=clean_env(), cwd=tmp_path)
-    assert rc == 0, out[-3000:]
-    assert "continuing at epoch 2" in out
-    assert [e for _, e, _ in epoch_lines(out)] == [2], "epoch 1 must not be trained again"
-    done = done_record(out)
-    assert done["param_checksums"] == done_record(torchrun2[1])["param_checksums"], \
-        "1 epoch + resumed 1 epoch must equal 2 uninterrupted epochs"
-    assert sorted(p.name for p in ckpt.iterdir()) == ["epoch_0001.pt", "epoch_0002.pt"]
+def test_signal_mid_epoch_then_resume_is_bit_identical(mnist_dir, tmp_path, torchrun2):
+    """SIGTERM to rank 1 only: both ranks stop at the same step, rank 0 writes a mid-epoch checkpoint, both exit 75.
+    The rerun continues at that step and ends bit-identical to 2 uninterrupted epochs."""
+    cmd = [PYTHON, SCRIPT, "--epochs=2", "--batch-size=32", f"--data-dir={mnist_dir}", f"--output-dir={tmp_path}",
+           f"--checkpoint-dir={tmp_path / 'ckpt'}"]
+    check_signal_stop(cmd, tmp_path, expect_checkpoint="epoch_000[01]_step_*.pt", sig=signal.SIGTERM)
+    rcs, outs = run_srun_style(cmd, 2, cwd=tmp_path)
+    assert rcs == [0, 0], outs[0][-3000:]
+    assert re.search(r"resumed from .*_step_\d+\.pt: epoch [01] done and \d+ steps of epoch [12]", outs[0]), outs[0][-3000:]
+    done = done_record(outs[0])
+    assert done["param_checksums"] == done_record(torchrun2[1])["param_checksums"], "interrupted + resumed != uninterrupted"
+    assert done["test_count"] == 10000
 
     # asking again for 2 epochs trains nothing and still reports the model's accuracy
-    rc, out = run(base + ["--epochs=2"], env=clean_env(), cwd=tmp_path)
+    rc, out = run(cmd, env=clean_env(), cwd=tmp_path)
     assert rc == 0 and epoch_lines(out) == [] and "nothing to train" in out
     assert done_record(out)["test_acc"] == done["test_acc"]
+
+
+def test_a_dead_rank_ends_torchrun_quickly_and_is_named(mnist_dir, tmp_path):
+    p = start([TORCHRUN, "--standalone", "--nproc_per_node=2", SCRIPT, "--epochs=50", "--batch-size=8", f"--data-dir={mnist_dir}",
+               f"--output-dir={tmp_path}"], env=clean_env(), cwd=tmp_path)
+    lines = []
+    for line in p.stdout:  # wait until both ranks train
+        lines.append(line)
+        if "epoch 1 step 20 " in line:
+            break
+    victim = [int(pid) for pid in os.listdir("/proc") if pid.isdigit() and _parent(pid) == p.pid][1:]  # the 2nd worker
+    assert victim, "worker processes not found"
+    t0 = time.monotonic()
+    os.kill(victim[0], signal.SIGKILL)
+    out = "".join(lines) + p.communicate(timeout=90)[0]
+    assert p.returncode != 0 and time.monotonic() - t0 < 60
+    assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)", out) and "Signal 9 (SIGKILL)" in out, out[-3000:]
+
+
+def _parent(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except OSError:
+        return None
 
 
 def test_offline_without_data_fails_fast_on_every_rank(tmp_path):
@@ -169,7 +192,7 @@ def test_offline_without_data_fails_fast_on_every_rank(tmp_path):
     assert "--download-only" in errors[0] and str(tmp_path / "nodata") in errors[0]
 
 
-@pytest.mark.parametrize("bad", ["--batch-size=0", "--batch-size=-3", "--epochs=0", "--device=tpu"])
+@pytest.mark.parametrize("bad", ["--batch-size=-3", "--device=tpu"])
 def test_bad_arguments_are_argparse_errors(bad, tmp_path):
     rc, out = run([PYTHON, SCRIPT, bad], env=clean_env(), cwd=tmp_path, timeout=120)
     assert rc == 2
@@ -185,16 +208,74 @@ def test_cuda_requested_without_cuda(tmp_path):
     assert "--device cuda was given, but no CUDA device is visible" in out and "HINT" in out
 
 
-def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(mnist_dir, tmp_path):
+# a save that never finishes: the real torch.save writes the temporary file, which is then cut short, and the
+# process waits there for the test's kill -9 (the moment a node dies mid-save, made reproducible)
+DIES_WHILE_SAVING = """
+import sys, time, torch, mnist_ddp
+real_save = torch.save
+def save(obj, path):
+    real_save(obj, path)
+    if obj["epoch"] == 2:
+        with open(path, "r+b") as f:
+            f.truncate(1000)
+        print("SAVING", flush=True)
+        time.sleep(600)
+mnist_ddp.torch.save = save
+mnist_ddp.main(mnist_ddp.get_args(sys.argv[1:]))
+"""
+
+
+def test_kill_during_save_and_corrupt_newest_checkpoint_fall_back(mnist_dir, tmp_path, single):
     ckpt = tmp_path / "ckpt"
-    base = [PYTHON, SCRIPT, "--epochs=2", f"--data-dir={mnist_dir}", f"--output-dir={tmp_path}", f"--checkpoint-dir={ckpt}"]
-    rc, out = run(base, env=clean_env(), cwd=tmp_path)
+    args = ["--epochs=2", "--batch-size=64", f"--data-dir={mnist_dir}", f"--output-dir={tmp_path}", f"--checkpoint-dir={ckpt}"]
+    reference = done_record(single[1])["param_checksums"]  # the same run without checkpoints (--amp is a no-op on CPU)
+
+    p = start([PYTHON, "-c", DIES_WHILE_SAVING] + args, env=clean_env(PYTHONPATH=str(REPO)), cwd=tmp_path)
+    for line in p.stdout:
+        if line.startswith("SAVING"):
+            p.kill()  # SIGKILL in the middle of writing epoch 2's checkpoint
+            break
+    p.wait()
+    assert sorted(f.name for f in ckpt.iterdir())[0] == "epoch_0001.pt" and "epoch_0002.pt" not in os.listdir(ckpt)
+    rc, out = run([PYTHON, SCRIPT] + args, env=clean_env(), cwd=tmp_path)
     assert rc == 0, out[-3000:]
-    first = done_record(out)["param_checksums"]
+    assert "continuing at epoch 2" in out and [e for _, e, _ in epoch_lines(out)] == [2]
+    assert done_record(out)["param_checksums"] == reference, "epoch 2 redone from epoch 1's checkpoint: the same weights"
+
     newest = ckpt / "epoch_0002.pt"
-    newest.write_bytes(newest.read_bytes()[:1000])  # as if the node died mid-write without our atomic rename
-    rc, out = run(base, env=clean_env(), cwd=tmp_path)
+    newest.write_bytes(newest.read_bytes()[:1000])  # as if written in place by code without an atomic rename
+    rc, out = run([PYTHON, SCRIPT] + args, env=clean_env(), cwd=tmp_path)
     assert rc == 0, out[-3000:]
     assert f"WARNING: cannot load {newest}" in out and "continuing at epoch 2" in out
-    assert [e for _, e, _ in epoch_lines(out)] == [2]
-    assert done_record(out)["param_checksums"] == first, "epoch 2 redone from epoch 1's checkpoint: the same weights"
+    assert done_record(out)["param_checksums"] == reference
+
+
+def test_bad_checkpoint_dirs_are_refused(tmp_path, mnist_dir):
+    import torch
+    (tmp_path / "a_file").write_text("")
+    base = [PYTHON, SCRIPT, f"--data-dir={mnist_dir}", f"--output-dir={tmp_path}"]
+    rc, out = run(base + [f"--checkpoint-dir={tmp_path / 'a_file' / 'ckpt'}"], env=clean_env(), cwd=tmp_path, timeout=120)
+    assert rc == 1 and "ERROR: cannot write checkpoints to" in out and "Not a directory" in out and "Traceback" not in out, out
+    other = tmp_path / "other"
+    other.mkdir()
+    torch.save({"script": "imagenet_ddp.py", "epoch": 1}, other / "epoch_0001.pt")
+    rc, out = run(base + [f"--checkpoint-dir={other}"], env=clean_env(), cwd=tmp_path, timeout=120)
+    assert rc == 1 and "was not written by mnist_ddp.py (it is from imagenet_ddp.py)" in out and "Traceback" not in out, out
+    assert os.listdir(other) == ["epoch_0001.pt"], "nothing overwritten"
+
+
+def test_master_port_in_use_is_one_clear_error(tmp_path, mnist_dir):
+    import socket
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        t0 = time.monotonic()
+        p = start([PYTHON, SCRIPT, f"--data-dir={mnist_dir}", f"--output-dir={tmp_path}"], cwd=tmp_path, env=clean_env(
+            SLURM_PROCID=0, SLURM_LOCALID=0, SLURM_NTASKS=2, SLURM_STEP_ID=0, SLURM_JOB_NODELIST="localhost",
+            SLURM_JOB_ID=1, MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+        out = p.communicate(timeout=120)[0]  # rank 1 would be ended by srun --kill-on-bad-exit, as the wrappers run it
+    assert p.returncode == 1 and time.monotonic() - t0 < 60
+    assert f"rank 0 cannot listen on MASTER_ADDR:MASTER_PORT = 127.0.0.1:{port}" in out and "Traceback" not in out, out
+
+
