@@ -185,13 +185,15 @@ def stop_signal(device):
     return int(signum.item())
 
 
-def stop_and_requeue(signum, message):
-    """After the checkpoint: requeue the Slurm job if it was the time-limit warning, then exit on every rank."""
+def stop_and_requeue(signum, message, device):
+    """After the checkpoint: requeue the Slurm job if it was the time-limit warning, then exit on every rank
+    (the others wait for the requeue: an early exit could make the launcher end rank 0 before it is done)."""
     job_id = os.environ.get("SLURM_JOB_ID")
     if RANK == 0 and job_id and signum == signal.SIGUSR1:
         r = subprocess.run(["scontrol", "requeue", job_id], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         message += f"; requeued job {job_id}" if r.returncode == 0 else f"; could not requeue job {job_id}: {r.stdout.strip()} (resubmit it)"
     print0(f"stopped on {STOP_SIGNALS[signum]}: {message}")
+    all_ranks_ok(True, device)
     raise SystemExit(EXIT_RESUMABLE)
 
 
@@ -562,6 +564,16 @@ def train(args, device, data_root):
             start_epoch, start_step = ckpt["epoch"] + 1, ckpt["step"]
             print0(f"resumed from {path}: epoch {ckpt['epoch']} done" + (f" and {start_step} steps of epoch {start_epoch}" if start_step else "")
                    + f", continuing at epoch {start_epoch}")
+            if WORLD_SIZE > 1:  # DDP lays out its gradient buckets in the order the first backward pass fills them; with
+                # more than 2 ranks that layout changes the float summation order. Replay that first pass (no update,
+                # BatchNorm statistics put back), so that a resumed run sums exactly as the uninterrupted one did
+                saved = [b.clone() for b in raw_model.buffers()]
+                x, y = to_device(torch.zeros(2, 3, args.image_size, args.image_size, dtype=torch.uint8), torch.zeros(2, dtype=torch.long), device, channels_last)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    F.cross_entropy(model(x), y).backward()
+                optimizer.zero_grad(set_to_none=True)
+                for b, value in zip(raw_model.buffers(), saved):
+                    b.copy_(value)
     metrics_name = f"metrics-{run_id}.jsonl"
     if RANK == 0 and os.path.exists(os.path.join(args.output_dir, metrics_name)):  # a requeued job appends to its own file
         shutil.copyfile(os.path.join(args.output_dir, metrics_name), os.path.join(scratch, metrics_name))
@@ -625,7 +637,7 @@ def train(args, device, data_root):
             if (step + 1) % STOP_CHECK_EVERY == 0 and step + 1 < steps_per_epoch and (signum := stop_signal(device)):
                 if args.checkpoint_dir:
                     checkpoint(epoch, step + 1)
-                stop_and_requeue(signum, f"checkpoint at epoch {epoch} step {step + 1}" if args.checkpoint_dir else "no --checkpoint-dir, nothing saved")
+                stop_and_requeue(signum, f"checkpoint at epoch {epoch} step {step + 1}" if args.checkpoint_dir else "no --checkpoint-dir, nothing saved", device)
         if cuda:
             torch.cuda.synchronize()
         t_end = time.perf_counter()
@@ -652,7 +664,7 @@ def train(args, device, data_root):
         if args.checkpoint_dir:
             checkpoint(epoch, 0)
         if signum := stop_signal(device):
-            stop_and_requeue(signum, f"checkpoint at the end of epoch {epoch}" if args.checkpoint_dir else "no --checkpoint-dir, nothing saved")
+            stop_and_requeue(signum, f"checkpoint at the end of epoch {epoch}" if args.checkpoint_dir else "no --checkpoint-dir, nothing saved", device)
 
     # -----------------------------------------------------------------------------
     # summary

@@ -163,13 +163,15 @@ def stop_signal(device):
     return int(signum.item())
 
 
-def stop_and_requeue(signum, message):
-    """After the checkpoint: requeue the Slurm job if it was the time-limit warning, then exit on every rank."""
+def stop_and_requeue(signum, message, device):
+    """After the checkpoint: requeue the Slurm job if it was the time-limit warning, then exit on every rank
+    (the others wait for the requeue: an early exit could make the launcher end rank 0 before it is done)."""
     job_id = os.environ.get("SLURM_JOB_ID")
     if RANK == 0 and job_id and signum == signal.SIGUSR1:
         r = subprocess.run(["scontrol", "requeue", job_id], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         message += f"; requeued job {job_id}" if r.returncode == 0 else f"; could not requeue job {job_id}: {r.stdout.strip()} (resubmit it)"
     print0(f"stopped on {STOP_SIGNALS[signum]}: {message}")
+    all_ranks_ok(True, device)
     raise SystemExit(EXIT_RESUMABLE)
 
 
@@ -369,6 +371,11 @@ def train(args, device):
             start_epoch, start_step = ckpt["epoch"] + 1, ckpt["step"]
             print0(f"resumed from {path}: epoch {ckpt['epoch']} done" + (f" and {start_step} steps of epoch {start_epoch}" if start_step else "")
                    + f", continuing at epoch {start_epoch}")
+            if WORLD_SIZE > 1:  # DDP lays out its gradient buckets in the order the first backward pass fills them; with
+                # more than 2 ranks that layout changes the float summation order. Replay that first pass (no update),
+                # so that a resumed run sums exactly as the uninterrupted one did
+                F.cross_entropy(model(x_train[:2]), y_train[:2]).backward()
+                optimizer.zero_grad(set_to_none=True)
     os.makedirs(args.output_dir, exist_ok=True)
     run_id = os.environ.get("SLURM_JOB_ID") or datetime.now().strftime("%Y%m%d-%H%M%S")
     metrics = open(os.path.join(args.output_dir, f"metrics-{run_id}.jsonl"), "a") if RANK == 0 else None
@@ -407,7 +414,7 @@ def train(args, device):
             if (step + 1) % STOP_CHECK_EVERY == 0 and step + 1 < steps and (signum := stop_signal(device)):
                 if args.checkpoint_dir:
                     checkpoint(epoch, step + 1)
-                stop_and_requeue(signum, f"checkpoint at epoch {epoch} step {step + 1}" if args.checkpoint_dir else "no --checkpoint-dir, nothing saved")
+                stop_and_requeue(signum, f"checkpoint at epoch {epoch} step {step + 1}" if args.checkpoint_dir else "no --checkpoint-dir, nothing saved", device)
         scheduler.step()
         stats = torch.stack([loss_sum, torch.tensor(float(len(order) - skip * args.batch_size), device=device)]).double()
         if WORLD_SIZE > 1:
@@ -427,7 +434,7 @@ def train(args, device):
         if args.checkpoint_dir:
             checkpoint(epoch, 0)
         if signum := stop_signal(device):
-            stop_and_requeue(signum, f"checkpoint at the end of epoch {epoch}" if args.checkpoint_dir else "no --checkpoint-dir, nothing saved")
+            stop_and_requeue(signum, f"checkpoint at the end of epoch {epoch}" if args.checkpoint_dir else "no --checkpoint-dir, nothing saved", device)
 
     # -----------------------------------------------------------------------------
     # summary

@@ -27,22 +27,26 @@ Expected (2 CPU processes, gloo, the 5,000-digit training sample; full MNIST rea
 import argparse
 import contextlib
 import copy
+import glob
 import hashlib
 import io
 import json
 import os
 import re
 import shutil
+import signal
 import socket
+import subprocess
 import sys
 import time
 import warnings
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.elastic.multiprocessing.errors import record
 from torch.utils.data import DistributedSampler
 from torchvision import datasets
 
@@ -212,6 +216,39 @@ def all_gather(obj):
     return out
 
 
+# Preemption: Slurm sends SIGUSR1 before the time limit (the wrappers ask for it with --signal) and SIGTERM when it
+# cancels or preempts. The handler only notes the signal; the training loop checks it at step boundaries, all ranks
+# agree, rank 0 writes a mid-epoch checkpoint, and the job requeues itself (on SIGUSR1) and exits with EXIT_RESUMABLE.
+STOP_SIGNALS = {signal.SIGUSR1: "SIGUSR1", signal.SIGTERM: "SIGTERM"}
+STOP_CHECK_EVERY = 10  # steps between the (tiny) all-reduces that agree on stopping
+EXIT_RESUMABLE = 75    # "try again": stopped on a signal with a checkpoint; run the same command to resume
+received_signals = []
+
+
+def on_stop_signal(signum, frame):
+    received_signals.append(signum)
+
+
+def stop_signal(device):
+    """The stop signal any rank received (0: none), the same on every rank at the same step."""
+    signum = torch.tensor([max(received_signals, default=0)], device=device)
+    if WORLD_SIZE > 1:
+        dist.all_reduce(signum, op=dist.ReduceOp.MAX)
+    return int(signum.item())
+
+
+def stop_and_requeue(signum, message, device):
+    """After the checkpoint: requeue the Slurm job if it was the time-limit warning, then exit on every rank
+    (the others wait for the requeue: an early exit could make the launcher end rank 0 before it is done)."""
+    job_id = os.environ.get("SLURM_JOB_ID")
+    if RANK == 0 and job_id and signum == signal.SIGUSR1:
+        r = subprocess.run(["scontrol", "requeue", job_id], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        message += f"; requeued job {job_id}" if r.returncode == 0 else f"; could not requeue job {job_id}: {r.stdout.strip()} (resubmit it)"
+    print0(f"stopped on {STOP_SIGNALS[signum]}: {message}")
+    all_ranks_ok(True, device)
+    raise SystemExit(EXIT_RESUMABLE)
+
+
 # -----------------------------------------------------------------------------
 # data
 
@@ -286,11 +323,23 @@ def evaluate(model, x, y, batch_size, device):
 # naming it: a crash mid-save leaves "latest" on the previous complete checkpoint.
 
 
-def save_checkpoint(engine, ckpt_dir, epoch, client_state, keep=2):
-    engine.save_checkpoint(ckpt_dir, tag=f"epoch_{epoch:04d}", client_state=client_state)  # called on every rank
+def save_checkpoint(engine, ckpt_dir, tag, client_state, keep=2):
+    """Tags sort in training order: epoch_0003, then epoch_0003_step_0000120 (3 epochs and 120 steps done)."""
+    engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state)  # called on every rank
     if RANK == 0:
         for old in sorted(d for d in os.listdir(ckpt_dir) if d.startswith("epoch_"))[:-keep]:
             shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
+
+
+def check_writable(ckpt_dir):
+    """Fail now, with the reason, rather than after the first epoch."""
+    probe = os.path.join(ckpt_dir, f".write-test-{socket.gethostname()}-{os.getpid()}")
+    try:
+        os.makedirs(ckpt_dir, exist_ok=True)
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        fail(f"cannot write checkpoints to {os.path.abspath(ckpt_dir)} ({e.strerror}). HINT: choose a --checkpoint-dir you can write to")
 
 
 # -----------------------------------------------------------------------------
@@ -299,11 +348,14 @@ def save_checkpoint(engine, ckpt_dir, epoch, client_state, keep=2):
 RANK, LOCAL_RANK, WORLD_SIZE = 0, 0, 1
 
 
+@record  # under torchrun, a crash is written to its error file and the summary names the failing rank
 def main(args):
     global RANK, LOCAL_RANK, WORLD_SIZE
     RANK, LOCAL_RANK, WORLD_SIZE, addr, port = launch_env()
     if RANK != 0:  # only rank 0 speaks: other ranks' warnings would repeat it WORLD_SIZE times
         warnings.filterwarnings("ignore")
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, on_stop_signal)
     if args.download_only:
         reason = download_mnist(args.data_dir)
         if reason:
@@ -326,7 +378,11 @@ def main(args):
     if addr:
         os.environ.update(RANK=str(RANK), LOCAL_RANK=str(LOCAL_RANK), WORLD_SIZE=str(WORLD_SIZE))
         os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = addr, port  # launch_env already honours the user's
-    deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", auto_mpi_discovery=True, verbose=False)
+    try:  # the timeout bounds every collective: a hung rank ends the job instead of holding it until the time limit
+        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", auto_mpi_discovery=True, verbose=False, timeout=timedelta(minutes=10))
+    except dist.DistNetworkError as e:  # rank 0 cannot listen there: another program, or another job, holds the port
+        fail(f"rank 0 cannot listen on MASTER_ADDR:MASTER_PORT = {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} "
+             f"({str(e).splitlines()[0][:200]}). HINT: the port is in use; unset MASTER_PORT to derive one from the job id, or pick a free one")
     RANK, WORLD_SIZE = dist.get_rank(), dist.get_world_size()  # MPI discovery may have filled them in
     if RANK != 0:  # likewise DeepSpeed's own log lines
         warnings.filterwarnings("ignore")
@@ -377,21 +433,34 @@ def train(args, config, device):
            f"global batch {engine.train_batch_size()}, {'bf16' if dtype == torch.bfloat16 else 'fp32'}")
 
     # -----------------------------------------------------------------------------
-    # resume: every rank loads its own shard of the newest checkpoint named by "latest"
-    start_epoch = 1
+    # resume: every rank loads its own shard of the newest checkpoint named by "latest"; mid-epoch ones resume at their step
+    start_epoch, start_step = 1, 0
     if args.checkpoint_dir:
-        os.makedirs(args.checkpoint_dir, exist_ok=True)
+        check_writable(args.checkpoint_dir)
         if os.path.exists(os.path.join(args.checkpoint_dir, "latest")):
             path, client_state = engine.load_checkpoint(args.checkpoint_dir)
             if path is None:
                 fail(f"could not load the checkpoint named by {args.checkpoint_dir}/latest")
+            if client_state.get("script") != "mnist_ddp_deepspeed.py":
+                fail(f"{path} was not written by mnist_ddp_deepspeed.py (it is from {client_state.get('script', 'another script')}). "
+                     "HINT: use a new --checkpoint-dir for a different script or model")
             if len(client_state["rng"]) == WORLD_SIZE:
                 torch.set_rng_state(client_state["rng"][RANK].cpu())
-            start_epoch = client_state["epoch"] + 1
-            print0(f"resumed from {path}: epoch {client_state['epoch']} done, continuing at epoch {start_epoch}")
+            start_epoch, start_step = client_state["epoch"] + 1, client_state["step"]
+            print0(f"resumed from {path}: epoch {client_state['epoch']} done" + (f" and {start_step} steps of epoch {start_epoch}" if start_step else "")
+                   + f", continuing at epoch {start_epoch}")
+        elif glob.glob(os.path.join(args.checkpoint_dir, "epoch_*")):  # never a silent fresh start over someone's checkpoints
+            fail(f"{args.checkpoint_dir} holds checkpoints but no DeepSpeed 'latest' file: they are not from mnist_ddp_deepspeed.py. "
+                 "HINT: use a new --checkpoint-dir for a different script or model")
     os.makedirs(args.output_dir, exist_ok=True)
     run_id = os.environ.get("SLURM_JOB_ID") or datetime.now().strftime("%Y%m%d-%H%M%S")
     metrics = open(os.path.join(args.output_dir, f"metrics-{run_id}.jsonl"), "a") if RANK == 0 else None
+
+    def checkpoint(epoch, step):
+        """Every rank writes its shard; RNG states come from every rank."""
+        rng = all_gather(torch.get_rng_state())
+        save_checkpoint(engine, args.checkpoint_dir, f"epoch_{epoch - 1:04d}_step_{step:07d}" if step else f"epoch_{epoch:04d}", {
+            "epoch": epoch - 1 if step else epoch, "step": step, "rng": rng, "args": vars(args), "script": "mnist_ddp_deepspeed.py"})
 
     # -----------------------------------------------------------------------------
     # training loop
@@ -400,17 +469,23 @@ def train(args, config, device):
         engine.train()
         sampler.set_epoch(epoch)  # without this every epoch repeats the same shuffle
         order = torch.tensor(list(sampler), device=device)
+        steps = -(-len(order) // batch_size)
+        skip, start_step = start_step, 0  # a mid-epoch checkpoint: continue after the steps it already holds
         loss_sum = torch.zeros((), device=device)  # accumulated on the device: no host sync per step
         t0 = time.perf_counter()
-        for step, i in enumerate(range(0, len(order), batch_size)):
-            idx = order[i:i + batch_size]
+        for step in range(skip, steps):
+            idx = order[step * batch_size:(step + 1) * batch_size]
             loss = F.cross_entropy(engine(x_train[idx].to(dtype)).float(), y_train[idx])
             engine.backward(loss)  # instead of loss.backward(): the engine reduces gradients
             engine.step()  # instead of optimizer.step() + zero_grad(): also clips, and steps the scheduler
             loss_sum += loss.detach() * len(idx)
             if RANK == 0 and step % args.log_interval == 0:  # .item() syncs, so only now and then
                 print_line(f"  epoch {epoch} step {step} loss {loss.item():.4f}")
-        stats = torch.stack([loss_sum, torch.tensor(float(len(order)), device=device)]).double()
+            if (step + 1) % STOP_CHECK_EVERY == 0 and step + 1 < steps and (signum := stop_signal(device)):
+                if args.checkpoint_dir:
+                    checkpoint(epoch, step + 1)
+                stop_and_requeue(signum, f"checkpoint at epoch {epoch} step {step + 1}" if args.checkpoint_dir else "no --checkpoint-dir, nothing saved", device)
+        stats = torch.stack([loss_sum, torch.tensor(float(len(order) - skip * batch_size), device=device)]).double()
         if WORLD_SIZE > 1:
             dist.all_reduce(stats)  # the mean over all ranks' samples, not just rank 0's
         seconds = time.perf_counter() - t0
@@ -425,10 +500,10 @@ def train(args, config, device):
             metrics.write(json.dumps({"event": "epoch", **result}) + "\n")
             metrics.flush()
 
-        # checkpoint: every rank writes its shard; RNG states come from every rank
         if args.checkpoint_dir:
-            rng = all_gather(torch.get_rng_state())
-            save_checkpoint(engine, args.checkpoint_dir, epoch, {"epoch": epoch, "rng": rng, "result": result, "args": vars(args)})
+            checkpoint(epoch, 0)
+        if signum := stop_signal(device):
+            stop_and_requeue(signum, f"checkpoint at the end of epoch {epoch}" if args.checkpoint_dir else "no --checkpoint-dir, nothing saved", device)
 
     # -----------------------------------------------------------------------------
     # summary

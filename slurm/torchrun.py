@@ -10,7 +10,9 @@ harmless: their handler only sets a flag), and otherwise runs torchrun unchanged
 """
 import os
 import signal
+import sys
 
+from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.run import main
 
 
@@ -28,4 +30,8 @@ def forward_to_children(signum, frame):
 
 if __name__ == "__main__":
     signal.signal(signal.SIGUSR1, forward_to_children)
-    main()
+    try:
+        main()
+    except SignalException as e:  # SIGTERM (scancel, requeue, time limit): torchrun has passed it on; no traceback
+        print(f"torchrun: stopped by {e.sigval.name}; its workers were told to stop", file=sys.stderr)
+        sys.exit(128 + e.sigval)

