@@ -81,6 +81,7 @@ def get_args(argv=None):
     p.add_argument("--seed", type=int, default=1, help="random seed (default: 1)")
     p.add_argument("--data-dir", default=os.environ.get("DATA_DIR", "./data"), help="the ImageNet archives or train/ val/ folders (default: $DATA_DIR, else ./data)")
     p.add_argument("--local-dir", default=None, help="node-local disk for the extracted images (default: $SLURM_TMPDIR, else $TMPDIR, else /tmp)")
+    p.add_argument("--from-tar", action="store_true", help="stage by copying the two tars and indexing them, then read JPEGs straight out of the copies: nothing extracted")
     p.add_argument("--stage-only", action="store_true", help="extract the archives to --local-dir and exit (once per node, e.g. srun --ntasks-per-node=1)")
     p.add_argument("--workers", type=int, default=default_workers(), help="DataLoader worker processes per process (default: $SLURM_CPUS_PER_TASK / processes per task - 1)")
     p.add_argument("--steps-per-epoch", type=positive_int, default=None, help="cap the training steps per epoch, for smoke tests (default: the whole epoch)")
@@ -226,24 +227,37 @@ def extract_members(tar_path, members):
     return len(members)
 
 
-def extract_class_tar(tar_path, offset, dest):
-    """Unpack one per-class tar nXXXXXXXX.tar, found at `offset` inside the big train tar, into dest/."""
+def extract_class_tar(tar_path, offset, size, dest):
+    """Unpack one per-class tar nXXXXXXXX.tar, the bytes [offset, offset + size) of the big train tar, into dest/:
+    its bytes are streamed to GNU tar (fast, and it refuses absolute or ../ member names). Runs in a worker process."""
     os.makedirs(dest, exist_ok=True)
+    untar = subprocess.Popen(["tar", "-x", "-C", dest], stdin=subprocess.PIPE, stderr=subprocess.PIPE)
     with open(tar_path, "rb") as f:
         f.seek(offset)
-        with tarfile.open(fileobj=f, mode="r|") as inner:  # streamed: reads only this class's bytes
-            for m in inner:
-                if m.isfile():
-                    with open(os.path.join(dest, os.path.basename(m.name)), "wb") as out:
-                        shutil.copyfileobj(inner.extractfile(m), out)
+        while size > 0:
+            chunk = f.read(min(size, 1 << 22))
+            untar.stdin.write(chunk)
+            size -= len(chunk)
+    untar.stdin.close()
+    if untar.wait():
+        raise RuntimeError(f"tar could not unpack the class tar at byte {offset} of {tar_path}: {untar.stderr.read().decode().strip()}")
     return 1
 
 
-def stage(data_dir, local_dir, workers):
-    """Extract the archives into local_dir/train/<wnid>/ and local_dir/val/<wnid>/, once per node.
-    An flock makes one process extract while the others wait; the marker, written last, makes later runs skip."""
+def tar_files(f, offset=0):
+    """(offset, size, name) of each file in the uncompressed tar that starts at `offset` of the open file f.
+    Offsets count from the start of f, also for a tar inside a tar."""
+    f.seek(offset)
+    with tarfile.open(fileobj=f) as tar:
+        return [(m.offset_data, m.size, os.path.basename(m.name)) for m in tar if m.isfile()]
+
+
+def stage(data_dir, local_dir, workers, from_tar=False):
+    """Extract the archives into local_dir/train/<wnid>/ and local_dir/val/<wnid>/, once per node; or, from_tar, copy the
+    two tars there and write index.pt, the byte range and class of every JPEG in them (nothing extracted).
+    An flock makes one process stage while the others wait; the marker, written last, makes later runs skip."""
     archives = [os.path.join(data_dir, name) for name in (TRAIN_TAR, VAL_TAR, DEVKIT)]
-    stamp = json.dumps([[os.path.abspath(a), os.path.getsize(a), int(os.path.getmtime(a))] for a in archives])
+    stamp = json.dumps([from_tar] + [[os.path.abspath(a), os.path.getsize(a), int(os.path.getmtime(a))] for a in archives])
     marker = os.path.join(local_dir, "STAGED")
     os.makedirs(local_dir, exist_ok=True)
     with open(os.path.join(local_dir, ".lock"), "w") as lock:
@@ -253,57 +267,93 @@ def stage(data_dir, local_dir, workers):
         t0 = time.perf_counter()
         with contextlib.suppress(FileNotFoundError):
             os.remove(marker)
-        for sub in ("train", "val"):  # a half-finished copy (no marker) is redone from scratch
+        for sub in ("train", "val", "index.pt", TRAIN_TAR, VAL_TAR):  # a half-finished copy (no marker) is redone from scratch
             shutil.rmtree(os.path.join(local_dir, sub), ignore_errors=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(local_dir, sub))
         wnids = val_wnids(archives[2])
-        with tarfile.open(archives[0]) as train, tarfile.open(archives[1]) as val:
-            classes = [(m.offset_data, m.name[:-4]) for m in train if m.isfile() and m.name.endswith(".tar")]
-            images = [(m.offset_data, m.size, m.name) for m in val if m.isfile()]
-        for wnid in set(wnids):
-            os.makedirs(os.path.join(local_dir, "val", wnid))
-        val_files = [(offset, size, os.path.join(local_dir, "val", wnids[int(re.findall(r"\d+", name)[-1]) - 1], os.path.basename(name)))
-                     for offset, size, name in images]
-        # both archives are uncompressed tars: workers read disjoint byte ranges of them in parallel
-        with concurrent.futures.ProcessPoolExecutor(workers) as pool:
-            jobs = [pool.submit(extract_class_tar, archives[0], offset, os.path.join(local_dir, "train", wnid)) for offset, wnid in classes]
-            jobs += [pool.submit(extract_members, archives[1], val_files[k::workers]) for k in range(workers)]
-            for job in concurrent.futures.as_completed(jobs):
-                job.result()  # re-raises a worker's error here
+        with open(archives[0], "rb") as train, open(archives[1], "rb") as val:
+            classes = [(offset, size, name[:-4]) for offset, size, name in tar_files(train) if name.endswith(".tar")]
+            images = tar_files(val)
+        if from_tar:  # one sequential read of each tar, then an index: the DataLoader reads byte ranges of the copies
+            for a in archives[:2]:
+                shutil.copyfile(a, os.path.join(local_dir, os.path.basename(a)))
+            label = {wnid: k for k, (_, _, wnid) in enumerate(sorted(classes, key=lambda c: c[2]))}
+            with open(archives[0], "rb") as f:  # in the order of the extracted folders: by class, then file name
+                train = [(o, n, label[wnid]) for offset, _, wnid in classes for o, n, _ in sorted(tar_files(f, offset), key=lambda m: m[2])]
+            val = sorted(((label[wnids[int(re.findall(r"\d+", name)[-1]) - 1]], name, o, n) for o, n, name in images))
+            train.sort(key=lambda row: row[2])
+            val = [(o, n, k) for k, _, o, n in val]
+            torch.save({"classes": sorted(label), "train": torch.tensor(train), "val": torch.tensor(val)}, os.path.join(local_dir, "index.pt"))
+        else:
+            extract_all(archives, local_dir, classes, images, wnids, workers)
         with open(marker + ".tmp", "w") as f:
             f.write(stamp)
         os.replace(marker + ".tmp", marker)
-        print_line(f"staged {len(classes)} classes and {len(val_files)} validation images into {local_dir} "
-                   f"in {time.perf_counter() - t0:.1f} s on {socket.gethostname()}")
+        print_line(f"staged {len(classes)} classes and {len(images)} validation images into {local_dir} "
+                   f"({'copied + indexed' if from_tar else 'extracted'}) in {time.perf_counter() - t0:.1f} s on {socket.gethostname()}")
         return True
 
 
-class JPEGFolder(torch.utils.data.Dataset):
-    """root/<class>/<image> files, decoded with torchvision.io (libjpeg-turbo) into uint8 tensors, cropped and flipped
-    as uint8: no PIL, no float images in the workers (normalization happens on the device, on the whole batch)."""
+def extract_all(archives, local_dir, classes, images, wnids, workers):
+    """Both archives are uncompressed tars: workers read disjoint byte ranges of them in parallel."""
+    for wnid in set(wnids):
+            os.makedirs(os.path.join(local_dir, "val", wnid))
+    val_files = [(offset, size, os.path.join(local_dir, "val", wnids[int(re.findall(r"\d+", name)[-1]) - 1], name))
+                 for offset, size, name in images]
+    with concurrent.futures.ProcessPoolExecutor(workers) as pool:
+        jobs = [pool.submit(extract_class_tar, archives[0], offset, size, os.path.join(local_dir, "train", wnid)) for offset, size, wnid in classes]
+        jobs += [pool.submit(extract_members, archives[1], val_files[k::workers]) for k in range(workers)]
+        for job in concurrent.futures.as_completed(jobs):
+            job.result()  # re-raises a worker's error here
 
-    def __init__(self, root, train, size, seed):
-        self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
-        self.samples = [(os.path.join(root, c, name), label) for label, c in enumerate(self.classes)
-                        for name in sorted(os.listdir(os.path.join(root, c)))]
-        self.train, self.size, self.seed = train, size, seed
-        self.transform = (v2.Compose([v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()]) if train else
+
+class JPEGs(torch.utils.data.Dataset):
+    """The images of root/<split>/<class>/ (or, after --from-tar staging, byte ranges of root's tar copies), decoded
+    with torchvision.io (libjpeg-turbo) into uint8 tensors, cropped and flipped as uint8: no PIL, no float images in
+    the workers (normalization happens on the device, on the whole batch)."""
+
+    def __init__(self, root, split, size, seed):
+        self.tar, self.fd = None, None
+        if os.path.exists(os.path.join(root, "index.pt")):  # rows of (offset, size, label): a numpy array, not 1.3M tuples
+            index = torch.load(os.path.join(root, "index.pt"), weights_only=True)
+            self.classes, self.samples = index["classes"], index[split].numpy()
+            self.tar = os.path.join(root, TRAIN_TAR if split == "train" else VAL_TAR)
+        else:
+            folder = os.path.join(root, split)
+            self.classes = sorted(e.name for e in os.scandir(folder) if e.is_dir())
+            self.samples = [(os.path.join(folder, c, name), label) for label, c in enumerate(self.classes)
+                            for name in sorted(os.listdir(os.path.join(folder, c)))]
+        self.train, self.size, self.seed = split == "train", size, seed
+        self.transform = (v2.Compose([v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()]) if self.train else
                           v2.Compose([v2.Resize(round(size / 0.875), antialias=True), v2.CenterCrop(size)]))
 
     def __len__(self):
         return len(self.samples)
 
+    def read(self, i):
+        """The image file's bytes as a uint8 tensor, and its label."""
+        if self.tar is None:
+            path, label = self.samples[i]
+            return read_file(path), label
+        if self.fd is None:
+            self.fd = os.open(self.tar, os.O_RDONLY)  # pread() keeps no file position: one descriptor serves every worker
+        offset, size, label = (int(v) for v in self.samples[i])
+        return torch.frombuffer(bytearray(os.pread(self.fd, size, offset)), dtype=torch.uint8), label
+
     def __getitem__(self, key):
         epoch, i = key if self.train else (0, key)
-        path, label = self.samples[i]
         try:
-            image = decode_image(read_file(path), mode=ImageReadMode.RGB)
+            data, label = self.read(i)
+            image = decode_image(data, mode=ImageReadMode.RGB)
         except Exception as e:  # a corrupt or unreadable file is skipped and counted, not fatal (label -100 is ignored)
-            print_line(f"WARNING: skipping unreadable image {path} ({type(e).__name__}: {e})", sys.stderr)
+            where = self.samples[i][0] if self.tar is None else f"{self.tar} at byte {int(self.samples[i][0])}"
+            print_line(f"WARNING: skipping unreadable image {where} ({type(e).__name__}: {e})", sys.stderr)
             return torch.zeros(3, self.size, self.size, dtype=torch.uint8), -100
         # the crop of image i in epoch e depends on (seed, e, i) only: the same with any number of workers or ranks,
         # and again after a resume from the middle of an epoch
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(hash((self.seed, epoch, i)))
+            torch.default_generator.manual_seed(hash((self.seed, epoch, i)) % 2**63)  # CPU only: torch.manual_seed costs 0.2 ms
             return self.transform(image), label
 
 
@@ -484,7 +534,7 @@ def find_data(args):
              "HINT: --data-dir (or $DATA_DIR) must point at the folder holding the archives as downloaded from image-net.org")
     local_dir = local_base(args)
     try:
-        stage(args.data_dir, local_dir, max(1, len(os.sched_getaffinity(0))))
+        stage(args.data_dir, local_dir, max(1, len(os.sched_getaffinity(0))), args.from_tar)
     except Exception as e:  # each node stages for itself: local rank 0 of the node that failed says so
         if LOCAL_RANK == 0:
             print_line(f"ERROR: staging {args.data_dir} into {local_dir} on {socket.gethostname()} failed ({type(e).__name__}: {e}). "
@@ -508,9 +558,9 @@ def train(args, device, data_root):
         fake = tuple(t.to(device) for t in fake)
         steps_per_epoch = args.steps_per_epoch or 100
     else:
-        train_set = JPEGFolder(os.path.join(data_root, "train"), True, args.image_size, args.seed)
-        val_set = JPEGFolder(os.path.join(data_root, "val"), False, args.image_size, args.seed)
-        if not train_set.samples or train_set.classes != val_set.classes:
+        train_set = JPEGs(data_root, "train", args.image_size, args.seed)
+        val_set = JPEGs(data_root, "val", args.image_size, args.seed)
+        if len(train_set) == 0 or train_set.classes != val_set.classes:
             fail(f"{data_root}: train/ has {len(train_set.classes)} classes and {len(train_set)} images, val/ has "
                  f"{len(val_set.classes)} classes: they must be the same non-empty set of class folders")
         num_classes, n_train, n_val = len(train_set.classes), len(train_set), len(val_set)

@@ -27,6 +27,7 @@ import hashlib
 import io
 import json
 import os
+import signal
 import socket
 import sys
 import time
@@ -329,6 +330,9 @@ def main(args):
             trainer.strategy.cluster_environment.validate_settings(num_devices=devices, num_nodes=num_nodes)
     except (ValueError, RuntimeError) as e:  # Lightning's launch checks, e.g. --gpus differs from srun's tasks per node
         fail(f"{e} (from --gpus={devices} --nodes={num_nodes})")
+    # Slurm's time-limit warning (the wrappers' --signal=USR1): under srun, Lightning's SLURMEnvironment replaces this
+    # handler, saves a checkpoint and requeues the job; elsewhere (torchrun) keep training: last.ckpt resumes per epoch
+    signal.signal(signal.SIGUSR1, lambda signum, frame: print0("SIGUSR1 (time limit near): training goes on; a rerun resumes from last.ckpt"))
     try:
         trainer.fit(torch.compile(model) if args.compile else model, ckpt_path=ckpt_path, weights_only=True)
     finally:

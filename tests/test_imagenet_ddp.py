@@ -96,6 +96,20 @@ def test_signal_mid_epoch_then_resume_is_bit_identical(reference, archives, tmp_
     assert done_record(outs[0])["param_checksums"] == done_record(reference[2][0])["param_checksums"]
 
 
+def test_from_tar_trains_identically_without_extracting_anything(reference, archives, tmp_path):
+    """--from-tar: the two tars are copied and indexed, the DataLoader reads byte ranges of them; the same images in the
+    same order as the extracted folders, so the run ends bit-identical to the reference."""
+    cmd = [PYTHON, SCRIPT, f"--data-dir={archives[0]}", f"--local-dir={tmp_path / 'local'}", "--from-tar"] + TOY
+    rcs, outs = run_srun_style(cmd, 2, cwd=tmp_path, timeout=300)
+    assert rcs == [0, 0], outs[0][-3000:]
+    assert "(copied + indexed)" in outs[0] + outs[1]
+    assert not list((tmp_path / "local").rglob("*.JPEG")), "nothing extracted"
+    done, ref = done_record(outs[0]), done_record(reference[2][0])
+    assert done["param_checksums"] == ref["param_checksums"]
+    assert (done["val_count"], done["top1"], done["top5"]) == (ref["val_count"], ref["top1"], ref["top5"])
+    assert done["val_loss"] == pytest.approx(ref["val_loss"], rel=1e-6)  # the same images, summed in another order
+
+
 def test_synthetic_mode_is_labelled(tmp_path):
     rc, out = run([PYTHON, SCRIPT, "--synthetic", "--steps-per-epoch=8", "--epochs=1", "--arch=resnet18", "--image-size=32",
                    "--batch-size=4", f"--output-dir={tmp_path}", f"--local-dir={tmp_path}"], env=clean_env(), timeout=120)
