@@ -28,6 +28,7 @@ import io
 import json
 import math
 import os
+import random
 import re
 import shutil
 import signal
@@ -325,8 +326,7 @@ class JPEGs(torch.utils.data.Dataset):
             self.samples = [(os.path.join(folder, c, name), label) for label, c in enumerate(self.classes)
                             for name in sorted(os.listdir(os.path.join(folder, c)))]
         self.train, self.size, self.seed = split == "train", size, seed
-        self.transform = (v2.Compose([v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()]) if self.train else
-                          v2.Compose([v2.Resize(round(size / 0.875), antialias=True), v2.CenterCrop(size)]))
+        self.val_transform = v2.Compose([v2.Resize(round(size / 0.875), antialias=True), v2.CenterCrop(size)])
 
     def __len__(self):
         return len(self.samples)
@@ -350,11 +350,32 @@ class JPEGs(torch.utils.data.Dataset):
             where = self.samples[i][0] if self.tar is None else f"{self.tar} at byte {int(self.samples[i][0])}"
             print_line(f"WARNING: skipping unreadable image {where} ({type(e).__name__}: {e})", sys.stderr)
             return torch.zeros(3, self.size, self.size, dtype=torch.uint8), -100
+        if not self.train:
+            return self.val_transform(image), label
         # the crop of image i in epoch e depends on (seed, e, i) only: the same with any number of workers or ranks,
         # and again after a resume from the middle of an epoch
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(hash((self.seed, epoch, i)) % 2**63)  # CPU only: torch.manual_seed costs 0.2 ms
-            return self.transform(image), label
+        return random_resized_crop(image, self.size, random.Random(hash((self.seed, epoch, i)))), label
+
+
+def random_resized_crop(image, size, rng, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """Inception-style augmentation of a uint8 CHW image: a crop of 8-100% of the area with aspect ratio 3/4-4/3,
+    resized to size x size (antialiased), flipped with probability 1/2. Draws from rng (a random.Random), so the
+    caller decides the randomness; the same recipe as torchvision's RandomResizedCrop + RandomHorizontalFlip, without
+    their per-call overhead (about 0.2 ms of a 2.3 ms image)."""
+    _, height, width = image.shape
+    for _ in range(10):
+        area = height * width * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top, left = rng.randint(0, height - h), rng.randint(0, width - w)
+            break
+    else:  # a very elongated image: the largest centered crop within the allowed aspect ratios
+        w, h = min(width, round(height * ratio[1])), min(height, round(width / ratio[0]))
+        top, left = (height - h) // 2, (width - w) // 2
+    crop = image[None, :, top:top + h, left:left + w]
+    out = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+    return out.flip(-1) if rng.random() < 0.5 else out
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -490,6 +511,9 @@ def main(args):
         warnings.filterwarnings("ignore")
     for signum in STOP_SIGNALS:
         signal.signal(signum, on_stop_signal)
+    if args.arch not in torchvision.models.list_models(module=torchvision.models):  # now, not after minutes of staging
+        fail(f"unknown --arch {args.arch}. HINT: one of torchvision's classification models, e.g. resnet18, resnet50, "
+             "resnet101, wide_resnet50_2, convnext_tiny (python -c 'import torchvision; print(torchvision.models.list_models())')")
     data_root = None if args.synthetic else find_data(args)
     if args.stage_only:
         print_line(f"data ready in {data_root} on {socket.gethostname()}")
@@ -575,9 +599,6 @@ def train(args, device, data_root):
 
     # -----------------------------------------------------------------------------
     # model and optimizer
-    if args.arch not in torchvision.models.list_models(module=torchvision.models):
-        fail(f"unknown --arch {args.arch}. HINT: one of torchvision's classification models, e.g. resnet18, resnet50, "
-             "resnet101, wide_resnet50_2, convnext_tiny (python -c 'import torchvision; print(torchvision.models.list_models())')")
     raw_model = torchvision.models.get_model(args.arch, weights=None, num_classes=num_classes).to(device)
     if channels_last:  # NHWC: what tensor cores and cuDNN's fastest convolutions want
         raw_model = raw_model.to(memory_format=torch.channels_last)

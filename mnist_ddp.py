@@ -28,6 +28,7 @@ import os
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -41,7 +42,6 @@ import torch.nn.functional as F
 from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DistributedSampler
-from torchvision import datasets
 
 # -----------------------------------------------------------------------------
 # config
@@ -181,8 +181,15 @@ def stop_and_requeue(signum, message, device):
 MEAN, STD = 0.1307, 0.3081  # MNIST training-set pixel statistics
 
 
+MNIST_FILES = {True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"), False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+
 def download_mnist(data_dir):
-    """Returns None on success, else the reason it failed. torchvision skips files already there."""
+    """Returns None on success, else the reason it failed. Files already there are not fetched again."""
+    raw = os.path.join(data_dir, "MNIST", "raw")
+    if all(os.path.exists(os.path.join(raw, name)) for names in MNIST_FILES.values() for name in names):
+        return None
+    from torchvision import datasets  # imported only to download: it adds seconds to every process's start
     quiet = io.StringIO()  # torchvision prints one line per mirror tried; keep the log short
     try:
         with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
@@ -193,11 +200,21 @@ def download_mnist(data_dir):
         return " ".join(f"{type(e).__name__}: {e}".split())[:300]  # one line for the log
 
 
+def read_idx(path):
+    """An MNIST idx file as a uint8 tensor: 4 magic bytes (the last one: the number of dimensions), each dimension's
+    size as a big-endian int32, then the data."""
+    with open(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    shape = struct.unpack(f">{ndim}i", data[4:4 + 4 * ndim])
+    return torch.frombuffer(bytearray(data[4 + 4 * ndim:]), dtype=torch.uint8).view(shape)
+
+
 def load_mnist(data_dir, train, device):
     """The whole split as one normalized tensor: MNIST is tiny, so no DataLoader, no per-sample transforms."""
-    ds = datasets.MNIST(data_dir, train=train, download=False)
-    x = ds.data.to(device=device, dtype=torch.float32).div_(255).sub_(MEAN).div_(STD).unsqueeze_(1)
-    return x, ds.targets.to(device)
+    images, labels = (read_idx(os.path.join(data_dir, "MNIST", "raw", name)) for name in MNIST_FILES[train])
+    x = images.to(device=device, dtype=torch.float32).div_(255).sub_(MEAN).div_(STD).unsqueeze_(1)
+    return x, labels.long().to(device)
 
 
 # -----------------------------------------------------------------------------

@@ -154,3 +154,16 @@ def test_lr_schedule_warms_up_then_decays():
     assert f[20] == pytest.approx(1.0) and f[99] < 0.01 and all(a >= b for a, b in zip(f[20:], f[21:]))
     A.schedule = "step"
     assert imagenet_ddp.lr_factor(29 * 10, 10, A) == 1.0 and imagenet_ddp.lr_factor(30 * 10, 10, A) == pytest.approx(0.1)
+
+
+def test_random_resized_crop_is_a_function_of_its_seed():
+    import random
+
+    import torch
+    image = torch.randint(0, 256, (3, 60, 80), dtype=torch.uint8)
+    a = imagenet_ddp.random_resized_crop(image, 32, random.Random(7))
+    assert a.shape == (3, 32, 32) and a.dtype == torch.uint8
+    assert torch.equal(a, imagenet_ddp.random_resized_crop(image, 32, random.Random(7)))
+    assert not all(torch.equal(a, imagenet_ddp.random_resized_crop(image, 32, random.Random(s))) for s in range(8, 12))
+    thin = torch.randint(0, 256, (3, 4, 200), dtype=torch.uint8)  # no crop within 3/4-4/3 fits: the centered fallback
+    assert imagenet_ddp.random_resized_crop(thin, 16, random.Random(0)).shape == (3, 16, 16)

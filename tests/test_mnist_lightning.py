@@ -49,10 +49,11 @@ def test_resume_from_last_checkpoint(mnist_dir, tmp_path, lightning_spawned):
     ckpt = tmp_path / "ckpt"
     base = [PYTHON, SCRIPT, "--gpus=2", "--batch-size=32", f"--data-dir={mnist_dir}", f"--output-dir={tmp_path}",
             f"--checkpoint-dir={ckpt}"]
-    rc, out = run(base + ["--epochs=1"], env=clean_env(), cwd=tmp_path)
-    assert rc == 0, out[-3000:]
+    rcs, outs = run_srun_style(base + ["--epochs=1"], ntasks=2, cwd=tmp_path)
+    assert rcs == [0, 0], outs[0][-3000:]
     assert (ckpt / "last.ckpt").exists()
-    rc, out = run(base + ["--epochs=2"], env=clean_env(), cwd=tmp_path)
+    rcs, outs = run_srun_style(base + ["--epochs=2"], ntasks=2, cwd=tmp_path)
+    rc, out = rcs[0], outs[0]
     assert rc == 0, out[-3000:]
     assert "resuming from" in out
     assert [e for _, e, _ in epoch_lines(out)] == [2], "epoch 1 must not be trained again"
