@@ -455,9 +455,15 @@ def train(args, config, device):
     if args.checkpoint_dir:
         check_writable(args.checkpoint_dir)
         if os.path.exists(os.path.join(args.checkpoint_dir, "latest")):
-            path, client_state = engine.load_checkpoint(args.checkpoint_dir)
+            tag = open(os.path.join(args.checkpoint_dir, "latest")).read().strip()
+            try:
+                path, client_state = engine.load_checkpoint(args.checkpoint_dir)
+                error = "DeepSpeed found nothing to load"
+            except Exception as e:  # a damaged shard: say which, never start afresh over it
+                path, error = None, " ".join(f"{type(e).__name__}: {e}".split())[:200]
             if path is None:
-                fail(f"could not load the checkpoint named by {args.checkpoint_dir}/latest")
+                fail(f"could not load checkpoint {os.path.join(args.checkpoint_dir, tag)}, named by 'latest' ({error}). HINT: to go "
+                     f"back to the previous one, write its name (ls {args.checkpoint_dir}) into {os.path.join(args.checkpoint_dir, 'latest')}")
             if client_state.get("script") != "mnist_ddp_deepspeed.py":
                 fail(f"{path} was not written by mnist_ddp_deepspeed.py (it is from {client_state.get('script', 'another script')}). "
                      "HINT: use a new --checkpoint-dir for a different script or model")

@@ -42,13 +42,13 @@ def test_torchrun_zero_stage_2(zero2):
     assert {rank for rank, _, _ in epoch_lines(out)} == {"0"}
 
 
-@pytest.mark.parametrize("stage", [1])  # stage 0 trains as well (95.6% measured); left out to keep CI under 20 minutes
-def test_torchrun_zero_stage_1(stage, mnist_dir, tmp_path, zero2):
-    rc, out = torchrun(ARGS + [f"--zero-stage={stage}", f"--data-dir={mnist_dir}", f"--output-dir={tmp_path}"], cwd=tmp_path)
-    done = check_training(rc, out, world_size=2)
-    assert f"DeepSpeed ZeRO stage {stage}," in out
-    # the same training, partitioned differently (stage 0 also reduces gradients differently): close accuracy
-    assert abs(done["test_acc"] - done_record(zero2[1])["test_acc"]) <= 0.01
+def test_torchrun_zero_stage_1(mnist_dir, tmp_path, zero2):
+    rc, out = torchrun(ARGS + ["--zero-stage=1", "--epochs=1", f"--data-dir={mnist_dir}", f"--output-dir={tmp_path}"], cwd=tmp_path)
+    done = check_training(rc, out, world_size=2, epochs=1, min_acc=90.0)
+    assert "DeepSpeed ZeRO stage 1," in out
+    # the same training, partitioned differently: after 1 epoch, close to ZeRO-2's first epoch (stage 0, not run here
+    # to keep CI under 20 minutes, was measured at 95.61% after 2 epochs)
+    assert abs(100 * done["test_acc"] - epoch_lines(zero2[1])[0][2]) <= 1.0
 
 
 def test_deepspeed_launcher(mnist_dir, tmp_path, zero2):
@@ -86,6 +86,13 @@ def test_signal_mid_epoch_then_resume_is_bit_identical(mnist_dir, tmp_path, zero
     assert rcs == [0, 0], outs[0][-3000:]
     assert re.search(r"resumed from .*_step_\d+\S*: epoch [01] done and \d+ steps of epoch [12]", outs[0]), outs[0][-3000:]
     assert done_record(outs[0])["param_checksums"] == done_record(zero2[1])["param_checksums"], "interrupted + resumed != uninterrupted"
+
+    # a damaged newest checkpoint: a clear error naming it, not a fresh start over it
+    latest = (tmp_path / "ckpt" / "latest").read_text().strip()
+    shard = tmp_path / "ckpt" / latest / "mp_rank_00_model_states.pt"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    rc, out = run(cmd, env=clean_env(), cwd=tmp_path, timeout=120)
+    assert rc == 1 and f"ERROR: could not load checkpoint {tmp_path / 'ckpt' / latest}" in out and "HINT" in out, out[-3000:]
 
 
 def test_foreign_checkpoints_are_refused(tmp_path, mnist_dir):
