@@ -22,8 +22,7 @@ ensure_venv() {
   fi
   echo "== setting up $VENV (first run: about 90 s) =="
   [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-  # --no-compile: Python compiles what is imported on first use, instead of every file of the 5 GB install (37 s saved)
-  "$VENV/bin/pip" install --no-compile --quiet --disable-pip-version-check -r requirements.txt
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check -r requirements.txt
   cp requirements.txt "$VENV/.installed-requirements.txt"
 }
 
