@@ -231,3 +231,15 @@ def check_signal_stop(cmd, workdir, expect_checkpoint, signal_rank=1, sig=signal
     assert list(workdir.glob(f"ckpt/{expect_checkpoint}")), sorted(p.name for p in (workdir / "ckpt").iterdir())
     assert '"event": "done"' not in outs[0]
     return outs
+
+
+def run_torchrun(args, cwd, nproc=2, timeout=300):
+    """torchrun --standalone with each worker's output in its own file (--redirects=3 --log-dir), so we know who printed
+    what (torchrun's --tee can split a line that is being written while it reads). Returns (returncode, each rank's
+    output followed by torchrun's, [each rank's output])."""
+    log_dir = Path(cwd) / "torchrun-logs"
+    rc, agent = run([TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", "--redirects=3", f"--log-dir={log_dir}"] + args,
+                    env=clean_env(), cwd=cwd, timeout=timeout)
+    ranks = ["".join(f.read_text() for kind in ("stdout", "stderr") for f in sorted(log_dir.glob(f"*/attempt_*/{r}/{kind}.log")))
+             for r in range(nproc)]
+    return rc, "".join(ranks) + agent, ranks
