@@ -3,9 +3,9 @@
     .venv/bin/python bench/bench_imagenet.py                 # generates its own ImageNet-like JPEGs in a temp dir
     .venv/bin/python bench/bench_imagenet.py --synthetic-gpu  # on a GPU machine: also the GPU figures below
 
-P4  loader: images/s of imagenet_ddp.py's training pipeline (torchvision.io decode to uint8, v2 RandomResizedCrop +
-    flip on uint8 tensors, uint8 batches) vs the plain PIL ImageFolder + RandomResizedCrop + ToTensor baseline, the same
-    JPEG files (about 500x375, quality 90, like ImageNet's), the same worker count and batch size (target >= 2x).
+P4  loader: images/s of imagenet_ddp.py's training pipeline (torchvision.io decode to uint8, its own Inception-style
+    crop + flip on uint8 tensors, uint8 batches) vs the plain PIL ImageFolder + RandomResizedCrop + ToTensor baseline, the
+    same JPEG files (about 500x375, quality 90, like ImageNet's), the same worker count and batch size (target >= 2x).
 P5  staging: seconds to turn ILSVRC2012_img_train.tar + ILSVRC2012_img_val.tar into class folders, imagenet_ddp.py's
     stage() (per-class tars and val images read straight out of the big tars by parallel workers) vs the usual serial
     `tar -xf` of the big tar, then `tar -xf` of each class tar (target >= 2x on 2 cores); and the read path that needs
