@@ -104,14 +104,19 @@ def slurm_job_id_with_free_port():
     pytest.skip("no free port in the job-id-derived ranges")
 
 
+def srun_env(rank, ntasks, job_id, **extra):
+    """What srun tells task `rank` of `ntasks` on one node (one task per 'GPU'), and nothing else."""
+    return clean_env(
+        SLURM_PROCID=rank, SLURM_LOCALID=rank, SLURM_NODEID=0, SLURM_STEP_ID=0, SLURM_NTASKS=ntasks, SLURM_NTASKS_PER_NODE=ntasks,
+        SLURM_NNODES=1, SLURM_JOB_NODELIST="localhost", SLURM_NODELIST="localhost", SLURM_JOB_ID=job_id,
+        SLURM_JOB_NAME="pytest", **extra)
+
+
 def run_srun_style(cmd, ntasks, cwd, timeout=300, **extra):
     """Start `ntasks` processes on this machine that know only what srun would tell them (SLURM_* variables),
     one task per 'GPU' on one node. Returns ([returncode per rank], [output per rank])."""
     job_id = slurm_job_id_with_free_port()
-    procs = [start(cmd, cwd=cwd, env=clean_env(
-        SLURM_PROCID=r, SLURM_LOCALID=r, SLURM_NODEID=0, SLURM_STEP_ID=0, SLURM_NTASKS=ntasks, SLURM_NTASKS_PER_NODE=ntasks,
-        SLURM_NNODES=1, SLURM_JOB_NODELIST="localhost", SLURM_NODELIST="localhost", SLURM_JOB_ID=job_id,
-        SLURM_JOB_NAME="pytest", **extra)) for r in range(ntasks)]
+    procs = [start(cmd, cwd=cwd, env=srun_env(r, ntasks, job_id, **extra)) for r in range(ntasks)]
     outs = []
     try:
         outs = [p.communicate(timeout=timeout)[0] for p in procs]
@@ -211,10 +216,8 @@ def check_signal_stop(cmd, workdir, expect_checkpoint, signal_rank=1, sig=signal
     (EXIT_RESUMABLE), rank 0 names the signal, and a mid-epoch checkpoint matching `expect_checkpoint` exists."""
     job_id = slurm_job_id_with_free_port()
     logs = [open(workdir / f"rank{r}.log", "w+") for r in range(2)]
-    procs = [subprocess.Popen(cmd, cwd=workdir, stdout=logs[r], stderr=subprocess.STDOUT, text=True, env=clean_env(
-        SLURM_PROCID=r, SLURM_LOCALID=r, SLURM_NODEID=0, SLURM_STEP_ID=0, SLURM_NTASKS=2, SLURM_NTASKS_PER_NODE=2,
-        SLURM_NNODES=1, SLURM_JOB_NODELIST="localhost", SLURM_NODELIST="localhost", SLURM_JOB_ID=job_id,
-        SLURM_JOB_NAME="pytest")) for r in range(2)]
+    procs = [subprocess.Popen(cmd, cwd=workdir, stdout=logs[r], stderr=subprocess.STDOUT, text=True, env=srun_env(r, 2, job_id))
+             for r in range(2)]
     try:
         deadline = time.monotonic() + timeout
         while not STARTUP_LINE.search((workdir / f"rank{signal_rank}.log").read_text()):
