@@ -7,7 +7,11 @@ P1  data path: samples/s of mnist_ddp.py's in-memory tensor indexing vs the usua
 P2  training step: steady-state samples/s of mnist_ddp.py (one process, one thread) vs the same
     model's forward + backward + step on one pre-made batch, the compute bound (target >= 0.9).
 P3  scaling: per-process samples/s of 2-process DDP vs 1 process, same per-process batch,
-    one thread per process (target >= 0.9).
+    one thread per process (target >= 0.9), at each of --p3-batch-sizes. Beside it, what bounds it here:
+    - lockstep: the same ratio for the same model trained without DDP, with only a 1-element all-reduce after
+      every step. That exchanges no gradients, but makes each step wait for the slower process, as DDP does:
+      on a machine whose step times jitter, this wait costs throughput before any gradient moves;
+    - the gloo all-reduce of the model's gradients (one bucket), which every DDP step adds.
 """
 import argparse
 import json
@@ -80,6 +84,70 @@ def compute_bound(batch_size, seconds=5.0):
     return n / (time.perf_counter() - t0)
 
 
+def lockstep_child(batch_size, steps):
+    """Under torchrun: mnist_ddp.Net trained WITHOUT DDP, but with a 1-element all-reduce after every step, so the
+    processes go in lockstep (each step waits for the slower one) while exchanging no gradients. Rank 0 prints
+    samples/s per process."""
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    import mnist_ddp
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    torch.manual_seed(0)
+    model = mnist_ddp.Net()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    x, y, flag = torch.randn(5000, 1, 28, 28), torch.randint(0, 10, (5000,)), torch.zeros(1)
+    for i in range(10 + steps):
+        if i == 10:  # warmed up
+            dist.barrier()
+            t0 = time.perf_counter()
+        idx = torch.randint(0, len(x), (batch_size,))
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        dist.all_reduce(flag)
+    if dist.get_rank() == 0:
+        print(f"{steps * batch_size / (time.perf_counter() - t0):.1f}")
+    dist.destroy_process_group()
+
+
+def lockstep_rates(batch_size, steps):
+    """Per-process samples/s of lockstep_child() with 1 and with 2 processes."""
+    rates = []
+    for nproc in (1, 2):
+        cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone", f"--nproc_per_node={nproc}", __file__,
+               "--lockstep", str(batch_size), str(steps)]
+        out = subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, text=True).stdout
+        rates.append(float(out.split()[-1]))
+    return rates
+
+
+def allreduce_ms(reps=200):
+    """Child under torchrun: one all-reduce of a gradient-sized float32 tensor, in ms (printed by rank 0)."""
+    import torch
+    import torch.distributed as dist
+    import mnist_ddp
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    grads = torch.zeros(sum(p.numel() for p in mnist_ddp.Net().parameters()))
+    for _ in range(20):
+        dist.all_reduce(grads)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        dist.all_reduce(grads)
+    if dist.get_rank() == 0:
+        print(f"{(time.perf_counter() - t0) / reps * 1000:.2f} {grads.numel()}")
+    dist.destroy_process_group()
+
+
+def measure_allreduce():
+    cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node=2", __file__, "--allreduce"]
+    out = subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, text=True).stdout.split()
+    return float(out[-2]), int(out[-1])
+
+
 def script_samples_per_s(data_dir, nproc, batch_size, epochs):
     """Per-process samples/s of mnist_ddp.py, averaged over epochs 2.. (epoch 1 is warm-up)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -100,7 +168,14 @@ def main():
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--p3-batch-sizes", default="64,256", help="per-process batch sizes for P3 (default: 64,256)")
+    p.add_argument("--lockstep", nargs=2, type=int, help=argparse.SUPPRESS)  # child of lockstep_ratio()
+    p.add_argument("--allreduce", action="store_true", help=argparse.SUPPRESS)  # child of measure_allreduce()
     args = p.parse_args()
+    if args.lockstep:
+        return lockstep_child(*args.lockstep)
+    if args.allreduce:
+        return allreduce_ms()
 
     ours, baselines = p1_data_path(args.data_dir, args.batch_size)
     best = max(baselines.values())
@@ -110,14 +185,23 @@ def main():
 
     # this is a small shared VM: alternate the runs and keep each one's best of --repeats
     bound = max(compute_bound(args.batch_size) for _ in range(args.repeats))
-    single, double = 0.0, 0.0
-    for _ in range(args.repeats):
-        single = max(single, script_samples_per_s(args.data_dir, 1, args.batch_size, args.epochs))
-        double = max(double, script_samples_per_s(args.data_dir, 2, args.batch_size, args.epochs))
-    print(f"P2 training step  : mnist_ddp.py {single:,.0f} samples/s | compute bound {bound:,.0f} samples/s"
-          f" | ratio {single / bound:.2f} (target >= 0.9)", flush=True)
-    print(f"P3 DDP scaling    : 2 processes {double:,.0f} samples/s per process | 1 process {single:,.0f}"
-          f" | ratio {double / single:.2f} (target >= 0.9)", flush=True)
+    p3 = {}
+    for b in [int(v) for v in args.p3_batch_sizes.split(",")]:
+        epochs = args.epochs * max(1, b // args.batch_size) // 2 + 2  # bigger batches: fewer steps per epoch, so more epochs
+        single, double = 0.0, 0.0
+        for _ in range(args.repeats):
+            single = max(single, script_samples_per_s(args.data_dir, 1, b, epochs))
+            double = max(double, script_samples_per_s(args.data_dir, 2, b, epochs))
+        rates = [lockstep_rates(b, max(50, 9600 // b)) for _ in range(args.repeats)]
+        p3[b] = single, double, max(r[1] for r in rates) / max(r[0] for r in rates)
+        if b == args.batch_size:
+            print(f"P2 training step  : mnist_ddp.py {single:,.0f} samples/s | compute bound {bound:,.0f} samples/s"
+                  f" | ratio {single / bound:.2f} (target >= 0.9)", flush=True)
+    ms, n = measure_allreduce()
+    for b, (single, double, lockstep) in p3.items():
+        print(f"P3 DDP scaling    : batch {b} per process: 2 processes {double:,.0f} samples/s per process | 1 process {single:,.0f}"
+              f" | ratio {double / single:.2f} (target >= 0.9) | lockstep alone keeps {lockstep:.2f}", flush=True)
+    print(f"    gloo all-reduce of the {n:,} gradients: {ms:.2f} ms", flush=True)
 
 
 if __name__ == "__main__":
