@@ -113,15 +113,15 @@ def lockstep_child(batch_size, steps):
     dist.destroy_process_group()
 
 
+def torchrun_child(nproc, *args):
+    """The words rank 0 of this file, run as a child under torchrun with one thread per process, printed last."""
+    cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone", f"--nproc_per_node={nproc}", __file__, *map(str, args)]
+    return subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, text=True).stdout.split()
+
+
 def lockstep_rates(batch_size, steps):
     """Per-process samples/s of lockstep_child() with 1 and with 2 processes."""
-    rates = []
-    for nproc in (1, 2):
-        cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone", f"--nproc_per_node={nproc}", __file__,
-               "--lockstep", str(batch_size), str(steps)]
-        out = subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, text=True).stdout
-        rates.append(float(out.split()[-1]))
-    return rates
+    return [float(torchrun_child(nproc, "--lockstep", batch_size, steps)[-1]) for nproc in (1, 2)]
 
 
 def allreduce_ms(reps=200):
@@ -143,9 +143,8 @@ def allreduce_ms(reps=200):
 
 
 def measure_allreduce():
-    cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node=2", __file__, "--allreduce"]
-    out = subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, text=True).stdout.split()
-    return float(out[-2]), int(out[-1])
+    ms, n = torchrun_child(2, "--allreduce")[-2:]
+    return float(ms), int(n)
 
 
 def script_samples_per_s(data_dir, nproc, batch_size, epochs):
@@ -186,7 +185,7 @@ def main():
     # this is a small shared VM: alternate the runs and keep each one's best of --repeats
     bound = max(compute_bound(args.batch_size) for _ in range(args.repeats))
     p3 = {}
-    for b in [int(v) for v in args.p3_batch_sizes.split(",")]:
+    for b in sorted({args.batch_size, *(int(v) for v in args.p3_batch_sizes.split(","))}):  # P2 uses --batch-size's run
         epochs = args.epochs * max(1, b // args.batch_size) // 2 + 2  # bigger batches: fewer steps per epoch, so more epochs
         single, double = 0.0, 0.0
         for _ in range(args.repeats):

@@ -138,6 +138,11 @@ def test_signal_mid_epoch_then_resume_is_bit_identical(mnist_dir, tmp_path, torc
     assert done["param_checksums"] == done_record(torchrun2[1])["param_checksums"], "interrupted + resumed != uninterrupted"
     assert done["test_count"] == 10000
 
+    # asking again for 2 epochs (one process) trains nothing and still reports the model's accuracy
+    rc, out = run(cmd, env=clean_env(), cwd=tmp_path)
+    assert rc == 0 and epoch_lines(out) == [] and "nothing to train" in out, out[-3000:]
+    assert done_record(out)["test_acc"] == done["test_acc"]
+
 
 def test_a_dead_rank_ends_torchrun_quickly_and_is_named(mnist_dir, tmp_path):
     p = start([TORCHRUN, "--standalone", "--nproc_per_node=2", SCRIPT, "--epochs=50", "--batch-size=8", f"--data-dir={mnist_dir}",
@@ -178,7 +183,7 @@ def test_offline_without_data_fails_fast_on_every_rank(tmp_path):
     assert "--download-only" in errors[0] and str(tmp_path / "nodata") in errors[0]
 
 
-@pytest.mark.parametrize("bad", ["--batch-size=-3"])
+@pytest.mark.parametrize("bad", ["--batch-size=-3", "--device=tpu"])
 def test_bad_arguments_are_argparse_errors(bad, tmp_path):
     rc, out = run([PYTHON, SCRIPT, bad], env=clean_env(), cwd=tmp_path, timeout=120)
     assert rc == 2
