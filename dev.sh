@@ -64,7 +64,8 @@ case "$cmd" in
     export PATH="$PWD/$VENV/bin:$PATH"
     # DeepSpeed JIT-builds one C++ op for CPU runs (~60 s once): build it now, not inside a timed test
     export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/$VENV/torch_extensions}
-    DS_ACCELERATOR=cpu python -c "from deepspeed.accelerator import get_accelerator as g; g().create_op_builder('ShareMemCommBuilder').load()" >/dev/null
+    DS_ACCELERATOR=cpu python -c "from deepspeed.accelerator import get_accelerator as g
+g().create_op_builder('ShareMemCommBuilder').load()" >/dev/null
     exec python -m pytest tests "$@"
     ;;
   *)

@@ -17,7 +17,11 @@ if [ $# -lt 2 ] || [ $# -gt 4 ]; then
 fi
 tar_file=$1 dest=$2 n_classes=${3:-10} n_images=${4:-10}
 for n in "$n_classes" "$n_images"; do
-  [[ $n =~ ^[1-9][0-9]*$ ]] || { echo "ERROR: N_CLASSES and N_IMAGES must be positive integers, got '$n'" >&2; usage; exit 2; }
+  if ! [[ $n =~ ^[1-9][0-9]*$ ]]; then
+    echo "ERROR: N_CLASSES and N_IMAGES must be positive integers, got '$n'" >&2
+    usage
+    exit 2
+  fi
 done
 if [ ! -f "$tar_file" ]; then
   echo "ERROR: no such tar file: $tar_file" >&2

@@ -3,11 +3,11 @@ Train a torchvision ResNet on ImageNet with PyTorch DistributedDataParallel (DDP
 
 The same file runs under every launcher, unchanged:
 
-    python imagenet_ddp.py --data-dir /datasets/imagenet                          # one process
-    torchrun --standalone --nproc_per_node=4 imagenet_ddp.py --data-dir ...        # 4 GPUs on this machine
-    srun python imagenet_ddp.py --data-dir ...                                     # inside a Slurm job, one task per GPU
-    sbatch run-imagenet.sh imagenet_ddp.py --data-dir /datasets/imagenet           # the wrapper: staging, then training
-    python imagenet_ddp.py --synthetic --steps-per-epoch=100                       # generated tensors: throughput only
+    python imagenet_ddp.py --data-dir /datasets/imagenet                    # one process
+    torchrun --standalone --nproc_per_node=4 imagenet_ddp.py --data-dir ...  # 4 GPUs on this machine
+    srun python imagenet_ddp.py --data-dir ...                               # in a Slurm job, one task per GPU
+    sbatch run-imagenet.sh imagenet_ddp.py --data-dir /datasets/imagenet     # the wrapper: staging, then training
+    python imagenet_ddp.py --synthetic --steps-per-epoch=100                 # generated tensors: throughput only
 
 Data: --data-dir holds either the three archives as downloaded (ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar,
 ILSVRC2012_devkit_t12.tar.gz; reading the devkit needs scipy) or an extracted train/<wnid>/*.JPEG, val/<wnid>/*.JPEG
@@ -70,29 +70,49 @@ def default_workers():
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="ImageNet with DistributedDataParallel")
     p.add_argument("--epochs", type=positive_int, default=90, help="number of epochs to train (default: 90)")
-    p.add_argument("--batch-size", type=positive_int, default=256, help="training and validation batch size per process (default: 256)")
-    p.add_argument("--lr", type=float, default=0.1, help="SGD learning rate per 256 images; scaled by the global batch size (default: 0.1)")
+    p.add_argument("--batch-size", type=positive_int, default=256,
+                   help="training and validation batch size per process (default: 256)")
+    p.add_argument("--lr", type=float, default=0.1,
+                   help="SGD learning rate per 256 images; scaled by the global batch size (default: 0.1)")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
-    p.add_argument("--weight-decay", type=float, default=5e-5, help="weight decay, not applied to biases and norms (default: 5e-5)")
-    p.add_argument("--label-smoothing", type=float, default=0.1, help="label smoothing of the training loss (default: 0.1)")
+    p.add_argument("--weight-decay", type=float, default=5e-5,
+                   help="weight decay, not applied to biases and norms (default: 5e-5)")
+    p.add_argument("--label-smoothing", type=float, default=0.1,
+                   help="label smoothing of the training loss (default: 0.1)")
     p.add_argument("--warmup-epochs", type=float, default=5, help="linear learning-rate warm-up from 0 (default: 5)")
-    p.add_argument("--schedule", choices=["cosine", "step"], default="cosine", help="after warm-up: cosine to 0, or /10 every 30 epochs (default: cosine)")
+    p.add_argument("--schedule", choices=["cosine", "step"], default="cosine",
+                   help="after warm-up: cosine to 0, or /10 every 30 epochs (default: cosine)")
     p.add_argument("--arch", default="resnet50", help="a torchvision classification model (default: resnet50)")
-    p.add_argument("--image-size", type=positive_int, default=224, help="training crop; validation resizes to size/0.875 and center-crops (default: 224)")
+    p.add_argument("--image-size", type=positive_int, default=224,
+                   help="training crop; validation resizes to size/0.875 and center-crops (default: 224)")
     p.add_argument("--seed", type=int, default=1, help="random seed (default: 1)")
-    p.add_argument("--data-dir", default=os.environ.get("DATA_DIR", "./data"), help="the ImageNet archives or train/ val/ folders (default: $DATA_DIR, else ./data)")
-    p.add_argument("--local-dir", default=None, help="node-local disk for the extracted images (default: $SLURM_TMPDIR, else $TMPDIR, else /tmp)")
-    p.add_argument("--from-tar", action="store_true", help="stage by copying the two tars and indexing them, then read JPEGs straight out of the copies: nothing extracted")
-    p.add_argument("--stage-only", action="store_true", help="extract the archives to --local-dir and exit (once per node, e.g. srun --ntasks-per-node=1)")
-    p.add_argument("--workers", type=int, default=default_workers(), help="DataLoader worker processes per process (default: $SLURM_CPUS_PER_TASK / processes per task - 1)")
-    p.add_argument("--steps-per-epoch", type=positive_int, default=None, help="cap the training steps per epoch, for smoke tests (default: the whole epoch)")
-    p.add_argument("--synthetic", action="store_true", help="train on generated tensors (no data, no validation): throughput only")
+    p.add_argument("--data-dir", default=os.environ.get("DATA_DIR", "./data"),
+                   help="the ImageNet archives or train/ val/ folders (default: $DATA_DIR, else ./data)")
+    p.add_argument("--local-dir", default=None,
+                   help="node-local disk for the extracted images (default: $SLURM_TMPDIR, else $TMPDIR, else /tmp)")
+    p.add_argument("--from-tar", action="store_true",
+                   help="stage by copying the two tars and indexing them, then read JPEGs straight out of the copies: "
+                        "nothing extracted")
+    p.add_argument("--stage-only", action="store_true",
+                   help="extract the archives to --local-dir and exit (once per node, e.g. srun --ntasks-per-node=1)")
+    p.add_argument("--workers", type=int, default=default_workers(),
+                   help="DataLoader worker processes per process "
+                        "(default: $SLURM_CPUS_PER_TASK / processes per task - 1)")
+    p.add_argument("--steps-per-epoch", type=positive_int, default=None,
+                   help="cap the training steps per epoch, for smoke tests (default: the whole epoch)")
+    p.add_argument("--synthetic", action="store_true",
+                   help="train on generated tensors (no data, no validation): throughput only")
     p.add_argument("--output-dir", default="./out", help="metrics JSONL goes here (default: ./out)")
-    p.add_argument("--checkpoint-dir", default=os.environ.get("CHECKPOINT_DIR"), help="save every epoch and resume from the latest checkpoint here (default: $CHECKPOINT_DIR, else no checkpoints)")
+    p.add_argument("--checkpoint-dir", default=os.environ.get("CHECKPOINT_DIR"),
+                   help="save every epoch and resume from the latest checkpoint here (default: $CHECKPOINT_DIR, else "
+                        "no checkpoints)")
     p.add_argument("--log-interval", type=positive_int, default=50, help="steps between loss prints (default: 50)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: a GPU if there is one (default: auto)")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bfloat16 autocast on GPU (default: on; CPU trains in float32)")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="NHWC memory format on GPU (default: on)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto: a GPU if there is one (default: auto)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                   help="bfloat16 autocast on GPU (default: on; CPU trains in float32)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="NHWC memory format on GPU (default: on)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     return p.parse_args(argv)
 
@@ -121,7 +141,8 @@ def launch_env(env=os.environ):
         world_size = int(env.get("SLURM_STEP_NUM_TASKS", env["SLURM_NTASKS"]))
         if world_size > 1 and "SLURM_STEP_ID" not in env:  # the job's batch script itself: the other ranks never come
             raise SystemExit(f"ERROR: this job has {world_size} tasks, but this process was not started by srun, so it "
-                             f"would wait for {world_size - 1} ranks that never start. HINT: srun python {os.path.basename(__file__)} ..., "
+                             f"would wait for {world_size - 1} ranks that never start. HINT: srun python "
+                             f"{os.path.basename(__file__)} ..., "
                              "or submit with one of the run-gpu*.sh wrappers")
         # every rank computes the same address and port: rank 0 runs on the first node of the job,
         # and the port comes from the job id so that two jobs sharing a node do not collide
@@ -187,15 +208,24 @@ def stop_signal(device):
     return int(signum.item())
 
 
-def stop_and_requeue(signum, message, device):
-    """After the checkpoint: requeue the Slurm job if it was the time-limit warning, then exit on every rank
-    (the others wait for the requeue: an early exit could make the launcher end rank 0 before it is done)."""
+def stop_check(device, checkpoint, epoch, step):
+    """Called at the same steps on every rank. If any rank received a stop signal: write a checkpoint at `step` of
+    `epoch` (step 0: the end of the epoch, already written; checkpoint None: no --checkpoint-dir), requeue the Slurm
+    job if it was the time-limit warning, then exit EXIT_RESUMABLE on every rank."""
+    signum = stop_signal(device)
+    if not signum:
+        return
+    if checkpoint and step:
+        checkpoint(epoch, step)
+    where = f"epoch {epoch} step {step}" if step else f"the end of epoch {epoch}"
+    message = f"checkpoint at {where}" if checkpoint else "no --checkpoint-dir, nothing saved"
     job_id = os.environ.get("SLURM_JOB_ID")
     if RANK == 0 and job_id and signum == signal.SIGUSR1:
         r = subprocess.run(["scontrol", "requeue", job_id], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        message += f"; requeued job {job_id}" if r.returncode == 0 else f"; could not requeue job {job_id}: {r.stdout.strip()} (resubmit it)"
+        message += f"; requeued job {job_id}" if r.returncode == 0 else \
+            f"; could not requeue job {job_id}: {r.stdout.strip()} (resubmit it)"
     print0(f"stopped on {STOP_SIGNALS[signum]}: {message}")
-    all_ranks_ok(True, device)
+    all_ranks_ok(True, device)  # the others wait for the requeue: an early exit could make the launcher end rank 0
     raise SystemExit(EXIT_RESUMABLE)
 
 
@@ -208,13 +238,15 @@ NORMALIZE = {}  # device -> (mean, std) tensors, made once
 
 
 def val_wnids(devkit):
-    """The class (wnid) of validation image 1, 2, ... from the devkit: ground-truth ILSVRC ids mapped through meta.mat."""
+    """The class (wnid) of validation image 1, 2, ... from the devkit: ground-truth ILSVRC ids mapped through
+    meta.mat."""
     import scipy.io  # only the devkit's MATLAB file needs it
     with tarfile.open(devkit, "r:gz") as tar:
         files = {os.path.basename(m.name): m for m in tar if m.isfile()}
         meta = scipy.io.loadmat(io.BytesIO(tar.extractfile(files["meta.mat"]).read()), squeeze_me=True)["synsets"]
         truth = tar.extractfile(files["ILSVRC2012_validation_ground_truth.txt"]).read().split()
-    wnid_of_id = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in meta if int(s["num_children"]) == 0}  # the 1000 leaves
+    # the 1000 leaves of the synset tree are the classes
+    wnid_of_id = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in meta if int(s["num_children"]) == 0}
     return [wnid_of_id[int(i)] for i in truth]
 
 
@@ -241,7 +273,8 @@ def extract_class_tar(tar_path, offset, size, dest):
             size -= len(chunk)
     untar.stdin.close()
     if untar.wait():
-        raise RuntimeError(f"tar could not unpack the class tar at byte {offset} of {tar_path}: {untar.stderr.read().decode().strip()}")
+        raise RuntimeError(f"tar could not unpack the class tar at byte {offset} of {tar_path}: "
+                           f"{untar.stderr.read().decode().strip()}")
     return 1
 
 
@@ -254,11 +287,12 @@ def tar_files(f, offset=0):
 
 
 def stage(data_dir, local_dir, workers, from_tar=False):
-    """Extract the archives into local_dir/train/<wnid>/ and local_dir/val/<wnid>/, once per node; or, from_tar, copy the
-    two tars there and write index.pt, the byte range and class of every JPEG in them (nothing extracted).
+    """Extract the archives into local_dir/train/<wnid>/ and local_dir/val/<wnid>/, once per node; or, from_tar, copy
+    the two tars there and write index.pt, the byte range and class of every JPEG in them (nothing extracted).
     An flock makes one process stage while the others wait; the marker, written last, makes later runs skip."""
     archives = [os.path.join(data_dir, name) for name in (TRAIN_TAR, VAL_TAR, DEVKIT)]
-    stamp = json.dumps([from_tar] + [[os.path.abspath(a), os.path.getsize(a), int(os.path.getmtime(a))] for a in archives])
+    stamp = json.dumps([from_tar] + [[os.path.abspath(a), os.path.getsize(a), int(os.path.getmtime(a))]
+                                     for a in archives])
     marker = os.path.join(local_dir, "STAGED")
     os.makedirs(local_dir, exist_ok=True)
     with open(os.path.join(local_dir, ".lock"), "w") as lock:
@@ -268,7 +302,8 @@ def stage(data_dir, local_dir, workers, from_tar=False):
         t0 = time.perf_counter()
         with contextlib.suppress(FileNotFoundError):
             os.remove(marker)
-        for sub in ("train", "val", "index.pt", TRAIN_TAR, VAL_TAR):  # a half-finished copy (no marker) is redone from scratch
+        # a half-finished copy (no marker) is redone from scratch
+        for sub in ("train", "val", "index.pt", TRAIN_TAR, VAL_TAR):
             shutil.rmtree(os.path.join(local_dir, sub), ignore_errors=True)
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(local_dir, sub))
@@ -281,18 +316,21 @@ def stage(data_dir, local_dir, workers, from_tar=False):
                 shutil.copyfile(a, os.path.join(local_dir, os.path.basename(a)))
             label = {wnid: k for k, (_, _, wnid) in enumerate(sorted(classes, key=lambda c: c[2]))}
             with open(archives[0], "rb") as f:  # in the order of the extracted folders: by class, then file name
-                train = [(o, n, label[wnid]) for offset, _, wnid in classes for o, n, _ in sorted(tar_files(f, offset), key=lambda m: m[2])]
+                train = [(o, n, label[wnid]) for offset, _, wnid in classes
+                         for o, n, _ in sorted(tar_files(f, offset), key=lambda m: m[2])]
             val = sorted(((label[wnids[int(re.findall(r"\d+", name)[-1]) - 1]], name, o, n) for o, n, name in images))
             train.sort(key=lambda row: row[2])
             val = [(o, n, k) for k, _, o, n in val]
-            torch.save({"classes": sorted(label), "train": torch.tensor(train), "val": torch.tensor(val)}, os.path.join(local_dir, "index.pt"))
+            torch.save({"classes": sorted(label), "train": torch.tensor(train), "val": torch.tensor(val)},
+                       os.path.join(local_dir, "index.pt"))
         else:
             extract_all(archives, local_dir, classes, images, wnids, workers)
         with open(marker + ".tmp", "w") as f:
             f.write(stamp)
         os.replace(marker + ".tmp", marker)
         print_line(f"staged {len(classes)} classes and {len(images)} validation images into {local_dir} "
-                   f"({'copied + indexed' if from_tar else 'extracted'}) in {time.perf_counter() - t0:.1f} s on {socket.gethostname()}")
+                   f"({'copied + indexed' if from_tar else 'extracted'}) in {time.perf_counter() - t0:.1f} s on "
+                   f"{socket.gethostname()}")
         return True
 
 
@@ -303,7 +341,8 @@ def extract_all(archives, local_dir, classes, images, wnids, workers):
     val_files = [(offset, size, os.path.join(local_dir, "val", wnids[int(re.findall(r"\d+", name)[-1]) - 1], name))
                  for offset, size, name in images]
     with concurrent.futures.ProcessPoolExecutor(workers) as pool:
-        jobs = [pool.submit(extract_class_tar, archives[0], offset, size, os.path.join(local_dir, "train", wnid)) for offset, size, wnid in classes]
+        jobs = [pool.submit(extract_class_tar, archives[0], offset, size,
+                            os.path.join(local_dir, "train", wnid)) for offset, size, wnid in classes]
         jobs += [pool.submit(extract_members, archives[1], val_files[k::workers]) for k in range(workers)]
         for job in concurrent.futures.as_completed(jobs):
             job.result()  # re-raises a worker's error here
@@ -316,7 +355,8 @@ class JPEGs(torch.utils.data.Dataset):
 
     def __init__(self, root, split, size, seed):
         self.tar, self.fd = None, None
-        if os.path.exists(os.path.join(root, "index.pt")):  # rows of (offset, size, label): a numpy array, not 1.3M tuples
+        # rows of (offset, size, label): a numpy array, not 1.3M tuples
+        if os.path.exists(os.path.join(root, "index.pt")):
             index = torch.load(os.path.join(root, "index.pt"), weights_only=True)
             self.classes, self.samples = index["classes"], index[split].numpy()
             self.tar = os.path.join(root, TRAIN_TAR if split == "train" else VAL_TAR)
@@ -337,7 +377,8 @@ class JPEGs(torch.utils.data.Dataset):
             path, label = self.samples[i]
             return read_file(path), label
         if self.fd is None:
-            self.fd = os.open(self.tar, os.O_RDONLY)  # pread() keeps no file position: one descriptor serves every worker
+            # pread() keeps no file position: one descriptor serves every worker
+            self.fd = os.open(self.tar, os.O_RDONLY)
         offset, size, label = (int(v) for v in self.samples[i])
         return torch.frombuffer(bytearray(os.pread(self.fd, size, offset)), dtype=torch.uint8), label
 
@@ -484,11 +525,13 @@ def check_writable(ckpt_dir):
         open(probe, "w").close()
         os.remove(probe)
     except OSError as e:
-        fail(f"cannot write checkpoints to {os.path.abspath(ckpt_dir)} ({e.strerror}). HINT: choose a --checkpoint-dir you can write to")
+        fail(f"cannot write checkpoints to {os.path.abspath(ckpt_dir)} ({e.strerror}). HINT: choose a --checkpoint-dir "
+             "you can write to")
 
 
 def load_latest_checkpoint(ckpt_dir, device):
-    """Newest loadable checkpoint, or (None, None). A corrupt newest file is reported, never silently skipped to a fresh start."""
+    """Newest loadable checkpoint, or (None, None). A corrupt newest file is reported, never silently skipped to a
+    fresh start."""
     for path in sorted(glob.glob(os.path.join(ckpt_dir, "epoch_*.pt")), reverse=True):
         try:
             return path, torch.load(path, map_location=device, weights_only=True)
@@ -513,7 +556,8 @@ def main(args):
         signal.signal(signum, on_stop_signal)
     if args.arch not in torchvision.models.list_models(module=torchvision.models):  # now, not after minutes of staging
         fail(f"unknown --arch {args.arch}. HINT: one of torchvision's classification models, e.g. resnet18, resnet50, "
-             "resnet101, wide_resnet50_2, convnext_tiny (python -c 'import torchvision; print(torchvision.models.list_models())')")
+             "resnet101, wide_resnet50_2, convnext_tiny (python -c 'import torchvision; "
+             "print(torchvision.models.list_models())')")
     data_root = None if args.synthetic else find_data(args)
     if args.stage_only:
         print_line(f"data ready in {data_root} on {socket.gethostname()}")
@@ -521,7 +565,8 @@ def main(args):
 
     # one process per device: cuda:(local_rank % device_count) with NCCL, else CPU with gloo
     if args.device == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda was given, but no CUDA device is visible here. HINT: request a GPU (e.g. --gres=gpu:1) or use --device cpu")
+        fail("--device cuda was given, but no CUDA device is visible here. HINT: request a GPU (e.g. --gres=gpu:1) or "
+             "use --device cpu")
     use_cuda = args.device != "cpu" and torch.cuda.is_available()
     device = torch.device("cuda", LOCAL_RANK % torch.cuda.device_count()) if use_cuda else torch.device("cpu")
     if use_cuda:
@@ -530,10 +575,13 @@ def main(args):
         if addr:  # launched by srun: tell init_process_group where rank 0 listens
             os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = addr, port
         try:  # the timeout bounds every collective: a hung rank ends the job instead of holding it until the time limit
-            dist.init_process_group("nccl" if use_cuda else "gloo", rank=RANK, world_size=WORLD_SIZE, timeout=timedelta(minutes=10))
-        except dist.DistNetworkError as e:  # rank 0 cannot listen there: another program, or another job, holds the port
-            fail(f"rank 0 cannot listen on MASTER_ADDR:MASTER_PORT = {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} "
-                 f"({str(e).splitlines()[0][:200]}). HINT: the port is in use; unset MASTER_PORT to derive one from the job id, or pick a free one")
+            dist.init_process_group("nccl" if use_cuda else "gloo", rank=RANK, world_size=WORLD_SIZE,
+                                    timeout=timedelta(minutes=10))
+        except dist.DistNetworkError as e:  # rank 0 cannot listen: another program, or another job, holds the port
+            fail("rank 0 cannot listen on MASTER_ADDR:MASTER_PORT = "
+                 f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} "
+                 f"({str(e).splitlines()[0][:200]}). HINT: the port is in use; unset MASTER_PORT to derive one from "
+                 "the job id, or pick a free one")
     print_line(f"[rank {RANK}/{WORLD_SIZE}] local_rank {LOCAL_RANK} host {socket.gethostname()} device {device}")
     try:
         train(args, device, data_root)
@@ -554,16 +602,20 @@ def find_data(args):
         return args.data_dir
     missing = [n for n in (TRAIN_TAR, VAL_TAR, DEVKIT) if not os.path.isfile(os.path.join(args.data_dir, n))]
     if missing:
-        fail(f"no ImageNet in {os.path.abspath(args.data_dir)}: it needs train/ and val/ folders, or {', '.join(missing)}. "
-             "HINT: --data-dir (or $DATA_DIR) must point at the folder holding the archives as downloaded from image-net.org")
+        fail(f"no ImageNet in {os.path.abspath(args.data_dir)}: it needs train/ and val/ folders, or "
+             f"{', '.join(missing)}. "
+             "HINT: --data-dir (or $DATA_DIR) must point at the folder holding the archives as downloaded from "
+             "image-net.org")
     local_dir = local_base(args)
     try:
         stage(args.data_dir, local_dir, max(1, len(os.sched_getaffinity(0))), args.from_tar)
     except Exception as e:  # each node stages for itself: local rank 0 of the node that failed says so
         if LOCAL_RANK == 0:
-            print_line(f"ERROR: staging {args.data_dir} into {local_dir} on {socket.gethostname()} failed ({type(e).__name__}: {e}). "
-                       "HINT: --local-dir needs ~160 GB free for ImageNet; a half-finished copy is redone on the next run", sys.stderr)
-        raise SystemExit(1)
+            print_line(f"ERROR: staging {args.data_dir} into {local_dir} on {socket.gethostname()} failed "
+                       f"({type(e).__name__}: {e}). "
+                       "HINT: --local-dir needs ~160 GB free for ImageNet; a half-finished copy is redone on the next "
+                       "run", sys.stderr)
+        raise SystemExit(1) from None
     return local_dir
 
 
@@ -577,7 +629,8 @@ def train(args, device, data_root):
     if args.synthetic:  # one fixed random batch per rank, fed again and again: measures the model, not the data
         num_classes, n_train, n_val = 1000, None, 0
         g = torch.Generator().manual_seed(args.seed + RANK)
-        fake = (torch.randint(0, 256, (args.batch_size, 3, args.image_size, args.image_size), dtype=torch.uint8, generator=g),
+        fake = (torch.randint(0, 256, (args.batch_size, 3, args.image_size, args.image_size),
+                              dtype=torch.uint8, generator=g),
                 torch.randint(0, num_classes, (args.batch_size,), generator=g))
         fake = tuple(t.to(device) for t in fake)
         steps_per_epoch = args.steps_per_epoch or 100
@@ -589,31 +642,36 @@ def train(args, device, data_root):
                  f"{len(val_set.classes)} classes: they must be the same non-empty set of class folders")
         num_classes, n_train, n_val = len(train_set.classes), len(train_set), len(val_set)
         # drop_last keeps the shards equal, so every rank takes the same number of steps
-        sampler = EpochSampler(DistributedSampler(train_set, WORLD_SIZE, RANK, shuffle=True, seed=args.seed, drop_last=True), args.batch_size)
+        sampler = EpochSampler(DistributedSampler(train_set, WORLD_SIZE, RANK, shuffle=True, seed=args.seed,
+                                                  drop_last=True), args.batch_size)
         loader_args = dict(num_workers=args.workers, pin_memory=cuda, persistent_workers=args.workers > 0)
         train_loader = DataLoader(train_set, args.batch_size, sampler=sampler, drop_last=True, **loader_args)
         val_loader = DataLoader(val_set, args.batch_size, sampler=range(RANK, n_val, WORLD_SIZE), **loader_args)
         steps_per_epoch = min(len(train_loader), args.steps_per_epoch or len(train_loader))
         if steps_per_epoch == 0:
-            fail(f"{n_train} training images are fewer than one batch per rank ({WORLD_SIZE} x --batch-size={args.batch_size})")
+            fail(f"{n_train} training images are fewer than one batch per rank ({WORLD_SIZE} x "
+                 f"--batch-size={args.batch_size})")
 
     # -----------------------------------------------------------------------------
     # model and optimizer
     raw_model = torchvision.models.get_model(args.arch, weights=None, num_classes=num_classes).to(device)
     if channels_last:  # NHWC: what tensor cores and cuDNN's fastest convolutions want
         raw_model = raw_model.to(memory_format=torch.channels_last)
-    model = eval_model = torch.compile(raw_model) if args.compile else raw_model  # evaluation bypasses DDP: shards differ in size
+    # evaluation bypasses DDP: the ranks' validation shards differ in size
+    model = eval_model = torch.compile(raw_model) if args.compile else raw_model
     if WORLD_SIZE > 1:  # averages gradients across ranks during backward()
         model = DDP(model, device_ids=[device.index] if cuda else None)
     decay = [p for p in raw_model.parameters() if p.ndim > 1]  # no weight decay on biases and norm scales
     no_decay = [p for p in raw_model.parameters() if p.ndim <= 1]
     lr = args.lr * args.batch_size * WORLD_SIZE / 256  # the linear scaling rule, with warm-up
-    optimizer = torch.optim.SGD([{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0}],
+    optimizer = torch.optim.SGD([{"params": decay, "weight_decay": args.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0}],
                                 lr=lr, momentum=args.momentum)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps_per_epoch, args))
 
     # -----------------------------------------------------------------------------
-    # resume: every rank loads the same checkpoint, so the replicas start equal; mid-epoch checkpoints resume at their step
+    # resume: every rank loads the same checkpoint, so the replicas start equal; mid-epoch checkpoints resume at
+    # their step
     start_epoch, start_step = 1, 0
     run_id = os.environ.get("SLURM_JOB_ID") or datetime.now().strftime("%Y%m%d-%H%M%S")
     scratch = os.path.join(local_base(args), f"run-{run_id}-{os.getpid()}")  # rank 0's outputs, on local disk first
@@ -624,29 +682,34 @@ def train(args, device, data_root):
         check_writable(args.checkpoint_dir)
         path, ckpt = load_latest_checkpoint(args.checkpoint_dir, device)
         if ckpt is not None:
-            if (ckpt.get("script"), ckpt.get("arch"), ckpt.get("num_classes")) != ("imagenet_ddp.py", args.arch, num_classes):
-                fail(f"{path} is from {ckpt.get('script', 'another script')} with arch {ckpt.get('arch')} and {ckpt.get('num_classes')} "
-                     f"classes; this run is {args.arch} with {num_classes}. HINT: use a new --checkpoint-dir for a different model or data")
+            if (ckpt.get("script"), ckpt.get("arch"), ckpt.get("num_classes")) != (
+                    "imagenet_ddp.py", args.arch, num_classes):
+                fail(f"{path} is from {ckpt.get('script', 'another script')} with arch {ckpt.get('arch')} and "
+                     f"{ckpt.get('num_classes')} classes; this run is {args.arch} with {num_classes}. "
+                     "HINT: use a new --checkpoint-dir for a different model or data")
             raw_model.load_state_dict(ckpt["model"])  # the raw module's keys: no "module." or "_orig_mod." prefix
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
             if len(ckpt["rng"]) == WORLD_SIZE:
                 torch.set_rng_state(ckpt["rng"][RANK].cpu())
             start_epoch, start_step = ckpt["epoch"] + 1, ckpt["step"]
-            print0(f"resumed from {path}: epoch {ckpt['epoch']} done" + (f" and {start_step} steps of epoch {start_epoch}" if start_step else "")
-                   + f", continuing at epoch {start_epoch}")
-            if WORLD_SIZE > 1:  # DDP lays out its gradient buckets in the order the first backward pass fills them; with
-                # more than 2 ranks that layout changes the float summation order. Replay that first pass (no update,
-                # BatchNorm statistics put back), so that a resumed run sums exactly as the uninterrupted one did
+            steps = f" and {start_step} steps of epoch {start_epoch}" if start_step else ""
+            print0(f"resumed from {path}: epoch {ckpt['epoch']} done{steps}, continuing at epoch {start_epoch}")
+            if WORLD_SIZE > 1:
+                # DDP lays out its gradient buckets in the order the first backward pass fills them; with more than
+                # 2 ranks that layout changes the float summation order. Replay that first pass (no update, BatchNorm
+                # statistics put back), so that a resumed run sums exactly as the uninterrupted one did
                 saved = [b.clone() for b in raw_model.buffers()]
-                x, y = to_device(torch.zeros(2, 3, args.image_size, args.image_size, dtype=torch.uint8), torch.zeros(2, dtype=torch.long), device, channels_last)
+                x, y = to_device(torch.zeros(2, 3, args.image_size, args.image_size, dtype=torch.uint8),
+                                 torch.zeros(2, dtype=torch.long), device, channels_last)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                     F.cross_entropy(model(x), y).backward()
                 optimizer.zero_grad(set_to_none=True)
-                for b, value in zip(raw_model.buffers(), saved):
+                for b, value in zip(raw_model.buffers(), saved, strict=True):
                     b.copy_(value)
     metrics_name = f"metrics-{run_id}.jsonl"
-    if RANK == 0 and os.path.exists(os.path.join(args.output_dir, metrics_name)):  # a requeued job appends to its own file
+    # a requeued job appends to its own file
+    if RANK == 0 and os.path.exists(os.path.join(args.output_dir, metrics_name)):
         shutil.copyfile(os.path.join(args.output_dir, metrics_name), os.path.join(scratch, metrics_name))
     metrics = open(os.path.join(scratch, metrics_name), "a") if RANK == 0 else None
 
@@ -662,16 +725,19 @@ def train(args, device, data_root):
         if RANK == 0:
             name = f"epoch_{epoch - 1:04d}_step_{step:07d}" if step else f"epoch_{epoch:04d}"
             save_checkpoint(args.checkpoint_dir, name, {
-                "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
                 "epoch": epoch - 1 if step else epoch, "step": step, "rng": rng, "args": vars(args),
                 "script": "imagenet_ddp.py", "arch": args.arch, "num_classes": num_classes}, scratch)
             copy_back()
         if WORLD_SIZE > 1:
             dist.barrier()
 
-    print0(f"{args.arch}, {num_classes} classes, " + ("SYNTHETIC DATA (random tensors, no validation)" if args.synthetic else
-           f"{n_train} training / {n_val} validation images from {data_root}") + f" | {WORLD_SIZE} processes x {args.batch_size} "
-           f"images, lr {lr:g}, {steps_per_epoch} steps/epoch, {args.workers} workers/process | {'bf16' if amp else 'fp32'}"
+    data = ("SYNTHETIC DATA (random tensors, no validation)" if args.synthetic
+            else f"{n_train} training / {n_val} validation images from {data_root}")
+    print0(f"{args.arch}, {num_classes} classes, {data} | {WORLD_SIZE} processes x {args.batch_size} "
+           f"images, lr {lr:g}, {steps_per_epoch} steps/epoch, {args.workers} workers/process | "
+           f"{'bf16' if amp else 'fp32'}"
            f"{', channels_last' if channels_last else ''}{', compiled' if args.compile else ''} on {device.type}")
 
     # -----------------------------------------------------------------------------
@@ -690,7 +756,8 @@ def train(args, device, data_root):
         t0 = time.perf_counter()
         warm = min(5, (steps_per_epoch - skip) // 2)
         for step in range(skip, steps_per_epoch):
-            if step - skip == warm:  # the throughput meter starts after warm-up steps (workers starting, cuDNN autotuning)
+            # the throughput meter starts after warm-up steps (workers starting, cuDNN autotuning)
+            if step - skip == warm:
                 if cuda:
                     torch.cuda.synchronize()
                 t_meter = time.perf_counter()
@@ -704,11 +771,10 @@ def train(args, device, data_root):
             ok = (y >= 0).sum()
             stats += torch.stack([loss.detach().double() * ok, ok.double(), (len(y) - ok).double()])
             if RANK == 0 and step % args.log_interval == 0:  # .item() syncs, so only now and then
-                print_line(f"  epoch {epoch} step {step}/{steps_per_epoch} loss {loss.item():.4f} lr {scheduler.get_last_lr()[0]:.4g}{tag}")
-            if (step + 1) % STOP_CHECK_EVERY == 0 and step + 1 < steps_per_epoch and (signum := stop_signal(device)):
-                if args.checkpoint_dir:
-                    checkpoint(epoch, step + 1)
-                stop_and_requeue(signum, f"checkpoint at epoch {epoch} step {step + 1}" if args.checkpoint_dir else "no --checkpoint-dir, nothing saved", device)
+                print_line(f"  epoch {epoch} step {step}/{steps_per_epoch} loss {loss.item():.4f} lr "
+                           f"{scheduler.get_last_lr()[0]:.4g}{tag}")
+            if (step + 1) % STOP_CHECK_EVERY == 0 and step + 1 < steps_per_epoch:
+                stop_check(device, args.checkpoint_dir and checkpoint, epoch, step + 1)
         if cuda:
             torch.cuda.synchronize()
         t_end = time.perf_counter()
@@ -717,33 +783,39 @@ def train(args, device, data_root):
             meter_seconds += t_end - t_meter
         if WORLD_SIZE > 1:
             dist.all_reduce(stats)  # the mean over all ranks' images, not just rank 0's
-        train_loss, images, skipped = (stats[0] / stats[1].clamp(min=1)).item(), int(stats[1].item()), int(stats[2].item())
+        train_loss = (stats[0] / stats[1].clamp(min=1)).item()
+        images, skipped = int(stats[1].item()), int(stats[2].item())
         seconds = t_end - t0
         result = dict(epoch=epoch, train_loss=train_loss, train_images=images, train_skipped=skipped, seconds=seconds,
                       images_per_s=images / seconds, synthetic=args.synthetic)
         average_buffers(raw_model)
         if not args.synthetic:
             result.update(evaluate(eval_model, val_loader, device, args, amp))
-        val = "no validation" if args.synthetic else f"val loss {result['val_loss']:.4f} | top-1 {100 * result['top1']:.2f}% | top-5 {100 * result['top5']:.2f}%"
-        print0(f"epoch {epoch}/{args.epochs} | train loss {train_loss:.4f} | {val} | {seconds:.1f} s | {images / seconds:.0f} img/s{tag}")
+        val = "no validation" if args.synthetic else (
+            f"val loss {result['val_loss']:.4f} | top-1 {100 * result['top1']:.2f}% | "
+            f"top-5 {100 * result['top5']:.2f}%")
+        print0(f"epoch {epoch}/{args.epochs} | train loss {train_loss:.4f} | {val} | {seconds:.1f} s | "
+               f"{images / seconds:.0f} img/s{tag}")
         if skipped or result.get("val_skipped"):
-            print0(f"WARNING: skipped {skipped} training and {result.get('val_skipped', 0)} validation images that could not be decoded (named above)")
+            print0(f"WARNING: skipped {skipped} training and {result.get('val_skipped', 0)} validation images that "
+                   "could not be decoded (named above)")
         if metrics:
             metrics.write(json.dumps({"event": "epoch", **result}) + "\n")
             metrics.flush()
             copy_back()
         if args.checkpoint_dir:
             checkpoint(epoch, 0)
-        if signum := stop_signal(device):
-            stop_and_requeue(signum, f"checkpoint at the end of epoch {epoch}" if args.checkpoint_dir else "no --checkpoint-dir, nothing saved", device)
+        stop_check(device, args.checkpoint_dir and checkpoint, epoch, 0)
 
     # -----------------------------------------------------------------------------
     # summary
     if result is None:
         print0(f"nothing to train: the checkpoint already has {start_epoch - 1} epochs (--epochs={args.epochs})")
-        result = {"epoch": start_epoch - 1, **({} if args.synthetic else evaluate(eval_model, val_loader, device, args, amp))}
+        result = {"epoch": start_epoch - 1,
+                  **({} if args.synthetic else evaluate(eval_model, val_loader, device, args, amp))}
     checksums = all_gather(param_checksum(raw_model))  # each rank's own hash: the test compares them
-    done = {"event": "done", **{k: result.get(k) for k in ("epoch", "top1", "top5", "val_loss", "val_count", "val_skipped")},
+    done = {"event": "done",
+            **{k: result.get(k) for k in ("epoch", "top1", "top5", "val_loss", "val_count", "val_skipped")},
             "world_size": WORLD_SIZE, "synthetic": args.synthetic, "seconds": time.perf_counter() - t_start,
             "images_per_s": meter_images / meter_seconds if meter_seconds else None, "param_checksums": checksums}
     print0(json.dumps(done))

@@ -58,16 +58,22 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description="MNIST with DistributedDataParallel")
     p.add_argument("--epochs", type=positive_int, default=2, help="number of epochs to train (default: 2)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="training batch size per process (default: 64)")
-    p.add_argument("--test-batch-size", type=positive_int, default=1000, help="evaluation batch size per process (default: 1000)")
+    p.add_argument("--test-batch-size", type=positive_int, default=1000,
+                   help="evaluation batch size per process (default: 1000)")
     p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (default: 3e-3)")
     p.add_argument("--gamma", type=float, default=0.7, help="learning-rate decay per epoch (default: 0.7)")
     p.add_argument("--seed", type=int, default=1, help="random seed (default: 1)")
-    p.add_argument("--data-dir", default=os.environ.get("DATA_DIR", "./data"), help="holds MNIST/raw (default: $DATA_DIR, else ./data)")
-    p.add_argument("--download-only", action="store_true", help="download MNIST into --data-dir and exit (run on a login node)")
+    p.add_argument("--data-dir", default=os.environ.get("DATA_DIR", "./data"),
+                   help="holds MNIST/raw (default: $DATA_DIR, else ./data)")
+    p.add_argument("--download-only", action="store_true",
+                   help="download MNIST into --data-dir and exit (run on a login node)")
     p.add_argument("--output-dir", default="./out", help="metrics JSONL goes here (default: ./out)")
-    p.add_argument("--checkpoint-dir", default=os.environ.get("CHECKPOINT_DIR"), help="save every epoch and resume from the latest checkpoint here (default: $CHECKPOINT_DIR, else no checkpoints)")
+    p.add_argument("--checkpoint-dir", default=os.environ.get("CHECKPOINT_DIR"),
+                   help="save every epoch and resume from the latest checkpoint here (default: $CHECKPOINT_DIR, else "
+                        "no checkpoints)")
     p.add_argument("--log-interval", type=positive_int, default=20, help="steps between loss prints (default: 20)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: a GPU if there is one (default: auto)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto: a GPU if there is one (default: auto)")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast (GPU only; ignored on CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     return p.parse_args(argv)
@@ -97,7 +103,8 @@ def launch_env(env=os.environ):
         world_size = int(env.get("SLURM_STEP_NUM_TASKS", env["SLURM_NTASKS"]))
         if world_size > 1 and "SLURM_STEP_ID" not in env:  # the job's batch script itself: the other ranks never come
             raise SystemExit(f"ERROR: this job has {world_size} tasks, but this process was not started by srun, so it "
-                             f"would wait for {world_size - 1} ranks that never start. HINT: srun python {os.path.basename(__file__)} ..., "
+                             f"would wait for {world_size - 1} ranks that never start. HINT: srun python "
+                             f"{os.path.basename(__file__)} ..., "
                              "or submit with one of the run-gpu*.sh wrappers")
         # every rank computes the same address and port: rank 0 runs on the first node of the job,
         # and the port comes from the job id so that two jobs sharing a node do not collide
@@ -163,15 +170,24 @@ def stop_signal(device):
     return int(signum.item())
 
 
-def stop_and_requeue(signum, message, device):
-    """After the checkpoint: requeue the Slurm job if it was the time-limit warning, then exit on every rank
-    (the others wait for the requeue: an early exit could make the launcher end rank 0 before it is done)."""
+def stop_check(device, checkpoint, epoch, step):
+    """Called at the same steps on every rank. If any rank received a stop signal: write a checkpoint at `step` of
+    `epoch` (step 0: the end of the epoch, already written; checkpoint None: no --checkpoint-dir), requeue the Slurm
+    job if it was the time-limit warning, then exit EXIT_RESUMABLE on every rank."""
+    signum = stop_signal(device)
+    if not signum:
+        return
+    if checkpoint and step:
+        checkpoint(epoch, step)
+    where = f"epoch {epoch} step {step}" if step else f"the end of epoch {epoch}"
+    message = f"checkpoint at {where}" if checkpoint else "no --checkpoint-dir, nothing saved"
     job_id = os.environ.get("SLURM_JOB_ID")
     if RANK == 0 and job_id and signum == signal.SIGUSR1:
         r = subprocess.run(["scontrol", "requeue", job_id], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        message += f"; requeued job {job_id}" if r.returncode == 0 else f"; could not requeue job {job_id}: {r.stdout.strip()} (resubmit it)"
+        message += f"; requeued job {job_id}" if r.returncode == 0 else \
+            f"; could not requeue job {job_id}: {r.stdout.strip()} (resubmit it)"
     print0(f"stopped on {STOP_SIGNALS[signum]}: {message}")
-    all_ranks_ok(True, device)
+    all_ranks_ok(True, device)  # the others wait for the requeue: an early exit could make the launcher end rank 0
     raise SystemExit(EXIT_RESUMABLE)
 
 
@@ -181,7 +197,8 @@ def stop_and_requeue(signum, message, device):
 MEAN, STD = 0.1307, 0.3081  # MNIST training-set pixel statistics
 
 
-MNIST_FILES = {True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"), False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+MNIST_FILES = {True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+               False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 
 
 def download_mnist(data_dir):
@@ -286,11 +303,13 @@ def check_writable(ckpt_dir):
         open(probe, "w").close()
         os.remove(probe)
     except OSError as e:
-        fail(f"cannot write checkpoints to {os.path.abspath(ckpt_dir)} ({e.strerror}). HINT: choose a --checkpoint-dir you can write to")
+        fail(f"cannot write checkpoints to {os.path.abspath(ckpt_dir)} ({e.strerror}). HINT: choose a --checkpoint-dir "
+             "you can write to")
 
 
 def load_latest_checkpoint(ckpt_dir, device):
-    """Newest loadable checkpoint, or (None, None). A corrupt newest file is reported, never silently skipped to a fresh start."""
+    """Newest loadable checkpoint, or (None, None). A corrupt newest file is reported, never silently skipped to a
+    fresh start."""
     for path in sorted(glob.glob(os.path.join(ckpt_dir, "epoch_*.pt")), reverse=True):
         try:
             return path, torch.load(path, map_location=device, weights_only=True)
@@ -322,7 +341,8 @@ def main(args):
 
     # one process per device: cuda:(local_rank % device_count) with NCCL, else CPU with gloo
     if args.device == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda was given, but no CUDA device is visible here. HINT: request a GPU (e.g. --gres=gpu:1) or use --device cpu")
+        fail("--device cuda was given, but no CUDA device is visible here. HINT: request a GPU (e.g. --gres=gpu:1) or "
+             "use --device cpu")
     use_cuda = args.device != "cpu" and torch.cuda.is_available()
     device = torch.device("cuda", LOCAL_RANK % torch.cuda.device_count()) if use_cuda else torch.device("cpu")
     if use_cuda:
@@ -331,10 +351,13 @@ def main(args):
         if addr:  # launched by srun: tell init_process_group where rank 0 listens
             os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = addr, port
         try:  # the timeout bounds every collective: a hung rank ends the job instead of holding it until the time limit
-            dist.init_process_group("nccl" if use_cuda else "gloo", rank=RANK, world_size=WORLD_SIZE, timeout=timedelta(minutes=10))
-        except dist.DistNetworkError as e:  # rank 0 cannot listen there: another program, or another job, holds the port
-            fail(f"rank 0 cannot listen on MASTER_ADDR:MASTER_PORT = {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} "
-                 f"({str(e).splitlines()[0][:200]}). HINT: the port is in use; unset MASTER_PORT to derive one from the job id, or pick a free one")
+            dist.init_process_group("nccl" if use_cuda else "gloo", rank=RANK, world_size=WORLD_SIZE,
+                                    timeout=timedelta(minutes=10))
+        except dist.DistNetworkError as e:  # rank 0 cannot listen: another program, or another job, holds the port
+            fail("rank 0 cannot listen on MASTER_ADDR:MASTER_PORT = "
+                 f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} "
+                 f"({str(e).splitlines()[0][:200]}). HINT: the port is in use; unset MASTER_PORT to derive one from "
+                 "the job id, or pick a free one")
     print_line(f"[rank {RANK}/{WORLD_SIZE}] local_rank {LOCAL_RANK} host {socket.gethostname()} device {device}")
     try:
         train(args, device)
@@ -353,13 +376,16 @@ def train(args, device):
     # data: local rank 0 of each node downloads if needed while the other ranks wait
     reason = download_mnist(args.data_dir) if LOCAL_RANK == 0 else None
     if not all_ranks_ok(reason is None, device):
-        fail(f"MNIST is not in {os.path.abspath(args.data_dir)} and could not be downloaded ({reason or 'on another node'}). "
-             f"HINT: compute nodes are often offline; on the login node run: python {os.path.basename(__file__)} --download-only --data-dir {args.data_dir}")
+        fail(f"MNIST is not in {os.path.abspath(args.data_dir)} and could not be downloaded "
+             f"({reason or 'on another node'}). "
+             f"HINT: compute nodes are often offline; on the login node run: python {os.path.basename(__file__)} "
+             f"--download-only --data-dir {args.data_dir}")
     x_train, y_train = load_mnist(args.data_dir, True, device)
     x_test, y_test = load_mnist(args.data_dir, False, device)
     # each rank sees a disjoint 1/WORLD_SIZE of the training set, reshuffled every epoch by set_epoch();
     # drop_last keeps the shards equal, so every rank takes the same number of steps
-    sampler = DistributedSampler(range(len(x_train)), num_replicas=WORLD_SIZE, rank=RANK, shuffle=True, seed=args.seed, drop_last=True)
+    sampler = DistributedSampler(range(len(x_train)), num_replicas=WORLD_SIZE, rank=RANK, shuffle=True, seed=args.seed,
+                                 drop_last=True)
 
     # -----------------------------------------------------------------------------
     # model and optimizer
@@ -371,7 +397,8 @@ def train(args, device):
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=args.gamma)
 
     # -----------------------------------------------------------------------------
-    # resume: every rank loads the same checkpoint, so the replicas start equal; mid-epoch checkpoints resume at their step
+    # resume: every rank loads the same checkpoint, so the replicas start equal; mid-epoch checkpoints resume at
+    # their step
     start_epoch, start_step = 1, 0
     if args.checkpoint_dir:
         check_writable(args.checkpoint_dir)
@@ -386,11 +413,12 @@ def train(args, device):
             if len(ckpt["rng"]) == WORLD_SIZE:
                 torch.set_rng_state(ckpt["rng"][RANK].cpu())
             start_epoch, start_step = ckpt["epoch"] + 1, ckpt["step"]
-            print0(f"resumed from {path}: epoch {ckpt['epoch']} done" + (f" and {start_step} steps of epoch {start_epoch}" if start_step else "")
-                   + f", continuing at epoch {start_epoch}")
-            if WORLD_SIZE > 1:  # DDP lays out its gradient buckets in the order the first backward pass fills them; with
-                # more than 2 ranks that layout changes the float summation order. Replay that first pass (no update),
-                # so that a resumed run sums exactly as the uninterrupted one did
+            steps = f" and {start_step} steps of epoch {start_epoch}" if start_step else ""
+            print0(f"resumed from {path}: epoch {ckpt['epoch']} done{steps}, continuing at epoch {start_epoch}")
+            if WORLD_SIZE > 1:
+                # DDP lays out its gradient buckets in the order the first backward pass fills them; with more than
+                # 2 ranks that layout changes the float summation order. Replay that first pass (no update), so that
+                # a resumed run sums exactly as the uninterrupted one did
                 F.cross_entropy(model(x_train[:2]), y_train[:2]).backward()
                 optimizer.zero_grad(set_to_none=True)
     os.makedirs(args.output_dir, exist_ok=True)
@@ -401,9 +429,11 @@ def train(args, device):
         """Rank 0 writes while the others wait; RNG states come from every rank."""
         rng = all_gather(torch.get_rng_state())
         if RANK == 0:
-            save_checkpoint(args.checkpoint_dir, f"epoch_{epoch - 1:04d}_step_{step:07d}" if step else f"epoch_{epoch:04d}", {
-                "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "epoch": epoch - 1 if step else epoch, "step": step, "rng": rng, "args": vars(args), "script": "mnist_ddp.py"})
+            name = f"epoch_{epoch - 1:04d}_step_{step:07d}" if step else f"epoch_{epoch:04d}"
+            save_checkpoint(args.checkpoint_dir, name, {
+                "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "epoch": epoch - 1 if step else epoch, "step": step, "rng": rng,
+                "args": vars(args), "script": "mnist_ddp.py"})
         if WORLD_SIZE > 1:
             dist.barrier()
 
@@ -428,12 +458,11 @@ def train(args, device):
             loss_sum += loss.detach() * len(idx)
             if RANK == 0 and step % args.log_interval == 0:  # .item() syncs, so only now and then
                 print_line(f"  epoch {epoch} step {step} loss {loss.item():.4f}")
-            if (step + 1) % STOP_CHECK_EVERY == 0 and step + 1 < steps and (signum := stop_signal(device)):
-                if args.checkpoint_dir:
-                    checkpoint(epoch, step + 1)
-                stop_and_requeue(signum, f"checkpoint at epoch {epoch} step {step + 1}" if args.checkpoint_dir else "no --checkpoint-dir, nothing saved", device)
+            if (step + 1) % STOP_CHECK_EVERY == 0 and step + 1 < steps:
+                stop_check(device, args.checkpoint_dir and checkpoint, epoch, step + 1)
         scheduler.step()
-        stats = torch.stack([loss_sum, torch.tensor(float(len(order) - skip * args.batch_size), device=device)]).double()
+        stats = torch.stack([loss_sum,
+                             torch.tensor(float(len(order) - skip * args.batch_size), device=device)]).double()
         if WORLD_SIZE > 1:
             dist.all_reduce(stats)  # the mean over all ranks' samples, not just rank 0's
         seconds = time.perf_counter() - t0
@@ -450,8 +479,7 @@ def train(args, device):
 
         if args.checkpoint_dir:
             checkpoint(epoch, 0)
-        if signum := stop_signal(device):
-            stop_and_requeue(signum, f"checkpoint at the end of epoch {epoch}" if args.checkpoint_dir else "no --checkpoint-dir, nothing saved", device)
+        stop_check(device, args.checkpoint_dir and checkpoint, epoch, 0)
 
     # -----------------------------------------------------------------------------
     # summary

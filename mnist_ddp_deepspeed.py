@@ -71,18 +71,27 @@ def positive_int(text):
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="MNIST with DeepSpeed")
     p.add_argument("--epochs", type=positive_int, default=2, help="number of epochs to train (default: 2)")
-    p.add_argument("--batch-size", type=positive_int, default=None, help="training batch size per process (default: the config's train_micro_batch_size_per_gpu)")
-    p.add_argument("--test-batch-size", type=positive_int, default=1000, help="evaluation batch size per process (default: 1000)")
-    p.add_argument("--zero-stage", type=int, choices=[0, 1, 2], default=None, help="ZeRO stage (default: the config's, 2 in ds_config.json)")
+    p.add_argument("--batch-size", type=positive_int, default=None,
+                   help="training batch size per process (default: the config's train_micro_batch_size_per_gpu)")
+    p.add_argument("--test-batch-size", type=positive_int, default=1000,
+                   help="evaluation batch size per process (default: 1000)")
+    p.add_argument("--zero-stage", type=int, choices=[0, 1, 2], default=None,
+                   help="ZeRO stage (default: the config's, 2 in ds_config.json)")
     p.add_argument("--seed", type=int, default=1, help="random seed (default: 1)")
-    p.add_argument("--data-dir", default=os.environ.get("DATA_DIR", "./data"), help="holds MNIST/raw (default: $DATA_DIR, else ./data)")
-    p.add_argument("--download-only", action="store_true", help="download MNIST into --data-dir and exit (run on a login node)")
+    p.add_argument("--data-dir", default=os.environ.get("DATA_DIR", "./data"),
+                   help="holds MNIST/raw (default: $DATA_DIR, else ./data)")
+    p.add_argument("--download-only", action="store_true",
+                   help="download MNIST into --data-dir and exit (run on a login node)")
     p.add_argument("--output-dir", default="./out", help="metrics JSONL goes here (default: ./out)")
-    p.add_argument("--checkpoint-dir", default=os.environ.get("CHECKPOINT_DIR"), help="save every epoch and resume from the latest checkpoint here (default: $CHECKPOINT_DIR, else no checkpoints)")
+    p.add_argument("--checkpoint-dir", default=os.environ.get("CHECKPOINT_DIR"),
+                   help="save every epoch and resume from the latest checkpoint here (default: $CHECKPOINT_DIR, else "
+                        "no checkpoints)")
     p.add_argument("--log-interval", type=positive_int, default=20, help="steps between loss prints (default: 20)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: a GPU if there is one (default: auto)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto: a GPU if there is one (default: auto)")
     p.add_argument("--amp", action="store_true", help="bfloat16 training (GPU only; ignored on CPU)")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                   help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     deepspeed.add_config_arguments(p)  # --deepspeed, --deepspeed_config (the spelling DeepSpeed's examples use)
     return p.parse_args(argv)
 
@@ -93,7 +102,8 @@ DEFAULT_CONFIG = {
     "gradient_accumulation_steps": 1,
     "optimizer": {
         "type": "Adam",
-        "params": {"lr": 0.003, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.01, "adam_w_mode": True, "torch_adam": True},
+        "params": {"lr": 0.003, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.01, "adam_w_mode": True,
+                   "torch_adam": True},
     },
     "scheduler": {
         "type": "WarmupLR",
@@ -114,7 +124,8 @@ def load_config(args, world_size, use_cuda):
             with open(args.deepspeed_config) as f:
                 config = json.load(f)
         except (OSError, json.JSONDecodeError) as e:
-            fail(f"cannot read the DeepSpeed config {args.deepspeed_config}: {e}. HINT: start from ds_config.json in this repository")
+            fail(f"cannot read the DeepSpeed config {args.deepspeed_config}: {e}. HINT: start from ds_config.json in "
+                 "this repository")
     config = copy.deepcopy(config)  # overrides below must not touch DEFAULT_CONFIG
     if args.batch_size:
         config["train_micro_batch_size_per_gpu"] = args.batch_size
@@ -131,11 +142,13 @@ def load_config(args, world_size, use_cuda):
         micro = total // (accum * world_size)
         if micro * accum * world_size != total:
             fail(f"{args.deepspeed_config}: train_batch_size {total} does not divide over {world_size} processes x "
-                 f"gradient_accumulation_steps {accum}. HINT: set train_micro_batch_size_per_gpu instead, so the global batch follows the world size")
+                 f"gradient_accumulation_steps {accum}. HINT: set train_micro_batch_size_per_gpu instead, so the "
+                 "global batch follows the world size")
         config["train_micro_batch_size_per_gpu"] = micro
     elif total is not None and total != micro * accum * world_size:
-        fail(f"{args.deepspeed_config}: train_batch_size {total} != train_micro_batch_size_per_gpu {micro} x gradient_accumulation_steps "
-             f"{accum} x {world_size} processes. HINT: remove train_batch_size, so the global batch follows the world size")
+        fail(f"{args.deepspeed_config}: train_batch_size {total} != train_micro_batch_size_per_gpu {micro} x "
+             f"gradient_accumulation_steps {accum} x {world_size} processes. "
+             "HINT: remove train_batch_size, so the global batch follows the world size")
     return config
 
 
@@ -155,30 +168,37 @@ def first_host(nodelist):
 
 
 def launch_env(env=os.environ):
-    """Who am I? torchrun's (or the deepspeed launcher's) variables first, else srun's, else mpirun's, else a single
-    process. Returns rank, local_rank, world_size, and the MASTER_ADDR/PORT to use (None when already set or unknown)."""
-    if "RANK" in env and "WORLD_SIZE" in env:  # torchrun, deepspeed launcher: they also set MASTER_ADDR/PORT
+    """Who am I? torchrun's variables first, else srun's, else a single process.
+    Returns rank, local_rank, world_size, and the MASTER_ADDR/PORT to use (None when already set)."""
+    if "RANK" in env and "WORLD_SIZE" in env:  # torchrun (or set by hand): it also sets MASTER_ADDR/PORT
         return int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"]), None, None
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:  # srun: one task per GPU
         world_size = int(env.get("SLURM_STEP_NUM_TASKS", env["SLURM_NTASKS"]))
         if world_size > 1 and "SLURM_STEP_ID" not in env:  # the job's batch script itself: the other ranks never come
             raise SystemExit(f"ERROR: this job has {world_size} tasks, but this process was not started by srun, so it "
-                             f"would wait for {world_size - 1} ranks that never start. HINT: srun python {os.path.basename(__file__)} ..., "
+                             f"would wait for {world_size - 1} ranks that never start. HINT: srun python "
+                             f"{os.path.basename(__file__)} ..., "
                              "or submit with one of the run-gpu*.sh wrappers")
         # every rank computes the same address and port: rank 0 runs on the first node of the job,
         # and the port comes from the job id so that two jobs sharing a node do not collide
         addr = env.get("MASTER_ADDR") or first_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1"))
         port = env.get("MASTER_PORT") or str(10000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
         return int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), world_size, addr, port
-    if "OMPI_COMM_WORLD_RANK" in env:  # mpirun (Open MPI)
-        world_size = int(env["OMPI_COMM_WORLD_SIZE"])
-        # all ranks on one node: rank 0 is on this one. Across nodes only MPI knows where rank 0 runs:
-        # leave MASTER_ADDR unset and DeepSpeed asks MPI (mpi4py) for it
-        one_node = int(env.get("OMPI_COMM_WORLD_LOCAL_SIZE", 0)) == world_size
-        addr = env.get("MASTER_ADDR") or ("127.0.0.1" if one_node else None)
-        port = env.get("MASTER_PORT") or "29500"
-        return int(env["OMPI_COMM_WORLD_RANK"]), int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)), world_size, addr, port
     return 0, 0, 1, None, None
+
+
+def mpi_launch_env(env=os.environ):
+    """launch_env(), and when it finds no launcher, mpirun's (Open MPI) variables."""
+    found = launch_env(env)
+    if found[2] > 1 or "OMPI_COMM_WORLD_RANK" not in env:
+        return found
+    world_size = int(env["OMPI_COMM_WORLD_SIZE"])
+    # all ranks on one node: rank 0 is on this one. Across nodes only MPI knows where rank 0 runs:
+    # leave MASTER_ADDR unset and DeepSpeed asks MPI (mpi4py) for it
+    one_node = int(env.get("OMPI_COMM_WORLD_LOCAL_SIZE", 0)) == world_size
+    addr = env.get("MASTER_ADDR") or ("127.0.0.1" if one_node else None)
+    port = env.get("MASTER_PORT") or "29500"
+    return int(env["OMPI_COMM_WORLD_RANK"]), int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)), world_size, addr, port
 
 
 def print0(message, file=sys.stdout):
@@ -237,15 +257,24 @@ def stop_signal(device):
     return int(signum.item())
 
 
-def stop_and_requeue(signum, message, device):
-    """After the checkpoint: requeue the Slurm job if it was the time-limit warning, then exit on every rank
-    (the others wait for the requeue: an early exit could make the launcher end rank 0 before it is done)."""
+def stop_check(device, checkpoint, epoch, step):
+    """Called at the same steps on every rank. If any rank received a stop signal: write a checkpoint at `step` of
+    `epoch` (step 0: the end of the epoch, already written; checkpoint None: no --checkpoint-dir), requeue the Slurm
+    job if it was the time-limit warning, then exit EXIT_RESUMABLE on every rank."""
+    signum = stop_signal(device)
+    if not signum:
+        return
+    if checkpoint and step:
+        checkpoint(epoch, step)
+    where = f"epoch {epoch} step {step}" if step else f"the end of epoch {epoch}"
+    message = f"checkpoint at {where}" if checkpoint else "no --checkpoint-dir, nothing saved"
     job_id = os.environ.get("SLURM_JOB_ID")
     if RANK == 0 and job_id and signum == signal.SIGUSR1:
         r = subprocess.run(["scontrol", "requeue", job_id], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        message += f"; requeued job {job_id}" if r.returncode == 0 else f"; could not requeue job {job_id}: {r.stdout.strip()} (resubmit it)"
+        message += f"; requeued job {job_id}" if r.returncode == 0 else \
+            f"; could not requeue job {job_id}: {r.stdout.strip()} (resubmit it)"
     print0(f"stopped on {STOP_SIGNALS[signum]}: {message}")
-    all_ranks_ok(True, device)
+    all_ranks_ok(True, device)  # the others wait for the requeue: an early exit could make the launcher end rank 0
     raise SystemExit(EXIT_RESUMABLE)
 
 
@@ -255,7 +284,8 @@ def stop_and_requeue(signum, message, device):
 MEAN, STD = 0.1307, 0.3081  # MNIST training-set pixel statistics
 
 
-MNIST_FILES = {True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"), False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+MNIST_FILES = {True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+               False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 
 
 def download_mnist(data_dir):
@@ -356,7 +386,8 @@ def check_writable(ckpt_dir):
         open(probe, "w").close()
         os.remove(probe)
     except OSError as e:
-        fail(f"cannot write checkpoints to {os.path.abspath(ckpt_dir)} ({e.strerror}). HINT: choose a --checkpoint-dir you can write to")
+        fail(f"cannot write checkpoints to {os.path.abspath(ckpt_dir)} ({e.strerror}). HINT: choose a --checkpoint-dir "
+             "you can write to")
 
 
 # -----------------------------------------------------------------------------
@@ -368,7 +399,7 @@ RANK, LOCAL_RANK, WORLD_SIZE = 0, 0, 1
 @record  # under torchrun, a crash is written to its error file and the summary names the failing rank
 def main(args):
     global RANK, LOCAL_RANK, WORLD_SIZE
-    RANK, LOCAL_RANK, WORLD_SIZE, addr, port = launch_env()
+    RANK, LOCAL_RANK, WORLD_SIZE, addr, port = mpi_launch_env()
     if RANK != 0:  # only rank 0 speaks: other ranks' warnings would repeat it WORLD_SIZE times
         warnings.filterwarnings("ignore")
     for signum in STOP_SIGNALS:
@@ -382,7 +413,8 @@ def main(args):
 
     # one process per device: cuda:(local_rank % device_count) with NCCL, else CPU with gloo
     if args.device == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda was given, but no CUDA device is visible here. HINT: request a GPU (e.g. --gres=gpu:1) or use --device cpu")
+        fail("--device cuda was given, but no CUDA device is visible here. HINT: request a GPU (e.g. --gres=gpu:1) or "
+             "use --device cpu")
     use_cuda = args.device != "cpu" and torch.cuda.is_available()
     device = torch.device("cuda", LOCAL_RANK % torch.cuda.device_count()) if use_cuda else torch.device("cpu")
     if use_cuda:
@@ -396,10 +428,13 @@ def main(args):
         os.environ.update(RANK=str(RANK), LOCAL_RANK=str(LOCAL_RANK), WORLD_SIZE=str(WORLD_SIZE))
         os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = addr, port  # launch_env already honours the user's
     try:  # the timeout bounds every collective: a hung rank ends the job instead of holding it until the time limit
-        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", auto_mpi_discovery=True, verbose=False, timeout=timedelta(minutes=10))
-    except dist.DistNetworkError as e:  # rank 0 cannot listen there: another program, or another job, holds the port
-        fail(f"rank 0 cannot listen on MASTER_ADDR:MASTER_PORT = {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} "
-             f"({str(e).splitlines()[0][:200]}). HINT: the port is in use; unset MASTER_PORT to derive one from the job id, or pick a free one")
+        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", auto_mpi_discovery=True, verbose=False,
+                                   timeout=timedelta(minutes=10))
+    except dist.DistNetworkError as e:  # rank 0 cannot listen: another program, or another job, holds the port
+        fail("rank 0 cannot listen on MASTER_ADDR:MASTER_PORT = "
+             f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} "
+             f"({str(e).splitlines()[0][:200]}). HINT: the port is in use; unset MASTER_PORT to derive one from the "
+             "job id, or pick a free one")
     RANK, WORLD_SIZE = dist.get_rank(), dist.get_world_size()  # MPI discovery may have filled them in
     if RANK != 0:  # likewise DeepSpeed's own log lines
         warnings.filterwarnings("ignore")
@@ -422,20 +457,24 @@ def train(args, config, device):
     torch.manual_seed(args.seed)  # same initial weights everywhere (DeepSpeed also broadcasts rank 0's)
     if args.amp and device.type != "cuda":
         print0("NOTE: --amp is bfloat16 on GPU only; training in float32 on CPU")
-    dtype = torch.bfloat16 if config.get("bf16", {}).get("enabled") else torch.float32  # DeepSpeed keeps the model in this dtype
+    # DeepSpeed keeps the model in this dtype
+    dtype = torch.bfloat16 if config.get("bf16", {}).get("enabled") else torch.float32
 
     # -----------------------------------------------------------------------------
     # data: local rank 0 of each node downloads if needed while the other ranks wait
     reason = download_mnist(args.data_dir) if LOCAL_RANK == 0 else None
     if not all_ranks_ok(reason is None, device):
-        fail(f"MNIST is not in {os.path.abspath(args.data_dir)} and could not be downloaded ({reason or 'on another node'}). "
-             f"HINT: compute nodes are often offline; on the login node run: python {os.path.basename(__file__)} --download-only --data-dir {args.data_dir}")
+        fail(f"MNIST is not in {os.path.abspath(args.data_dir)} and could not be downloaded "
+             f"({reason or 'on another node'}). "
+             f"HINT: compute nodes are often offline; on the login node run: python {os.path.basename(__file__)} "
+             f"--download-only --data-dir {args.data_dir}")
     x_train, y_train = load_mnist(args.data_dir, True, device)
     x_test, y_test = load_mnist(args.data_dir, False, device)
     x_test = x_test.to(dtype)  # the model is in this dtype; cast the test set once, not every epoch
     # each rank sees a disjoint 1/WORLD_SIZE of the training set, reshuffled every epoch by set_epoch();
     # drop_last keeps the shards equal, so every rank takes the same number of steps
-    sampler = DistributedSampler(range(len(x_train)), num_replicas=WORLD_SIZE, rank=RANK, shuffle=True, seed=args.seed, drop_last=True)
+    sampler = DistributedSampler(range(len(x_train)), num_replicas=WORLD_SIZE, rank=RANK, shuffle=True, seed=args.seed,
+                                 drop_last=True)
     batch_size = config["train_micro_batch_size_per_gpu"]
 
     # -----------------------------------------------------------------------------
@@ -443,14 +482,16 @@ def train(args, config, device):
     # in an engine that averages (and with ZeRO, partitions) gradients and optimizer state across ranks
     raw_model = Net()
     try:
-        engine, optimizer, _, scheduler = deepspeed.initialize(model=raw_model, model_parameters=raw_model.parameters(), config=config)
+        engine, optimizer, _, scheduler = deepspeed.initialize(model=raw_model, model_parameters=raw_model.parameters(),
+                                                               config=config)
     except (AssertionError, ValueError, KeyError) as e:  # DeepSpeed's config checks
         fail(f"DeepSpeed rejected the config {args.deepspeed_config or '(built-in)'}: {type(e).__name__}: {e}")
     print0(f"DeepSpeed ZeRO stage {engine.zero_optimization_stage()}, micro batch {batch_size} per process, "
            f"global batch {engine.train_batch_size()}, {'bf16' if dtype == torch.bfloat16 else 'fp32'}")
 
     # -----------------------------------------------------------------------------
-    # resume: every rank loads its own shard of the newest checkpoint named by "latest"; mid-epoch ones resume at their step
+    # resume: every rank loads its own shard of the newest checkpoint named by "latest"; mid-epoch ones resume at
+    # their step
     start_epoch, start_step = 1, 0
     if args.checkpoint_dir:
         check_writable(args.checkpoint_dir)
@@ -462,19 +503,21 @@ def train(args, config, device):
             except Exception as e:  # a damaged shard: say which, never start afresh over it
                 path, error = None, " ".join(f"{type(e).__name__}: {e}".split())[:200]
             if path is None:
-                fail(f"could not load checkpoint {os.path.join(args.checkpoint_dir, tag)}, named by 'latest' ({error}). HINT: to go "
-                     f"back to the previous one, write its name (ls {args.checkpoint_dir}) into {os.path.join(args.checkpoint_dir, 'latest')}")
+                fail(f"could not load checkpoint {os.path.join(args.checkpoint_dir, tag)}, named by 'latest' "
+                     f"({error}). HINT: to go back to the previous one, write its name (ls {args.checkpoint_dir}) into "
+                     f"{os.path.join(args.checkpoint_dir, 'latest')}")
             if client_state.get("script") != "mnist_ddp_deepspeed.py":
-                fail(f"{path} was not written by mnist_ddp_deepspeed.py (it is from {client_state.get('script', 'another script')}). "
+                fail(f"{path} was not written by mnist_ddp_deepspeed.py (it is from "
+                     f"{client_state.get('script', 'another script')}). "
                      "HINT: use a new --checkpoint-dir for a different script or model")
             if len(client_state["rng"]) == WORLD_SIZE:
                 torch.set_rng_state(client_state["rng"][RANK].cpu())
             start_epoch, start_step = client_state["epoch"] + 1, client_state["step"]
-            print0(f"resumed from {path}: epoch {client_state['epoch']} done" + (f" and {start_step} steps of epoch {start_epoch}" if start_step else "")
-                   + f", continuing at epoch {start_epoch}")
-        elif glob.glob(os.path.join(args.checkpoint_dir, "epoch_*")):  # never a silent fresh start over someone's checkpoints
-            fail(f"{args.checkpoint_dir} holds checkpoints but no DeepSpeed 'latest' file: they are not from mnist_ddp_deepspeed.py. "
-                 "HINT: use a new --checkpoint-dir for a different script or model")
+            steps = f" and {start_step} steps of epoch {start_epoch}" if start_step else ""
+            print0(f"resumed from {path}: epoch {client_state['epoch']} done{steps}, continuing at epoch {start_epoch}")
+        elif glob.glob(os.path.join(args.checkpoint_dir, "epoch_*")):  # never a silent fresh start over them
+            fail(f"{args.checkpoint_dir} holds checkpoints but no DeepSpeed 'latest' file: they are not from "
+                 "mnist_ddp_deepspeed.py. HINT: use a new --checkpoint-dir for a different script or model")
     os.makedirs(args.output_dir, exist_ok=True)
     run_id = os.environ.get("SLURM_JOB_ID") or datetime.now().strftime("%Y%m%d-%H%M%S")
     metrics = open(os.path.join(args.output_dir, f"metrics-{run_id}.jsonl"), "a") if RANK == 0 else None
@@ -482,8 +525,10 @@ def train(args, config, device):
     def checkpoint(epoch, step):
         """Every rank writes its shard; RNG states come from every rank."""
         rng = all_gather(torch.get_rng_state())
-        save_checkpoint(engine, args.checkpoint_dir, f"epoch_{epoch - 1:04d}_step_{step:07d}" if step else f"epoch_{epoch:04d}", {
-            "epoch": epoch - 1 if step else epoch, "step": step, "rng": rng, "args": vars(args), "script": "mnist_ddp_deepspeed.py"})
+        name = f"epoch_{epoch - 1:04d}_step_{step:07d}" if step else f"epoch_{epoch:04d}"
+        save_checkpoint(engine, args.checkpoint_dir, name, {
+            "epoch": epoch - 1 if step else epoch, "step": step, "rng": rng, "args": vars(args),
+            "script": "mnist_ddp_deepspeed.py"})
 
     # -----------------------------------------------------------------------------
     # training loop
@@ -504,10 +549,8 @@ def train(args, config, device):
             loss_sum += loss.detach() * len(idx)
             if RANK == 0 and step % args.log_interval == 0:  # .item() syncs, so only now and then
                 print_line(f"  epoch {epoch} step {step} loss {loss.item():.4f}")
-            if (step + 1) % STOP_CHECK_EVERY == 0 and step + 1 < steps and (signum := stop_signal(device)):
-                if args.checkpoint_dir:
-                    checkpoint(epoch, step + 1)
-                stop_and_requeue(signum, f"checkpoint at epoch {epoch} step {step + 1}" if args.checkpoint_dir else "no --checkpoint-dir, nothing saved", device)
+            if (step + 1) % STOP_CHECK_EVERY == 0 and step + 1 < steps:
+                stop_check(device, args.checkpoint_dir and checkpoint, epoch, step + 1)
         stats = torch.stack([loss_sum, torch.tensor(float(len(order) - skip * batch_size), device=device)]).double()
         if WORLD_SIZE > 1:
             dist.all_reduce(stats)  # the mean over all ranks' samples, not just rank 0's
@@ -525,8 +568,7 @@ def train(args, config, device):
 
         if args.checkpoint_dir:
             checkpoint(epoch, 0)
-        if signum := stop_signal(device):
-            stop_and_requeue(signum, f"checkpoint at the end of epoch {epoch}" if args.checkpoint_dir else "no --checkpoint-dir, nothing saved", device)
+        stop_check(device, args.checkpoint_dir and checkpoint, epoch, 0)
 
     # -----------------------------------------------------------------------------
     # summary

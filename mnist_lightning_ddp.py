@@ -58,21 +58,29 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description="MNIST with PyTorch Lightning DDP")
     p.add_argument("--epochs", type=positive_int, default=2, help="number of epochs to train (default: 2)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="training batch size per process (default: 64)")
-    p.add_argument("--test-batch-size", type=positive_int, default=1000, help="evaluation batch size per process (default: 1000)")
+    p.add_argument("--test-batch-size", type=positive_int, default=1000,
+                   help="evaluation batch size per process (default: 1000)")
     p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (default: 3e-3)")
     p.add_argument("--gamma", type=float, default=0.7, help="learning-rate decay per epoch (default: 0.7)")
     p.add_argument("--seed", type=int, default=1, help="random seed (default: 1)")
-    p.add_argument("--data-dir", default=os.environ.get("DATA_DIR", "./data"), help="holds MNIST/raw (default: $DATA_DIR, else ./data)")
-    p.add_argument("--download-only", action="store_true", help="download MNIST into --data-dir and exit (run on a login node)")
+    p.add_argument("--data-dir", default=os.environ.get("DATA_DIR", "./data"),
+                   help="holds MNIST/raw (default: $DATA_DIR, else ./data)")
+    p.add_argument("--download-only", action="store_true",
+                   help="download MNIST into --data-dir and exit (run on a login node)")
     p.add_argument("--output-dir", default="./out", help="metrics JSONL goes here (default: ./out)")
-    p.add_argument("--checkpoint-dir", default=os.environ.get("CHECKPOINT_DIR"), help="save every epoch and resume from the latest checkpoint here (default: $CHECKPOINT_DIR, else no checkpoints)")
+    p.add_argument("--checkpoint-dir", default=os.environ.get("CHECKPOINT_DIR"),
+                   help="save every epoch and resume from the latest checkpoint here (default: $CHECKPOINT_DIR, else "
+                        "no checkpoints)")
     p.add_argument("--log-interval", type=positive_int, default=20, help="steps between loss prints (default: 20)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: a GPU if there is one (default: auto)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto: a GPU if there is one (default: auto)")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast (GPU only; ignored on CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     # Lightning: how many processes. The CSC README spells them --gpus=4 --nodes=2
-    p.add_argument("--gpus", type=positive_int, default=None, help="devices (processes) per node (default: from torchrun or srun, else 1)")
-    p.add_argument("--nodes", type=positive_int, default=None, help="number of nodes (default: from torchrun or srun, else 1)")
+    p.add_argument("--gpus", type=positive_int, default=None,
+                   help="devices (processes) per node (default: from torchrun or srun, else 1)")
+    p.add_argument("--nodes", type=positive_int, default=None,
+                   help="number of nodes (default: from torchrun or srun, else 1)")
     return p.parse_args(argv)
 
 
@@ -133,7 +141,8 @@ def all_gather(obj):
 MEAN, STD = 0.1307, 0.3081  # MNIST training-set pixel statistics
 
 
-MNIST_FILES = {True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"), False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+MNIST_FILES = {True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+               False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 
 
 def download_mnist(data_dir):
@@ -210,11 +219,14 @@ class LitMNIST(pl.LightningModule):
         RANK, LOCAL_RANK, WORLD_SIZE = self.global_rank, self.local_rank, self.trainer.world_size
         if RANK != 0:  # only rank 0 speaks: other ranks' warnings would repeat it WORLD_SIZE times
             warnings.filterwarnings("ignore")
-        print_line(f"[rank {RANK}/{WORLD_SIZE}] local_rank {LOCAL_RANK} host {socket.gethostname()} device {self.device}")
+        print_line(f"[rank {RANK}/{WORLD_SIZE}] local_rank {LOCAL_RANK} host {socket.gethostname()} device "
+                   f"{self.device}")
         reason = download_mnist(self.args.data_dir) if LOCAL_RANK == 0 else None
         if not all_ranks_ok(reason is None, self.device):
-            fail(f"MNIST is not in {os.path.abspath(self.args.data_dir)} and could not be downloaded ({reason or 'on another node'}). "
-                 f"HINT: compute nodes are often offline; on the login node run: python {os.path.basename(__file__)} --download-only --data-dir {self.args.data_dir}")
+            fail(f"MNIST is not in {os.path.abspath(self.args.data_dir)} and could not be downloaded "
+                 f"({reason or 'on another node'}). "
+                 f"HINT: compute nodes are often offline; on the login node run: python {os.path.basename(__file__)} "
+                 f"--download-only --data-dir {self.args.data_dir}")
         self.train_set = TensorDataset(*load_mnist(self.args.data_dir, True, "cpu"))
         x_test, y_test = load_mnist(self.args.data_dir, False, "cpu")
         # exact evaluation: rank r scores digits r, r+W, r+2W, ... (no padding, no digit twice)
@@ -222,7 +234,8 @@ class LitMNIST(pl.LightningModule):
 
     def train_dataloader(self):
         # each rank sees a disjoint 1/WORLD_SIZE of the training set; Lightning calls sampler.set_epoch() for us
-        sampler = DistributedSampler(self.train_set, num_replicas=WORLD_SIZE, rank=RANK, shuffle=True, seed=self.args.seed, drop_last=True)
+        sampler = DistributedSampler(self.train_set, num_replicas=WORLD_SIZE, rank=RANK, shuffle=True,
+                                     seed=self.args.seed, drop_last=True)
         return DataLoader(self.train_set, batch_size=self.args.batch_size, sampler=sampler)
 
     def val_dataloader(self):
@@ -263,11 +276,13 @@ class LitMNIST(pl.LightningModule):
         train_loss_sum, samples = self.trainer.strategy.reduce(self.train_stats, reduce_op="sum").tolist()
         loss_sum, correct, count = self.trainer.strategy.reduce(self.val_stats, reduce_op="sum").tolist()
         epoch, seconds = self.current_epoch + 1, self.seconds
-        self.result = dict(epoch=epoch, train_loss=train_loss_sum / samples, test_loss=loss_sum / count, test_acc=correct / count,
-                           test_count=int(count), seconds=seconds, samples_per_s=samples / seconds)
+        self.result = dict(epoch=epoch, train_loss=train_loss_sum / samples, test_loss=loss_sum / count,
+                           test_acc=correct / count, test_count=int(count), seconds=seconds,
+                           samples_per_s=samples / seconds)
         self.trained, self.train_seconds = self.trained + samples, self.train_seconds + seconds
-        print0(f"epoch {epoch}/{self.args.epochs} | train loss {self.result['train_loss']:.4f} | test loss {self.result['test_loss']:.4f} | "
-               f"test acc {100 * self.result['test_acc']:.2f}% | {seconds:.1f} s | {samples / seconds:.0f} samples/s")
+        print0(f"epoch {epoch}/{self.args.epochs} | train loss {self.result['train_loss']:.4f} | "
+               f"test loss {self.result['test_loss']:.4f} | test acc {100 * self.result['test_acc']:.2f}% | "
+               f"{seconds:.1f} s | {samples / seconds:.0f} samples/s")
         if self.metrics:
             self.metrics.write(json.dumps({"event": "epoch", **self.result}) + "\n")
             self.metrics.flush()
@@ -288,12 +303,14 @@ class LitMNIST(pl.LightningModule):
     # summary
     def on_fit_end(self):
         if not self.trained:  # nothing left to train (resumed a finished run): report the checkpoint's metrics
-            print0(f"nothing to train: the checkpoint already has {self.current_epoch} epochs (--epochs={self.args.epochs})")
+            print0(f"nothing to train: the checkpoint already has {self.current_epoch} epochs "
+                   f"(--epochs={self.args.epochs})")
         checksums = all_gather(param_checksum(self.net))  # each rank's own hash: the test compares them
         done = {"event": "done", "test_acc": self.result["test_acc"], "test_loss": self.result["test_loss"],
                 "test_count": self.result["test_count"], "epoch": self.result["epoch"], "world_size": WORLD_SIZE,
                 "seconds": time.perf_counter() - self.t_start,
-                "samples_per_s": self.trained / self.train_seconds if self.train_seconds else None, "param_checksums": checksums}
+                "samples_per_s": self.trained / self.train_seconds if self.train_seconds else None,
+                "param_checksums": checksums}
         print0(json.dumps(done))
         if self.metrics:
             self.metrics.write(json.dumps(done) + "\n")
@@ -318,7 +335,8 @@ def main(args):
 
     # one process per device: Lightning picks cuda:local_rank with NCCL when CUDA is there, else CPU with gloo
     if args.device == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda was given, but no CUDA device is visible here. HINT: request a GPU (e.g. --gres=gpu:1) or use --device cpu")
+        fail("--device cuda was given, but no CUDA device is visible here. HINT: request a GPU (e.g. --gres=gpu:1) or "
+             "use --device cpu")
     use_cuda = args.device != "cpu" and torch.cuda.is_available()
     per_node, nodes = launch_size()
     devices, num_nodes = args.gpus or per_node, args.nodes or nodes
@@ -330,8 +348,8 @@ def main(args):
     # resume: Lightning restores weights, optimizer, scheduler, epoch and RNG from the last checkpoint
     callbacks, ckpt_path = [], None
     if args.checkpoint_dir:
-        callbacks.append(ModelCheckpoint(dirpath=args.checkpoint_dir, filename="lightning-{epoch}",
-                                         save_last=True, save_top_k=1, every_n_epochs=1))  # last.ckpt + the newest epoch
+        callbacks.append(ModelCheckpoint(dirpath=args.checkpoint_dir, filename="lightning-{epoch}",  # and last.ckpt
+                                         save_last=True, save_top_k=1, every_n_epochs=1))
         last = os.path.join(args.checkpoint_dir, "last.ckpt")
         ckpt_path = last if os.path.exists(last) else None
         if ckpt_path:
@@ -339,17 +357,21 @@ def main(args):
     try:
         trainer = pl.Trainer(
             accelerator="gpu" if use_cuda else "cpu", devices=devices, num_nodes=num_nodes,
-            strategy="ddp" if devices * num_nodes > 1 else "auto", precision="bf16-mixed" if args.amp and use_cuda else "32-true",
-            max_epochs=args.epochs, callbacks=callbacks, use_distributed_sampler=False,  # we shard ourselves, see train_dataloader
+            strategy="ddp" if devices * num_nodes > 1 else "auto",
+            precision="bf16-mixed" if args.amp and use_cuda else "32-true",
+            max_epochs=args.epochs, callbacks=callbacks,
+            use_distributed_sampler=False,  # we shard ourselves, see train_dataloader
             num_sanity_val_steps=0, logger=False, enable_progress_bar=False, enable_model_summary=False,
             enable_checkpointing=bool(args.checkpoint_dir))
-        if getattr(trainer.strategy, "cluster_environment", None):  # fit() would check this too, with a traceback per rank
+        # fit() would check this too, with a traceback per rank
+        if getattr(trainer.strategy, "cluster_environment", None):
             trainer.strategy.cluster_environment.validate_settings(num_devices=devices, num_nodes=num_nodes)
     except (ValueError, RuntimeError) as e:  # Lightning's launch checks, e.g. --gpus differs from srun's tasks per node
         fail(f"{e} (from --gpus={devices} --nodes={num_nodes})")
     # Slurm's time-limit warning (the wrappers' --signal=USR1): under srun, Lightning's SLURMEnvironment replaces this
     # handler, saves a checkpoint and requeues the job; elsewhere (torchrun) keep training: last.ckpt resumes per epoch
-    signal.signal(signal.SIGUSR1, lambda signum, frame: print0("SIGUSR1 (time limit near): training goes on; a rerun resumes from last.ckpt"))
+    signal.signal(signal.SIGUSR1, lambda signum, frame: print0(
+        "SIGUSR1 (time limit near): training goes on; a rerun resumes from last.ckpt"))
     try:
         trainer.fit(torch.compile(model) if args.compile else model, ckpt_path=ckpt_path, weights_only=True)
     finally:

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 #SBATCH --job-name=deepspeed-gpu4          # names the log file and shows in squeue
 #SBATCH --nodes=1                          # nodes (sbatch --nodes=N overrides)
-#SBATCH --ntasks-per-node=4                # one task (process) per GPU
+#SBATCH --ntasks-per-node=1                # one launcher per node; it starts one process per GPU
 #SBATCH --gpus-per-node=4                  # 4 GPUs on each node
-#SBATCH --cpus-per-task=8                  # 8 cores per GPU: for data loading
+#SBATCH --cpus-per-task=32                 # 8 cores per GPU, for the 4 processes of this task
 #SBATCH --mem=128G                         # memory per node
 #SBATCH --time=02:00:00                    # wall-clock limit, hh:mm:ss
 #SBATCH --output=%x-%j.out                 # log: job name and job id, in the directory you submit from
@@ -11,11 +11,44 @@
 #SBATCH --requeue                          # allow the job to put itself back in the queue (scontrol requeue)
 #SBATCH --open-mode=append                 # a requeued run appends to the same log
 #
-# 1 node x 4 GPUs, DeepSpeed, one srun task per GPU: e.g. sbatch run-gpu4-deepspeed.sh mnist_ddp_deepspeed.py --epochs=100 --deepspeed --deepspeed_config ds_config.json
-# usage:  sbatch run-gpu4-deepspeed.sh SCRIPT.py [ARGS...]
-# No account or partition is set here: add them when you submit (sbatch --account=ACC --partition=PART run-gpu4-deepspeed.sh ...)
-# or export SBATCH_ACCOUNT / SBATCH_PARTITION once. Site set-up (modules, venv): slurm/site.sh.
+# 1 node x 4 GPUs, DeepSpeed's launcher starting one process per GPU.
+#   usage: sbatch run-gpu4-deepspeed.sh SCRIPT.py [ARGS...]
+#   e.g.   sbatch run-gpu4-deepspeed.sh mnist_ddp_deepspeed.py --deepspeed --deepspeed_config ds_config.json
+# No account or partition is set here: add them when you submit (sbatch --account=ACC --partition=PART ...) or
+# export SBATCH_ACCOUNT / SBATCH_PARTITION once. PYTHON may be a command with arguments, e.g. a container:
+#   PYTHON="apptainer exec --nv image.sif python" sbatch run-gpu4-deepspeed.sh ...
 set -euo pipefail
-# sbatch runs a spooled copy of this file: ask Slurm where the original is, to reach slurm/launch.sh beside it
-wrapper=$(scontrol show job "${SLURM_JOB_ID:?submit this file with sbatch}" -o | sed -n 's/.* Command=\([^ ]*\).*/\1/p')
-WRAPPER_NAME=$(basename "$wrapper") exec bash "$(dirname "$wrapper")/slurm/launch.sh" srun "$@"
+wrapper=run-gpu4-deepspeed.sh  # sbatch runs a copy of this file under another name
+usage="usage: sbatch $wrapper SCRIPT.py [ARGS...]"
+if [ $# -eq 0 ]; then echo "ERROR: no training script given. $usage" >&2; exit 2; fi
+script=$1
+shift
+if [ ! -f "$script" ]; then echo "ERROR: training script '$script' not found in $PWD. $usage" >&2; exit 2; fi
+: "${SLURM_JOB_ID:?submit this file with sbatch. $usage}"
+
+# Site set-up (module loads, venv or conda activation): sourced if the file is there; every task inherits it
+site=${SITE_SETUP:-slurm/site.sh}
+# shellcheck source=/dev/null
+if [ -f "$site" ]; then echo "== site set-up: $site =="; source "$site"; fi
+
+# Every rank must agree where rank 0 listens: the job's first node, on a port derived from the job id
+MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+MASTER_PORT=$((10000 + SLURM_JOB_ID % 20000))
+export MASTER_ADDR MASTER_PORT
+export PYTHONUNBUFFERED=1  # log lines appear as they are printed, not at exit
+read -ra python <<< "${PYTHON:-python}"  # a command with arguments is split into words
+nodes=$SLURM_JOB_NUM_NODES
+gpus=${SLURM_GPUS_ON_NODE:-1}  # GPUs allocated on each node
+cpus=${SLURM_CPUS_PER_TASK:-1}
+echo "== job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST: $nodes node(s) x $gpus GPU(s) =="
+echo "== rank 0 at $MASTER_ADDR:$MASTER_PORT; ${python[*]} $script $* =="
+
+# Launch: one task runs DeepSpeed's launcher (the deepspeed command, python -m deepspeed.launcher.runner), which
+# starts one process per GPU on this node. Slurm signals every process of the step, and the launcher would die of
+# SIGUSR1 (its first process of SIGTERM too), ending the step before the workers checkpoint: so it starts with
+# both ignored. Its child process passes SIGTERM on; the training script sets its own handlers.
+if [ "$nodes" -gt 1 ]; then echo "ERROR: $wrapper runs on one node; for more, use run-gpu8.sh. $usage" >&2; exit 2; fi
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cpus / gpus > 0 ? cpus / gpus : 1 ))}
+srun --nodes=1 --ntasks=1 --cpus-per-task="$cpus" --kill-on-bad-exit=1 \
+  bash -c 'trap "" USR1 TERM; exec "$@"' deepspeed "${python[@]}" -m deepspeed.launcher.runner \
+  --num_gpus="$gpus" --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" "$script" "$@"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 #SBATCH --job-name=ddp-gpu4                # names the log file and shows in squeue
 #SBATCH --nodes=1                          # nodes (sbatch --nodes=N overrides)
-#SBATCH --ntasks-per-node=1                # one torchrun per node; it starts one process per GPU
+#SBATCH --ntasks-per-node=1                # one launcher per node; it starts one process per GPU
 #SBATCH --gpus-per-node=4                  # 4 GPUs on each node
 #SBATCH --cpus-per-task=32                 # 8 cores per GPU, for the 4 processes of this task
 #SBATCH --mem=128G                         # memory per node
@@ -11,11 +11,43 @@
 #SBATCH --requeue                          # allow the job to put itself back in the queue (scontrol requeue)
 #SBATCH --open-mode=append                 # a requeued run appends to the same log
 #
-# 1 node x 4 GPUs, torchrun: e.g. sbatch run-gpu4-dist.sh mnist_ddp.py --epochs=100
-# usage:  sbatch run-gpu4-dist.sh SCRIPT.py [ARGS...]
-# No account or partition is set here: add them when you submit (sbatch --account=ACC --partition=PART run-gpu4-dist.sh ...)
-# or export SBATCH_ACCOUNT / SBATCH_PARTITION once. Site set-up (modules, venv): slurm/site.sh.
+# 1 node x 4 GPUs, torchrun starting one process per GPU.
+#   usage: sbatch run-gpu4-dist.sh SCRIPT.py [ARGS...]
+#   e.g.   sbatch run-gpu4-dist.sh mnist_ddp.py --epochs=100
+# No account or partition is set here: add them when you submit (sbatch --account=ACC --partition=PART ...) or
+# export SBATCH_ACCOUNT / SBATCH_PARTITION once. PYTHON may be a command with arguments, e.g. a container:
+#   PYTHON="apptainer exec --nv image.sif python" sbatch run-gpu4-dist.sh ...
 set -euo pipefail
-# sbatch runs a spooled copy of this file: ask Slurm where the original is, to reach slurm/launch.sh beside it
-wrapper=$(scontrol show job "${SLURM_JOB_ID:?submit this file with sbatch}" -o | sed -n 's/.* Command=\([^ ]*\).*/\1/p')
-WRAPPER_NAME=$(basename "$wrapper") exec bash "$(dirname "$wrapper")/slurm/launch.sh" torchrun "$@"
+wrapper=run-gpu4-dist.sh  # sbatch runs a copy of this file under another name
+usage="usage: sbatch $wrapper SCRIPT.py [ARGS...]"
+if [ $# -eq 0 ]; then echo "ERROR: no training script given. $usage" >&2; exit 2; fi
+script=$1
+shift
+if [ ! -f "$script" ]; then echo "ERROR: training script '$script' not found in $PWD. $usage" >&2; exit 2; fi
+: "${SLURM_JOB_ID:?submit this file with sbatch. $usage}"
+
+# Site set-up (module loads, venv or conda activation): sourced if the file is there; every task inherits it
+site=${SITE_SETUP:-slurm/site.sh}
+# shellcheck source=/dev/null
+if [ -f "$site" ]; then echo "== site set-up: $site =="; source "$site"; fi
+
+# Every rank must agree where rank 0 listens: the job's first node, on a port derived from the job id
+MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+MASTER_PORT=$((10000 + SLURM_JOB_ID % 20000))
+export MASTER_ADDR MASTER_PORT
+export PYTHONUNBUFFERED=1  # log lines appear as they are printed, not at exit
+read -ra python <<< "${PYTHON:-python}"  # a command with arguments is split into words
+nodes=$SLURM_JOB_NUM_NODES
+gpus=${SLURM_GPUS_ON_NODE:-1}  # GPUs allocated on each node
+cpus=${SLURM_CPUS_PER_TASK:-1}
+echo "== job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST: $nodes node(s) x $gpus GPU(s) =="
+echo "== rank 0 at $MASTER_ADDR:$MASTER_PORT; ${python[*]} $script $* =="
+
+# Launch: one torchrun per node (python -m torch.distributed.run), each starting one process per GPU; they meet at
+# a c10d rendezvous on rank 0's node. Slurm signals every process of the step: torchrun passes SIGUSR1 (the time
+# limit warning) and SIGTERM on to its workers and waits up to --shutdown-timeout seconds for their checkpoint.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cpus / gpus > 0 ? cpus / gpus : 1 ))}
+srun --nodes="$nodes" --ntasks="$nodes" --ntasks-per-node=1 --cpus-per-task="$cpus" --kill-on-bad-exit=1 \
+  "${python[@]}" -m torch.distributed.run --nnodes="$nodes" --nproc-per-node="$gpus" \
+  --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv-id="$SLURM_JOB_ID" \
+  --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout=100 "$script" "$@"

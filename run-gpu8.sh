@@ -11,11 +11,40 @@
 #SBATCH --requeue                          # allow the job to put itself back in the queue (scontrol requeue)
 #SBATCH --open-mode=append                 # a requeued run appends to the same log
 #
-# 2 nodes x 4 GPUs, one srun task per GPU: e.g. sbatch run-gpu8.sh mnist_ddp_deepspeed.py --epochs=100 --deepspeed --deepspeed_config ds_config.json
-# usage:  sbatch run-gpu8.sh SCRIPT.py [ARGS...]
-# No account or partition is set here: add them when you submit (sbatch --account=ACC --partition=PART run-gpu8.sh ...)
-# or export SBATCH_ACCOUNT / SBATCH_PARTITION once. Site set-up (modules, venv): slurm/site.sh.
+# 2 nodes x 4 GPUs, one srun task per GPU.
+#   usage: sbatch run-gpu8.sh SCRIPT.py [ARGS...]
+#   e.g.   sbatch run-gpu8.sh mnist_ddp_deepspeed.py --deepspeed --deepspeed_config ds_config.json
+# No account or partition is set here: add them when you submit (sbatch --account=ACC --partition=PART ...) or
+# export SBATCH_ACCOUNT / SBATCH_PARTITION once. PYTHON may be a command with arguments, e.g. a container:
+#   PYTHON="apptainer exec --nv image.sif python" sbatch run-gpu8.sh ...
 set -euo pipefail
-# sbatch runs a spooled copy of this file: ask Slurm where the original is, to reach slurm/launch.sh beside it
-wrapper=$(scontrol show job "${SLURM_JOB_ID:?submit this file with sbatch}" -o | sed -n 's/.* Command=\([^ ]*\).*/\1/p')
-WRAPPER_NAME=$(basename "$wrapper") exec bash "$(dirname "$wrapper")/slurm/launch.sh" srun "$@"
+wrapper=run-gpu8.sh  # sbatch runs a copy of this file under another name
+usage="usage: sbatch $wrapper SCRIPT.py [ARGS...]"
+if [ $# -eq 0 ]; then echo "ERROR: no training script given. $usage" >&2; exit 2; fi
+script=$1
+shift
+if [ ! -f "$script" ]; then echo "ERROR: training script '$script' not found in $PWD. $usage" >&2; exit 2; fi
+: "${SLURM_JOB_ID:?submit this file with sbatch. $usage}"
+
+# Site set-up (module loads, venv or conda activation): sourced if the file is there; every task inherits it
+site=${SITE_SETUP:-slurm/site.sh}
+# shellcheck source=/dev/null
+if [ -f "$site" ]; then echo "== site set-up: $site =="; source "$site"; fi
+
+# Every rank must agree where rank 0 listens: the job's first node, on a port derived from the job id
+MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+MASTER_PORT=$((10000 + SLURM_JOB_ID % 20000))
+export MASTER_ADDR MASTER_PORT
+export PYTHONUNBUFFERED=1  # log lines appear as they are printed, not at exit
+read -ra python <<< "${PYTHON:-python}"  # a command with arguments is split into words
+nodes=$SLURM_JOB_NUM_NODES
+gpus=${SLURM_GPUS_ON_NODE:-1}  # GPUs allocated on each node
+cpus=${SLURM_CPUS_PER_TASK:-1}
+echo "== job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST: $nodes node(s) x $gpus GPU(s) =="
+echo "== rank 0 at $MASTER_ADDR:$MASTER_PORT; ${python[*]} $script $* =="
+
+# Launch: srun starts one task per GPU on every node; each reads its rank from SLURM_PROCID and SLURM_LOCALID.
+# srun does not pass sbatch's --cpus-per-task on (Slurm >= 22.05): say it again. --kill-on-bad-exit: one task
+# failing ends the others at once, instead of leaving them waiting in a collective until the time limit.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$cpus}
+srun --cpus-per-task="$cpus" --kill-on-bad-exit=1 "${python[@]}" "$script" "$@"

@@ -11,13 +11,47 @@
 #SBATCH --requeue                          # allow the job to put itself back in the queue (scontrol requeue)
 #SBATCH --open-mode=append                 # a requeued run appends to the same log
 #
-# ImageNet on any number of nodes x 4 GPUs: first one staging task per node extracts the archives to node-local
-# disk (skipped where a complete copy is already there), then one srun task per GPU trains.
-# e.g. sbatch --nodes=2 run-imagenet.sh imagenet_ddp.py --data-dir=/datasets/imagenet --checkpoint-dir=$WRKDIR/ckpt
-# usage:  sbatch run-imagenet.sh SCRIPT.py [ARGS...]
-# No account or partition is set here: add them when you submit (sbatch --account=ACC --partition=PART run-imagenet.sh ...)
-# or export SBATCH_ACCOUNT / SBATCH_PARTITION once. Site set-up (modules, venv): slurm/site.sh.
+# ImageNet on N nodes x 4 GPUs: a staging step per node, then one srun task per GPU.
+#   usage: sbatch run-imagenet.sh SCRIPT.py [ARGS...]
+#   e.g.   sbatch run-imagenet.sh imagenet_ddp.py --data-dir=/datasets/imagenet --checkpoint-dir=ckpt
+# No account or partition is set here: add them when you submit (sbatch --account=ACC --partition=PART ...) or
+# export SBATCH_ACCOUNT / SBATCH_PARTITION once. PYTHON may be a command with arguments, e.g. a container:
+#   PYTHON="apptainer exec --nv image.sif python" sbatch run-imagenet.sh ...
 set -euo pipefail
-# sbatch runs a spooled copy of this file: ask Slurm where the original is, to reach slurm/launch.sh beside it
-wrapper=$(scontrol show job "${SLURM_JOB_ID:?submit this file with sbatch}" -o | sed -n 's/.* Command=\([^ ]*\).*/\1/p')
-WRAPPER_NAME=$(basename "$wrapper") STAGE_FIRST=1 exec bash "$(dirname "$wrapper")/slurm/launch.sh" srun "$@"
+wrapper=run-imagenet.sh  # sbatch runs a copy of this file under another name
+usage="usage: sbatch $wrapper SCRIPT.py [ARGS...]"
+if [ $# -eq 0 ]; then echo "ERROR: no training script given. $usage" >&2; exit 2; fi
+script=$1
+shift
+if [ ! -f "$script" ]; then echo "ERROR: training script '$script' not found in $PWD. $usage" >&2; exit 2; fi
+: "${SLURM_JOB_ID:?submit this file with sbatch. $usage}"
+
+# Site set-up (module loads, venv or conda activation): sourced if the file is there; every task inherits it
+site=${SITE_SETUP:-slurm/site.sh}
+# shellcheck source=/dev/null
+if [ -f "$site" ]; then echo "== site set-up: $site =="; source "$site"; fi
+
+# Every rank must agree where rank 0 listens: the job's first node, on a port derived from the job id
+MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+MASTER_PORT=$((10000 + SLURM_JOB_ID % 20000))
+export MASTER_ADDR MASTER_PORT
+export PYTHONUNBUFFERED=1  # log lines appear as they are printed, not at exit
+read -ra python <<< "${PYTHON:-python}"  # a command with arguments is split into words
+nodes=$SLURM_JOB_NUM_NODES
+gpus=${SLURM_GPUS_ON_NODE:-1}  # GPUs allocated on each node
+cpus=${SLURM_CPUS_PER_TASK:-1}
+echo "== job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST: $nodes node(s) x $gpus GPU(s) =="
+echo "== rank 0 at $MASTER_ADDR:$MASTER_PORT; ${python[*]} $script $* =="
+
+# Staging: one task per node, with all the cores the node's training tasks will have, copies the data to local
+# disk (skipped where a complete copy is already there) before any training process starts.
+tasks_per_node=${SLURM_NTASKS_PER_NODE:-$gpus}
+echo "== staging: $script --stage-only, once on each of the $nodes node(s) =="
+srun --nodes="$nodes" --ntasks="$nodes" --ntasks-per-node=1 --cpus-per-task=$(( cpus * ${tasks_per_node%%[!0-9]*} )) \
+  --kill-on-bad-exit=1 "${python[@]}" "$script" --stage-only "$@"
+
+# Launch: srun starts one task per GPU on every node; each reads its rank from SLURM_PROCID and SLURM_LOCALID.
+# srun does not pass sbatch's --cpus-per-task on (Slurm >= 22.05): say it again. --kill-on-bad-exit: one task
+# failing ends the others at once, instead of leaving them waiting in a collective until the time limit.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$cpus}
+srun --cpus-per-task="$cpus" --kill-on-bad-exit=1 "${python[@]}" "$script" "$@"

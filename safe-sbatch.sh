@@ -11,7 +11,10 @@
 set -euo pipefail
 
 usage="usage: ./safe-sbatch.sh [SBATCH OPTIONS] WRAPPER SCRIPT.py [ARGS...]"
-repo=$(git rev-parse --show-toplevel 2>/dev/null) || { echo "ERROR: $PWD is not inside a git repository. $usage" >&2; exit 2; }
+if ! repo=$(git rev-parse --show-toplevel 2>/dev/null); then
+  echo "ERROR: $PWD is not inside a git repository. $usage" >&2
+  exit 2
+fi
 if [ -n "$(git -C "$repo" status --porcelain)" ]; then
   echo "ERROR: the git tree has uncommitted or untracked changes; the job would not run what the commit says:" >&2
   git -C "$repo" status --short >&2
@@ -39,4 +42,5 @@ fi
 # the same files, inside the snapshot
 rel() { realpath --relative-to="$repo" "$1"; }
 echo "submitting commit ${commit:0:12} from $snap"
-exec sbatch --export="ALL,GIT_COMMIT=$commit" "${sbatch_opts[@]}" "$snap/$(rel "$wrapper")" "$snap/$(rel "$script")" "$@"
+exec sbatch --export="ALL,GIT_COMMIT=$commit" "${sbatch_opts[@]}" \
+  "$snap/$(rel "$wrapper")" "$snap/$(rel "$script")" "$@"

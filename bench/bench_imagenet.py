@@ -4,8 +4,9 @@
     .venv/bin/python bench/bench_imagenet.py --synthetic-gpu  # on a GPU machine: also the GPU figures below
 
 P4  loader: images/s of imagenet_ddp.py's training pipeline (torchvision.io decode to uint8, its own Inception-style
-    crop + flip on uint8 tensors, uint8 batches) vs the plain PIL ImageFolder + RandomResizedCrop + ToTensor baseline, the
-    same JPEG files (about 500x375, quality 90, like ImageNet's), the same worker count and batch size (target >= 2x).
+    crop + flip on uint8 tensors, uint8 batches) vs the plain PIL ImageFolder + RandomResizedCrop + ToTensor baseline,
+    the same JPEG files (about 500x375, quality 90, like ImageNet's), the same worker count and batch size
+    (target >= 2x).
 P5  staging: seconds to turn ILSVRC2012_img_train.tar + ILSVRC2012_img_val.tar into class folders, imagenet_ddp.py's
     stage() (per-class tars and val images read straight out of the big tars by parallel workers) vs the usual serial
     `tar -xf` of the big tar, then `tar -xf` of each class tar (target >= 2x on 2 cores); and the read path that needs
@@ -65,7 +66,8 @@ def make_dataset(root, n_classes, n_images, n_val, seed=0):
     scipy.io.savemat(mat, {"synsets": synsets})
     with tarfile.open(root / "ILSVRC2012_devkit_t12.tar.gz", "w:gz") as t:
         tar_add(t, "ILSVRC2012_devkit_t12/data/meta.mat", mat.getvalue())
-        tar_add(t, "ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt", "".join(f"{lb + 1}\n" for lb in labels).encode())
+        tar_add(t, "ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt",
+                "".join(f"{lb + 1}\n" for lb in labels).encode())
     return wnids
 
 
@@ -80,13 +82,15 @@ def p5_staging(root, workers):
     for name in ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"):
         read_all(root / name)  # both methods read from the page cache
     times = {}
-    for attempt in range(2):  # alternate, keep each method's best
+    for _ in range(2):  # alternate, keep each method's best
         d = root / "serial"
         shutil.rmtree(d, ignore_errors=True)
         t0 = time.perf_counter()
         subprocess.run(["mkdir", "-p", f"{d}/train", f"{d}/val"], check=True)
         subprocess.run(["tar", "-xf", str(root / "ILSVRC2012_img_train.tar"), "-C", f"{d}/train"], check=True)
-        subprocess.run(["sh", "-c", 'cd "$1" && for f in *.tar; do mkdir "${f%.tar}" && tar -xf "$f" -C "${f%.tar}" && rm "$f"; done', "sh", f"{d}/train"], check=True)
+        subprocess.run(["sh", "-c",
+                        'cd "$1" && for f in *.tar; do mkdir "${f%.tar}" && tar -xf "$f" -C "${f%.tar}" && rm "$f"; '
+                        'done', "sh", f"{d}/train"], check=True)
         subprocess.run(["tar", "-xf", str(root / "ILSVRC2012_img_val.tar"), "-C", f"{d}/val"], check=True)
         subprocess.run(["sync"], check=True)
         times["serial"] = min(times.get("serial", 1e9), time.perf_counter() - t0)
@@ -120,13 +124,16 @@ def p4_loader(train_dir, batch_size, workers, batches):
     from torchvision import transforms
     import imagenet_ddp
     ours = imagenet_ddp.JPEGs(str(Path(train_dir).parent), "train", 224, seed=0)
-    base = torchvision.datasets.ImageFolder(train_dir, transforms.Compose([transforms.RandomResizedCrop(224), transforms.ToTensor()]))
+    base = torchvision.datasets.ImageFolder(train_dir,
+                                            transforms.Compose([transforms.RandomResizedCrop(224),
+                                                                transforms.ToTensor()]))
     n = len(ours)
     order = np.random.default_rng(0).permutation(n).tolist() * 4
     rates = {}
-    for attempt in range(2):  # alternate, keep each pipeline's best
+    for _ in range(2):  # alternate, keep each pipeline's best
         rates["baseline"] = max(rates.get("baseline", 0), loader_rate(base, batch_size, workers, batches, order))
-        rates["ours"] = max(rates.get("ours", 0), loader_rate(ours, batch_size, workers, batches, [(0, i) for i in order]))
+        rates["ours"] = max(rates.get("ours", 0),
+                            loader_rate(ours, batch_size, workers, batches, [(0, i) for i in order]))
     return rates
 
 
@@ -171,16 +178,20 @@ def main():
         size = sum(f.stat().st_size for f in root.glob("*.tar")) / 1e6
         times, n = p5_staging(root, args.workers)
         print(f"P5 staging : stage() {times['ours']:.2f} s | serial tar -x + per-class untar {times['serial']:.2f} s "
-              f"-> {times['serial'] / times['ours']:.2f}x (target 2x); {n} JPEGs, {size:.0f} MB of tars, {args.workers} workers")
+              f"-> {times['serial'] / times['ours']:.2f}x (target 2x); {n} JPEGs, {size:.0f} MB of tars, "
+              f"{args.workers} workers")
         print(f"P5 no-extraction read path: --from-tar staging (copy both tars + index) {times['from_tar']:.2f} s "
               f"-> {times['serial'] / times['from_tar']:.2f}x faster than serial extraction")
         rates = p4_loader(str(root / "ours" / "train"), args.batch_size, args.workers, args.batches)
-        print(f"P4 loader  : ours {rates['ours']:.0f} img/s | PIL ImageFolder+RandomResizedCrop+ToTensor {rates['baseline']:.0f} img/s "
-              f"-> {rates['ours'] / rates['baseline']:.2f}x (target 2x); {args.workers} workers, batch {args.batch_size}")
+        print(f"P4 loader  : ours {rates['ours']:.0f} img/s | PIL ImageFolder+RandomResizedCrop+ToTensor "
+              f"{rates['baseline']:.0f} img/s "
+              f"-> {rates['ours'] / rates['baseline']:.2f}x (target 2x); {args.workers} workers, batch "
+              f"{args.batch_size}")
     if args.synthetic_gpu:
         r = gpu_synthetic()
         a, b = r["bf16 + channels_last"], r["fp32 NCHW"]
-        print(f"GPU        : ResNet-50 synthetic, bf16 + channels_last {a:.0f} img/s | fp32 NCHW {b:.0f} img/s -> {a / b:.2f}x")
+        print(f"GPU        : ResNet-50 synthetic, bf16 + channels_last {a:.0f} img/s | fp32 NCHW {b:.0f} img/s -> "
+              f"{a / b:.2f}x")
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ def p1_data_path(data_dir, batch_size, epochs=3):
         order = torch.tensor(list(sampler))
         for i in range(0, len(order), batch_size):
             idx = order[i:i + batch_size]
-            xb, yb = x[idx], y[idx]
+            xb, _yb = x[idx], y[idx]  # the gathers are the work measured
             n += len(idx)
     ours = n / (time.perf_counter() - t0)
 
@@ -53,7 +53,7 @@ def p1_data_path(data_dir, batch_size, epochs=3):
         loader = DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=workers)
         t0, n = time.perf_counter(), 0
         for _ in range(epochs):
-            for xb, yb in loader:
+            for xb, _labels in loader:
                 n += len(xb)
         baselines[workers] = n / (time.perf_counter() - t0)
     return ours, baselines
@@ -115,8 +115,10 @@ def lockstep_child(batch_size, steps):
 
 def torchrun_child(nproc, *args):
     """The words rank 0 of this file, run as a child under torchrun with one thread per process, printed last."""
-    cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone", f"--nproc_per_node={nproc}", __file__, *map(str, args)]
-    return subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, text=True).stdout.split()
+    cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone", f"--nproc_per_node={nproc}", __file__,
+           *map(str, args)]
+    return subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                          text=True).stdout.split()
 
 
 def lockstep_rates(batch_size, steps):
@@ -150,11 +152,13 @@ def measure_allreduce():
 def script_samples_per_s(data_dir, nproc, batch_size, epochs):
     """Per-process samples/s of mnist_ddp.py, averaged over epochs 2.. (epoch 1 is warm-up)."""
     with tempfile.TemporaryDirectory() as tmp:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
+        launch_vars = ("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_")
+        env = {k: v for k, v in os.environ.items() if not k.startswith(launch_vars)}
         env["OMP_NUM_THREADS"] = "1"
-        launcher = [sys.executable] if nproc == 1 else [str(Path(sys.executable).with_name("torchrun")), "--standalone", f"--nproc_per_node={nproc}"]
-        cmd = launcher + [str(REPO / "mnist_ddp.py"), f"--epochs={epochs}", f"--batch-size={batch_size}", "--device=cpu",
-                          f"--data-dir={data_dir}", f"--output-dir={tmp}", "--log-interval=1000000"]
+        torchrun = [str(Path(sys.executable).with_name("torchrun")), "--standalone", f"--nproc_per_node={nproc}"]
+        launcher = [sys.executable] if nproc == 1 else torchrun
+        cmd = launcher + [str(REPO / "mnist_ddp.py"), f"--epochs={epochs}", f"--batch-size={batch_size}",
+                          "--device=cpu", f"--data-dir={data_dir}", f"--output-dir={tmp}", "--log-interval=1000000"]
         subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         records = [json.loads(line) for f in Path(tmp).glob("metrics-*.jsonl") for line in f.read_text().splitlines()]
         steady = [r["samples_per_s"] for r in records if r["event"] == "epoch" and r["epoch"] >= 2]
@@ -186,7 +190,7 @@ def main():
     bound = max(compute_bound(args.batch_size) for _ in range(args.repeats))
     p3 = {}
     for b in sorted({args.batch_size, *(int(v) for v in args.p3_batch_sizes.split(","))}):  # P2 uses --batch-size's run
-        epochs = args.epochs * max(1, b // args.batch_size) // 2 + 2  # bigger batches: fewer steps per epoch, so more epochs
+        epochs = args.epochs * max(1, b // args.batch_size) // 2 + 2  # bigger batches: fewer steps, so more epochs
         single, double = 0.0, 0.0
         for _ in range(args.repeats):
             single = max(single, script_samples_per_s(args.data_dir, 1, b, epochs))
@@ -198,7 +202,8 @@ def main():
                   f" | ratio {single / bound:.2f} (target >= 0.9)", flush=True)
     ms, n = measure_allreduce()
     for b, (single, double, lockstep) in p3.items():
-        print(f"P3 DDP scaling    : batch {b} per process: 2 processes {double:,.0f} samples/s per process | 1 process {single:,.0f}"
+        print(f"P3 DDP scaling    : batch {b} per process: 2 processes {double:,.0f} samples/s per process | 1 process "
+              f"{single:,.0f}"
               f" | ratio {double / single:.2f} (target >= 0.9) | lockstep alone keeps {lockstep:.2f}", flush=True)
     print(f"    gloo all-reduce of the {n:,} gradients: {ms:.2f} ms", flush=True)
 

@@ -1,6 +1,8 @@
-# Site set-up for the sbatch wrappers: sourced by slurm/launch.sh on the first node, before launching.
-# Everything here is inherited by srun and so by every task. Uncomment and adapt what your cluster needs,
-# or point SITE_SETUP at a file of your own (sbatch --export=ALL,SITE_SETUP=$HOME/site.sh ...).
+# shellcheck shell=bash
+# Site set-up for the sbatch wrappers (run-*.sh): each sources this file, if it is there, on the job's first node
+# before launching; srun passes everything it sets on to every task. The wrappers look for slurm/site.sh in the
+# directory you submit from; SITE_SETUP names another file (sbatch --export=ALL,SITE_SETUP=$HOME/site.sh ...).
+# Uncomment and adapt what your cluster needs:
 #
 # module purge
 # module load cuda/12.4 gcc/12

@@ -16,14 +16,16 @@ PYTHON = sys.executable
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 
 # variables that would change how a script decides who it is; tests set them explicitly
-LAUNCH_VARS = re.compile(r"^(RANK|LOCAL_RANK|WORLD_SIZE|LOCAL_WORLD_SIZE|GROUP_RANK|MASTER_ADDR|MASTER_PORT|TORCHELASTIC_.*|SLURM_.*|OMPI_.*|PMI_.*|DATA_DIR|CHECKPOINT_DIR)$")
+LAUNCH_VARS = re.compile(r"^(RANK|LOCAL_RANK|WORLD_SIZE|LOCAL_WORLD_SIZE|GROUP_RANK|MASTER_ADDR|MASTER_PORT"
+                         r"|TORCHELASTIC_.*|SLURM_.*|OMPI_.*|PMI_.*|DATA_DIR|CHECKPOINT_DIR|PYTHON)$")
 
 
 def clean_env(**extra):
     env = {k: v for k, v in os.environ.items() if not LAUNCH_VARS.match(k)}
     # the venv's tools first (torchrun, deepspeed, mpirun, and its ninja: DeepSpeed's JIT-built CPU op is rebuilt
     # whenever a different ninja version looks at it)
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
     env.update({k: str(v) for k, v in extra.items()})
     return env
 
@@ -90,7 +92,8 @@ def check_training(rc, out, world_size, epochs=2, min_acc=MIN_ACC_2_EPOCHS):
 
 
 def slurm_job_id_with_free_port():
-    """A fake SLURM_JOB_ID whose derived ports (ours: 10000 + id % 20000, Lightning's: 15000 + last 4 digits) are free."""
+    """A fake SLURM_JOB_ID whose derived ports (ours: 10000 + id % 20000, Lightning's: 15000 + last 4 digits) are
+    free."""
     import socket
     for job_id in range(1000, 9999, 97):
         ports = {10000 + job_id % 20000, 15000 + int(str(job_id)[-4:])}
@@ -107,7 +110,8 @@ def slurm_job_id_with_free_port():
 def srun_env(rank, ntasks, job_id, **extra):
     """What srun tells task `rank` of `ntasks` on one node (one task per 'GPU'), and nothing else."""
     return clean_env(
-        SLURM_PROCID=rank, SLURM_LOCALID=rank, SLURM_NODEID=0, SLURM_STEP_ID=0, SLURM_NTASKS=ntasks, SLURM_NTASKS_PER_NODE=ntasks,
+        SLURM_PROCID=rank, SLURM_LOCALID=rank, SLURM_NODEID=0, SLURM_STEP_ID=0, SLURM_NTASKS=ntasks,
+        SLURM_NTASKS_PER_NODE=ntasks,
         SLURM_NNODES=1, SLURM_JOB_NODELIST="localhost", SLURM_NODELIST="localhost", SLURM_JOB_ID=job_id,
         SLURM_JOB_NAME="pytest", **extra)
 
@@ -180,7 +184,8 @@ def make_imagenet_train_tar(path, n_classes=3, n_images=4, size=(50, 40), seed=0
 
 def make_imagenet_archives(folder, n_classes=3, n_train=4, n_val=2, size=(50, 40), seed=0):
     """The three ImageNet downloads in miniature, in their real layouts: ILSVRC2012_img_train.tar (per-class tars),
-    ILSVRC2012_img_val.tar (flat ILSVRC2012_val_NNNNNNNN.JPEG files, classes interleaved) and ILSVRC2012_devkit_t12.tar.gz
+    ILSVRC2012_img_val.tar (flat ILSVRC2012_val_NNNNNNNN.JPEG files, classes interleaved) and
+    ILSVRC2012_devkit_t12.tar.gz
     (data/meta.mat with the synsets and data/ILSVRC2012_validation_ground_truth.txt with one ILSVRC id per val image).
     The ILSVRC ids run in reverse wnid order, and meta.mat also holds a non-leaf synset, as the real one does.
     Returns (wnids, the wnid of each validation image)."""
@@ -198,7 +203,8 @@ def make_imagenet_archives(folder, n_classes=3, n_train=4, n_val=2, size=(50, 40
     with tarfile.open(folder / "ILSVRC2012_img_val.tar", "w") as tar:
         for i, label in enumerate(val_labels):
             tar_add(tar, f"ILSVRC2012_val_{i + 1:08d}.JPEG", jpeg_bytes(rng, size, label))
-    synsets = np.zeros(n_classes + 1, dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O"), ("words", "O"), ("num_children", "O")])
+    synsets = np.zeros(n_classes + 1,
+                       dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O"), ("words", "O"), ("num_children", "O")])
     for k, w in enumerate(wnids):
         synsets[k] = (ilsvrc_id[w], w, f"class {k}", 0)
     synsets[n_classes] = (n_classes + 1, "n00001740", "entity", 2)
@@ -216,12 +222,14 @@ def check_signal_stop(cmd, workdir, expect_checkpoint, signal_rank=1, sig=signal
     (EXIT_RESUMABLE), rank 0 names the signal, and a mid-epoch checkpoint matching `expect_checkpoint` exists."""
     job_id = slurm_job_id_with_free_port()
     logs = [open(workdir / f"rank{r}.log", "w+") for r in range(2)]
-    procs = [subprocess.Popen(cmd, cwd=workdir, stdout=logs[r], stderr=subprocess.STDOUT, text=True, env=srun_env(r, 2, job_id))
+    procs = [subprocess.Popen(cmd, cwd=workdir, stdout=logs[r], stderr=subprocess.STDOUT, text=True,
+                              env=srun_env(r, 2, job_id))
              for r in range(2)]
     try:
         deadline = time.monotonic() + timeout
         while not STARTUP_LINE.search((workdir / f"rank{signal_rank}.log").read_text()):
-            assert time.monotonic() < deadline and procs[signal_rank].poll() is None, (workdir / f"rank{signal_rank}.log").read_text()
+            log = (workdir / f"rank{signal_rank}.log").read_text()
+            assert time.monotonic() < deadline and procs[signal_rank].poll() is None, log
             time.sleep(0.05)
         procs[signal_rank].send_signal(sig)
         rcs = [p.wait(timeout=timeout) for p in procs]
@@ -241,8 +249,9 @@ def run_torchrun(args, cwd, nproc=2, timeout=300):
     what (torchrun's --tee can split a line that is being written while it reads). Returns (returncode, each rank's
     output followed by torchrun's, [each rank's output])."""
     log_dir = Path(cwd) / "torchrun-logs"
-    rc, agent = run([TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", "--redirects=3", f"--log-dir={log_dir}"] + args,
+    rc, agent = run([TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", "--redirects=3",
+                     f"--log-dir={log_dir}"] + args,
                     env=clean_env(), cwd=cwd, timeout=timeout)
-    ranks = ["".join(f.read_text() for kind in ("stdout", "stderr") for f in sorted(log_dir.glob(f"*/attempt_*/{r}/{kind}.log")))
-             for r in range(nproc)]
+    ranks = ["".join(f.read_text() for kind in ("stdout", "stderr")
+                     for f in sorted(log_dir.glob(f"*/attempt_*/{r}/{kind}.log"))) for r in range(nproc)]
     return rc, "".join(ranks) + agent, ranks

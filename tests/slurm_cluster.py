@@ -31,7 +31,8 @@ def missing_requirements():
         return "needs root (network namespaces, slurmd)"
     missing = [p for p in PACKAGES if not shutil.which(p) and not Path("/usr/sbin", p).exists()]
     if missing:
-        return f"missing {', '.join(missing)}: apt-get install slurmctld slurmd slurm-client munge iproute2 (./dev.sh test does)"
+        return (f"missing {', '.join(missing)}: apt-get install slurmctld slurmd slurm-client munge iproute2 "
+                "(./dev.sh test does)")
     return None
 
 

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from conftest import (PYTHON, REPO, TORCHRUN, check_signal_stop, check_srun_style, check_training, clean_env, done_record,
-                      epoch_lines, run, run_srun_style, run_torchrun, start)
+from conftest import (PYTHON, REPO, TORCHRUN, check_signal_stop, check_srun_style, check_training, clean_env,
+                      done_record, epoch_lines, run, run_srun_style, run_torchrun, start)
 
 sys.path.insert(0, str(REPO))
 import mnist_ddp  # noqa: E402  (only its pure functions are used here)
@@ -49,14 +49,16 @@ def test_launch_env_slurm():
 
 def test_launch_env_slurm_step_size_and_overrides():
     # srun -n2 inside a bigger allocation: the step's task count is the world size
-    env = {"SLURM_PROCID": "1", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8", "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_ID": "3",
+    env = {"SLURM_PROCID": "1", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8", "SLURM_STEP_NUM_TASKS": "2",
+           "SLURM_STEP_ID": "3",
            "SLURM_JOB_NODELIST": "n[1-2]", "SLURM_JOB_ID": "7", "MASTER_ADDR": "10.1.2.3", "MASTER_PORT": "4242"}
     assert mnist_ddp.launch_env(env) == (1, 1, 2, "10.1.2.3", "4242")
 
 
 def test_master_port_same_within_a_job_and_differs_across_jobs():
     def port(job_id, rank):
-        env = {"SLURM_PROCID": str(rank), "SLURM_NTASKS": "4", "SLURM_STEP_ID": "0", "SLURM_JOB_NODELIST": "n1", "SLURM_JOB_ID": str(job_id)}
+        env = {"SLURM_PROCID": str(rank), "SLURM_NTASKS": "4", "SLURM_STEP_ID": "0", "SLURM_JOB_NODELIST": "n1",
+               "SLURM_JOB_ID": str(job_id)}
         return int(mnist_ddp.launch_env(env)[4])
     assert len({port(4711, r) for r in range(4)}) == 1
     ports = {port(j, 0) for j in range(1000, 1100)}
@@ -83,14 +85,16 @@ def single(mnist_dir, tmp_path_factory):
     """One process, run as a user who copied the script alone into an empty directory (data from $DATA_DIR)."""
     alone = tmp_path_factory.mktemp("single")
     shutil.copy(SCRIPT, alone / "mnist_ddp.py")
-    rc, out = run([PYTHON, "mnist_ddp.py", "--epochs=2", "--batch-size=64", "--amp"], env=clean_env(DATA_DIR=mnist_dir), cwd=alone)
+    rc, out = run([PYTHON, "mnist_ddp.py", "--epochs=2", "--batch-size=64", "--amp"], env=clean_env(DATA_DIR=mnist_dir),
+                  cwd=alone)
     return rc, out, alone
 
 
 @pytest.fixture(scope="module")
 def torchrun2(mnist_dir, tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("torchrun")
-    return run_torchrun([SCRIPT, "--epochs=2", "--batch-size=32", f"--data-dir={mnist_dir}", f"--output-dir={out_dir}"], cwd=out_dir)
+    return run_torchrun([SCRIPT, "--epochs=2", "--batch-size=32", f"--data-dir={mnist_dir}", f"--output-dir={out_dir}"],
+                        cwd=out_dir)
 
 
 def test_single_process(single):
@@ -119,7 +123,8 @@ def test_ddp_matches_single_process(single, torchrun2):
 
 
 def test_srun_style_two_processes(mnist_dir, tmp_path, torchrun2):
-    """Two processes that know only what srun tells them: SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS, nodelist, job id."""
+    """Two processes that know only what srun tells them: SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS, nodelist, job
+    id."""
     rcs, outs = run_srun_style([PYTHON, SCRIPT, "--epochs=2", "--batch-size=32", f"--data-dir={mnist_dir}",
                                 f"--output-dir={tmp_path}"], ntasks=2, cwd=tmp_path)
     check_srun_style(rcs, outs, reference_out=torchrun2[1])
@@ -133,9 +138,11 @@ def test_signal_mid_epoch_then_resume_is_bit_identical(mnist_dir, tmp_path, torc
     check_signal_stop(cmd, tmp_path, expect_checkpoint="epoch_000[01]_step_*.pt", sig=signal.SIGTERM)
     rcs, outs = run_srun_style(cmd, 2, cwd=tmp_path)
     assert rcs == [0, 0], outs[0][-3000:]
-    assert re.search(r"resumed from .*_step_\d+\.pt: epoch [01] done and \d+ steps of epoch [12]", outs[0]), outs[0][-3000:]
+    assert re.search(r"resumed from .*_step_\d+\.pt: epoch [01] done and \d+ steps of epoch [12]",
+                     outs[0]), outs[0][-3000:]
     done = done_record(outs[0])
-    assert done["param_checksums"] == done_record(torchrun2[1])["param_checksums"], "interrupted + resumed != uninterrupted"
+    reference = done_record(torchrun2[1])["param_checksums"]
+    assert done["param_checksums"] == reference, "interrupted + resumed != uninterrupted"
     assert done["test_count"] == 10000
 
     # asking again for 2 epochs (one process) trains nothing and still reports the model's accuracy
@@ -145,7 +152,8 @@ def test_signal_mid_epoch_then_resume_is_bit_identical(mnist_dir, tmp_path, torc
 
 
 def test_a_dead_rank_ends_torchrun_quickly_and_is_named(mnist_dir, tmp_path):
-    p = start([TORCHRUN, "--standalone", "--nproc_per_node=2", SCRIPT, "--epochs=50", "--batch-size=8", f"--data-dir={mnist_dir}",
+    p = start([TORCHRUN, "--standalone", "--nproc_per_node=2", SCRIPT, "--epochs=50", "--batch-size=8",
+               f"--data-dir={mnist_dir}",
                f"--output-dir={tmp_path}"], env=clean_env(), cwd=tmp_path)
     lines = []
     for line in p.stdout:  # wait until both ranks train
@@ -218,7 +226,8 @@ mnist_ddp.main(mnist_ddp.get_args(sys.argv[1:]))
 
 def test_kill_during_save_and_corrupt_newest_checkpoint_fall_back(mnist_dir, tmp_path, single):
     ckpt = tmp_path / "ckpt"
-    args = ["--epochs=2", "--batch-size=64", f"--data-dir={mnist_dir}", f"--output-dir={tmp_path}", f"--checkpoint-dir={ckpt}"]
+    args = ["--epochs=2", "--batch-size=64", f"--data-dir={mnist_dir}", f"--output-dir={tmp_path}",
+            f"--checkpoint-dir={ckpt}"]
     reference = done_record(single[1])["param_checksums"]  # the same run without checkpoints (--amp is a no-op on CPU)
 
     p = start([PYTHON, "-c", DIES_WHILE_SAVING] + args, env=clean_env(PYTHONPATH=str(REPO)), cwd=tmp_path)
@@ -231,7 +240,8 @@ def test_kill_during_save_and_corrupt_newest_checkpoint_fall_back(mnist_dir, tmp
     rc, out = run([PYTHON, SCRIPT] + args, env=clean_env(), cwd=tmp_path)
     assert rc == 0, out[-3000:]
     assert "continuing at epoch 2" in out and [e for _, e, _ in epoch_lines(out)] == [2]
-    assert done_record(out)["param_checksums"] == reference, "epoch 2 redone from epoch 1's checkpoint: the same weights"
+    assert done_record(out)["param_checksums"] == reference, \
+        "epoch 2 redone from epoch 1's checkpoint: the same weights"
 
     newest = ckpt / "epoch_0002.pt"
     newest.write_bytes(newest.read_bytes()[:1000])  # as if written in place by code without an atomic rename
@@ -245,13 +255,16 @@ def test_bad_checkpoint_dirs_are_refused(tmp_path, mnist_dir):
     import torch
     (tmp_path / "a_file").write_text("")
     base = [PYTHON, SCRIPT, f"--data-dir={mnist_dir}", f"--output-dir={tmp_path}"]
-    rc, out = run(base + [f"--checkpoint-dir={tmp_path / 'a_file' / 'ckpt'}"], env=clean_env(), cwd=tmp_path, timeout=120)
-    assert rc == 1 and "ERROR: cannot write checkpoints to" in out and "Not a directory" in out and "Traceback" not in out, out
+    rc, out = run(base + [f"--checkpoint-dir={tmp_path / 'a_file' / 'ckpt'}"], env=clean_env(), cwd=tmp_path,
+                  timeout=120)
+    assert rc == 1 and "ERROR: cannot write checkpoints to" in out, out
+    assert "Not a directory" in out and "Traceback" not in out, out
     other = tmp_path / "other"
     other.mkdir()
     torch.save({"script": "imagenet_ddp.py", "epoch": 1}, other / "epoch_0001.pt")
     rc, out = run(base + [f"--checkpoint-dir={other}"], env=clean_env(), cwd=tmp_path, timeout=120)
-    assert rc == 1 and "was not written by mnist_ddp.py (it is from imagenet_ddp.py)" in out and "Traceback" not in out, out
+    assert rc == 1 and "was not written by mnist_ddp.py (it is from imagenet_ddp.py)" in out, out
+    assert "Traceback" not in out, out
     assert os.listdir(other) == ["epoch_0001.pt"], "nothing overwritten"
 
 

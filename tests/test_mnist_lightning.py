@@ -38,7 +38,8 @@ def test_srun_tasks_per_node_differs_from_gpus_fails_fast_with_hint(mnist_dir, t
 
 
 def test_torchrun_two_processes(mnist_dir, tmp_path, lightning_spawned):
-    rc, out, ranks = run_torchrun([SCRIPT, "--epochs=1", "--batch-size=32", f"--data-dir={mnist_dir}", f"--output-dir={tmp_path}"], cwd=tmp_path)
+    rc, out, ranks = run_torchrun([SCRIPT, "--epochs=1", "--batch-size=32", f"--data-dir={mnist_dir}",
+                                   f"--output-dir={tmp_path}"], cwd=tmp_path)
     check_training(rc, out, world_size=2, epochs=1, min_acc=90.0)  # --gpus comes from torchrun's LOCAL_WORLD_SIZE
     assert epoch_lines(ranks[1]) == [], "only rank 0 prints epochs"
     # the same first epoch as Lightning's own 2 processes (1 epoch here, to keep CI under 20 minutes)

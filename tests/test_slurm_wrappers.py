@@ -1,7 +1,9 @@
 """The sbatch wrappers, submitted with sbatch exactly as a user would, on a real 2-node Slurm cluster that
 these tests start (tests/slurm_cluster.py). Every node has 4 fake GPUs, so the scripts fall back to CPU + gloo.
-Each seed command from the README runs verbatim; the tests only append --epochs=1 and a smaller per-process
-batch (so that 4 or 8 processes still take enough steps in one epoch on 5,000 digits)."""
+Each seed command from the README runs verbatim, from a fresh directory whose path holds a space and which holds
+only that wrapper and that script (and the config file the command names), as a user who copied the two files into
+a project would have it; the tests only append --epochs=1 and a smaller per-process batch (so that 4 or 8 processes
+still take enough steps in one epoch on 5,000 digits)."""
 import os
 import shutil
 import signal
@@ -30,19 +32,25 @@ def cluster():
         c.stop()
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    """A user's directory: the scripts, wrappers and config, as in a checkout of this repository."""
-    d = tmp_path_factory.mktemp("submit")
-    for f in list(REPO.glob("*.py")) + list(REPO.glob("run-*.sh")) + [REPO / "ds_config.json"]:
-        shutil.copy(f, d)
-    shutil.copytree(REPO / "slurm", d / "slurm", ignore=shutil.ignore_patterns("__pycache__"))
+def project(tmp_path_factory, *files):
+    """A user's project directory, with a space in its path, holding copies of just these files of the repo."""
+    d = tmp_path_factory.mktemp("proj") / "my project"
+    d.mkdir()
+    for f in files:
+        shutil.copy(REPO / f, d)
     return d
 
 
-def submit(cluster, workdir, mnist_dir, args, timeout=600):
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A checkout of this repository: every script, wrapper and config."""
+    names = [f.name for f in list(REPO.glob("*.py")) + list(REPO.glob("run-*.sh"))] + ["ds_config.json"]
+    return project(tmp_path_factory, *names)
+
+
+def submit(cluster, workdir, mnist_dir, args, timeout=600, **env_extra):
     """sbatch ARGS from workdir; wait for the job to end. Returns (state, exit code, the job's log)."""
-    env = clean_env(SLURM_CONF=cluster.conf, **({"DATA_DIR": mnist_dir} if mnist_dir else {}))
+    env = clean_env(SLURM_CONF=cluster.conf, **({"DATA_DIR": mnist_dir} if mnist_dir else {}), **env_extra)
     r = subprocess.run(["sbatch", "--parsable"] + args, cwd=workdir, env=env, text=True,
                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     assert r.returncode == 0, r.stdout
@@ -54,7 +62,8 @@ def wait_for_job(cluster, job_id, workdir, timeout=600):
     state = None
     while time.monotonic() < deadline:
         state, exit_code = cluster.job_state(job_id)
-        if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"):
+        if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+                     "DEADLINE"):
             break
         time.sleep(0.5)
     else:
@@ -74,17 +83,31 @@ SEEDS = [  # (the README's command, world size, nodes the ranks must span)
     ("run-gpu8-dist.sh mnist_ddp.py --epochs=100", 8, {"n1", "n2"}),
     ("run-gpu4.sh mnist_lightning_ddp.py --gpus=4 --epochs=100", 4, {"n1"}),
     ("run-gpu8-dist.sh mnist_lightning_ddp.py --gpus=4 --nodes=2 --epochs=100", 8, {"n1", "n2"}),
-    ("run-gpu4-deepspeed.sh mnist_ddp_deepspeed.py --epochs=100 --deepspeed --deepspeed_config ds_config.json", 4, {"n1"}),
+    ("run-gpu4-deepspeed.sh mnist_ddp_deepspeed.py --epochs=100 --deepspeed --deepspeed_config ds_config.json", 4,
+     {"n1"}),
     ("run-gpu8.sh mnist_ddp_deepspeed.py --epochs=100 --deepspeed --deepspeed_config ds_config.json", 8, {"n1", "n2"}),
 ]
+# A container's python is a command with arguments (PYTHON="apptainer exec --nv image.sif python"). This one tells the
+# job where the data is: without its arguments reaching the training processes, they would find no MNIST
+MULTI_WORD_PYTHON = "run-gpu4.sh mnist_lightning_ddp.py --gpus=4 --epochs=100"
+
+RESULTS = {}  # seed command -> its done record, for the requeue tests to compare with
 
 
-RESULTS = {}  # seed command -> its done record, for the requeue test to compare with
+def seed_project(tmp_path_factory, command):
+    """A fresh project with only the files the command names: one wrapper, one script, maybe one config."""
+    return project(tmp_path_factory, *[w for w in command.split() if (REPO / w).is_file()])
 
 
 @pytest.mark.parametrize("command, world_size, nodes", SEEDS, ids=[s[0].split(" --")[0] for s in SEEDS])
-def test_seed_command(command, world_size, nodes, cluster, workdir, mnist_dir):
-    state, exit_code, out = submit(cluster, workdir, mnist_dir, command.split() + FAST)
+def test_seed_command(command, world_size, nodes, cluster, tmp_path_factory, mnist_dir):
+    proj = seed_project(tmp_path_factory, command)
+    if command == MULTI_WORD_PYTHON:
+        state, exit_code, out = submit(cluster, proj, None, command.split() + FAST,
+                                       PYTHON=f"env DATA_DIR={mnist_dir} python")
+        assert f"; env DATA_DIR={mnist_dir} python mnist_lightning_ddp.py --gpus=4" in out, out[-3000:]
+    else:
+        state, exit_code, out = submit(cluster, proj, mnist_dir, command.split() + FAST)
     RESULTS[command] = done_record(out) if '"event": "done"' in out else None
     assert (state, exit_code) == ("COMPLETED", "0:0"), out[-4000:]
     done = done_record(out)
@@ -99,7 +122,8 @@ def test_seed_command(command, world_size, nodes, cluster, workdir, mnist_dir):
 
 def test_python_without_srun_in_a_multi_task_job_fails_at_once(cluster, workdir, mnist_dir):
     # the classic mistake: srun forgotten in a hand-written batch script; it must fail, not wait for the time limit
-    state, exit_code, out = submit(cluster, workdir, mnist_dir, ["--ntasks=2", "--wrap", "python mnist_ddp.py --epochs=1"], timeout=120)
+    state, exit_code, out = submit(cluster, workdir, mnist_dir,
+                                   ["--ntasks=2", "--wrap", "python mnist_ddp.py --epochs=1"], timeout=120)
     assert state == "FAILED" and exit_code == "1:0", out
     assert "not started by srun" in out and "HINT: srun python mnist_ddp.py" in out
 
@@ -198,28 +222,58 @@ def test_imagenet_wrapper_stages_once_per_node_then_trains_on_two_nodes(cluster,
     assert done["val_count"] == 12 and len(set(done["param_checksums"])) == 1
 
 
-def test_time_limit_signal_checkpoints_requeues_and_resumes_exactly(cluster, workdir, mnist_dir, tmp_path):
-    """SIGUSR1 (what #SBATCH --signal sends before the time limit) through a torchrun wrapper: the workers checkpoint
-    mid-epoch, the job requeues itself, and the rerun (SLURM_RESTART_COUNT=1) resumes and ends with the exact
-    parameters of the uninterrupted seed run. The 2-node wrapper runs on one node here (--nodes=1: 1 x 4 GPUs, the
-    node count comes from the allocation), so the reference is the 1-node seed run."""
-    reference_command = "run-gpu4-dist.sh mnist_ddp.py --epochs=100"
-    reference = RESULTS.get(reference_command) or done_record(submit(cluster, workdir, mnist_dir, reference_command.split() + FAST)[2])
+def preempt_and_requeue(cluster, proj, mnist_dir, args, log_prefix, tmp_path):
+    """Submit ARGS with a --checkpoint-dir; once rank 0 logs step 20, send SIGUSR1 (what #SBATCH --signal sends before
+    the time limit) to every process of the job's steps, as Slurm does: launchers, workers and all. The workers must
+    checkpoint mid-epoch, requeue the job, and the rerun (SLURM_RESTART_COUNT=1) resume. Returns the job's log."""
     env = clean_env(DATA_DIR=mnist_dir, SLURM_CONF=cluster.conf)
-    r = subprocess.run(["sbatch", "--parsable", "--nodes=1", "run-gpu8-dist.sh", "mnist_ddp.py"] + FAST + [f"--checkpoint-dir={tmp_path / 'ckpt'}"],
-                       cwd=workdir, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    r = subprocess.run(["sbatch", "--parsable"] + args + [f"--checkpoint-dir={tmp_path / 'ckpt'}"], cwd=proj, env=env,
+                       text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert r.returncode == 0, r.stdout
     job_id = r.stdout.strip()
-    log = workdir / f"ddp-gpu8-{job_id}.out"
-    deadline = time.monotonic() + 120
+    log = proj / f"{log_prefix}-{job_id}.out"
+    deadline = time.monotonic() + 180
     while time.monotonic() < deadline and not (log.exists() and "epoch 1 step 20 " in log.read_text()):
         time.sleep(0.2)
     assert log.exists() and "epoch 1 step 20 " in log.read_text(), log.read_text() if log.exists() else "no log"
     subprocess.run(["scancel", "--signal=USR1", job_id], env=env, check=True)  # to every process of the job's steps
-    state, exit_code, out = wait_for_job(cluster, job_id, workdir, timeout=240)
+    state, exit_code, out = wait_for_job(cluster, job_id, proj, timeout=300)
     assert (state, exit_code) == ("COMPLETED", "0:0"), out[-5000:]
     assert f"== job {job_id} (restart 0)" in out and f"== job {job_id} (restart 1)" in out
-    assert "stopped on SIGUSR1: checkpoint at epoch 1 step" in out and f"requeued job {job_id}" in out
+    assert "stopped on SIGUSR1: checkpoint at epoch 1 step" in out and f"requeued job {job_id}" in out, out[-5000:]
     assert "resumed from" in out and "steps of epoch 1, continuing at epoch 1" in out
+    return out
+
+
+def reference_run(cluster, tmp_path_factory, mnist_dir, command):
+    """The uninterrupted seed run's done record (run again if its test did not run first)."""
+    if not RESULTS.get(command):
+        proj = seed_project(tmp_path_factory, command)
+        RESULTS[command] = done_record(submit(cluster, proj, mnist_dir, command.split() + FAST)[2])
+    return RESULTS[command]
+
+
+def test_time_limit_signal_through_torchrun_checkpoints_requeues_and_resumes_exactly(
+        cluster, tmp_path_factory, mnist_dir, tmp_path):
+    """Through the torchrun wrapper. The 2-node wrapper runs on one node here (--nodes=1: 1 x 4 GPUs, the node count
+    comes from the allocation), so the reference is the 1-node seed run."""
+    reference = reference_run(cluster, tmp_path_factory, mnist_dir, "run-gpu4-dist.sh mnist_ddp.py --epochs=100")
+    proj = project(tmp_path_factory, "run-gpu8-dist.sh", "mnist_ddp.py")
+    out = preempt_and_requeue(cluster, proj, mnist_dir, ["--nodes=1", "run-gpu8-dist.sh", "mnist_ddp.py"] + FAST,
+                              "ddp-gpu8", tmp_path)
+    done = done_record(out)
+    assert done["world_size"] == 4 and hosts(out) == {"n1"}
+    assert done["param_checksums"] == reference["param_checksums"], "interrupted + requeued != uninterrupted"
+
+
+def test_time_limit_signal_through_deepspeeds_launcher_checkpoints_requeues_and_resumes_exactly(
+        cluster, tmp_path_factory, mnist_dir, tmp_path):
+    """Through run-gpu4-deepspeed.sh: one Slurm task runs DeepSpeed's launcher, which starts the 4 workers."""
+    command = SEEDS[4][0]
+    reference = reference_run(cluster, tmp_path_factory, mnist_dir, command)
+    proj = seed_project(tmp_path_factory, command)
+    out = preempt_and_requeue(cluster, proj, mnist_dir, command.split() + FAST, "deepspeed-gpu4", tmp_path)
+    assert "deepspeed.launcher.launch" in out, "DeepSpeed's launcher started the workers"
     done = done_record(out)
     assert done["world_size"] == 4 and hosts(out) == {"n1"}
     assert done["param_checksums"] == reference["param_checksums"], "interrupted + requeued != uninterrupted"
