@@ -3,7 +3,7 @@
 #
 #   ./dev.sh quickstart [ARGS...]   2-process DDP training of mnist_ddp.py on CPU (gloo), ARGS passed on
 #   ./dev.sh test [PYTEST ARGS...]  the whole test suite (this is what .ci/run calls); as root it also
-#                                   installs Slurm with apt for the tests' own 2-node cluster
+#                                   installs Slurm (for the tests' own 2-node cluster) and shellcheck with apt
 #
 # Overrides: VENV (default .venv), PYTHON (default python3), DATA_DIR (default: ../shared/data when it
 # holds MNIST, as on the project's own machines, else ./data, where the script downloads MNIST).
@@ -26,22 +26,23 @@ ensure_venv() {
   cp requirements.txt "$VENV/.installed-requirements.txt"
 }
 
-ensure_slurm() {
-  # the Slurm cluster tests need Debian's slurm and munge packages, and root; without them they skip, saying why
+ensure_apt_tools() {
+  # the Slurm cluster tests need Debian's slurm and munge packages, and root; without them they skip, saying why.
+  # The lint test runs Debian's shellcheck on every shell script.
   if command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v sbatch >/dev/null \
-     && command -v munge >/dev/null && command -v ip >/dev/null; then
+     && command -v munge >/dev/null && command -v ip >/dev/null && command -v shellcheck >/dev/null; then
     return
   fi
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    echo "== installing Slurm, munge and iproute2 (apt, about 15 s) =="
+    echo "== installing Slurm, munge, iproute2 and shellcheck (apt, about 15 s) =="
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-      slurmctld slurmd slurm-client munge iproute2 >/dev/null
+      slurmctld slurmd slurm-client munge iproute2 shellcheck >/dev/null
   elif [ "${CI:-}" = true ]; then
-    echo "ERROR: CI needs root and apt-get to install Slurm for the cluster tests" >&2
+    echo "ERROR: CI needs root and apt-get to install Slurm (for the cluster tests) and shellcheck" >&2
     exit 1
   else
-    echo "NOTE: no Slurm here and no root apt-get to install it: the Slurm cluster tests will skip" >&2
+    echo "NOTE: no Slurm or shellcheck here and no root apt-get to install them: their tests will skip" >&2
   fi
 }
 
@@ -60,7 +61,7 @@ case "$cmd" in
     ;;
   test)
     ensure_venv
-    ensure_slurm
+    ensure_apt_tools
     export PATH="$PWD/$VENV/bin:$PATH"
     # DeepSpeed JIT-builds one C++ op for CPU runs (~60 s once): build it now, not inside a timed test
     export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/$VENV/torch_extensions}

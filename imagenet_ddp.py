@@ -17,6 +17,13 @@ on that node skip it. Shared filesystems are slow at millions of small files: ne
 
 Expected: ResNet-50, 90 epochs, cosine schedule, label smoothing 0.1, bf16: about 76-77% top-1 (the usual figure for
 this recipe). On CPU this script is only a smoke test (see tests/): resnet18 at 64 px on a few generated classes.
+docs/imagenet.md says more: staging, --from-tar, the input pipeline, bad images.
+
+Make it yours: another folder-per-class dataset fits as it is (--data-dir with train/ and val/); other data needs
+its own Dataset in place of JPEGs, keeping the seeded per-image crop so a resumed epoch sees the same images. Pick the
+model with --arch or replace the torchvision.models.get_model call; replace evaluate()'s top-1/top-5 for other
+metrics. Keep the staging, the samplers, the loop's set_epoch and stop_check calls, the checkpoint and resume blocks
+and the teardown.
 """
 import argparse
 import concurrent.futures

@@ -1,6 +1,7 @@
 """
 Train a small CNN on MNIST with DeepSpeed (ZeRO data parallelism), on one process or many.
-A sibling of mnist_ddp.py: `diff mnist_ddp.py mnist_ddp_deepspeed.py` shows only what DeepSpeed changes.
+A sibling of mnist_ddp.py: `diff mnist_ddp.py mnist_ddp_deepspeed.py` shows what DeepSpeed changes (the config,
+the engine in place of DDP and the optimizer, its sharded checkpoints, its launcher and mpirun).
 
 The same file runs under every launcher, unchanged:
 
@@ -23,6 +24,11 @@ of each node downloads it if it is missing. Compute nodes are often offline: dow
 Expected (2 CPU processes, gloo, the 5,000-digit training sample; full MNIST reaches higher):
     torchrun --standalone --nproc_per_node=2 mnist_ddp_deepspeed.py --epochs=2 --batch-size=32 --data-dir ../shared/data
     -> test accuracy about 96% on the 10,000 official test digits, in a few seconds per epoch.
+
+Make it yours: replace the data section (real data: a Dataset, DistributedSampler and DataLoader with workers, as in
+imagenet_ddp.py), Net and evaluate()'s metrics; tune batch, optimizer, scheduler and ZeRO stage in ds_config.json.
+Keep the distributed setup, deepspeed.initialize, engine.backward/engine.step, the loop's set_epoch and stop_check
+calls, the checkpoint and resume blocks and the teardown. The batch in the config is per process (micro batch).
 """
 import argparse
 import contextlib

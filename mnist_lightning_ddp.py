@@ -1,6 +1,11 @@
 """
 Train a small CNN on MNIST with PyTorch Lightning's DDP strategy, on one process or many.
-A sibling of mnist_ddp.py: `diff mnist_ddp.py mnist_lightning_ddp.py` shows only what Lightning changes.
+A sibling of mnist_ddp.py (same network, data, output lines and JSON); where each part of it went:
+    the training loop                  -> LitMNIST.training_step, configure_optimizers
+    evaluate()                         -> validation_step + on_validation_epoch_end (exact sums over ranks)
+    checkpoints and resume             -> ModelCheckpoint(save_last=True) + trainer.fit(ckpt_path=last.ckpt)
+    launch_env() + init_process_group  -> Trainer(devices, num_nodes, strategy="ddp") and its cluster environment
+    the stop-signal block              -> none: SIGUSR1 is noted, and a rerun resumes from the last epoch's last.ckpt
 
 The same file runs under every launcher, unchanged:
 
@@ -20,6 +25,11 @@ of each node downloads it if it is missing. Compute nodes are often offline: dow
 Expected (2 CPU processes, gloo, the 5,000-digit training sample; full MNIST reaches higher):
     python mnist_lightning_ddp.py --gpus=2 --batch-size=32 --epochs=2 --data-dir ../shared/data
     -> test accuracy about 96% on the 10,000 official test digits, in a few seconds per epoch.
+
+Make it yours: replace MNIST in setup() and the dataloaders (real data: a Dataset with DataLoader workers, as in
+imagenet_ddp.py), Net, and the metrics of validation_step. Keep our own DistributedSampler (exact, per-epoch
+shuffle), the reduce of sums in on_validation_epoch_end, and main()'s Trainer, checkpoint and resume settings.
+--batch-size is per process: the global batch is world size times larger.
 """
 import argparse
 import contextlib

@@ -94,6 +94,11 @@ MULTI_WORD_PYTHON = "run-gpu4.sh mnist_lightning_ddp.py --gpus=4 --epochs=100"
 RESULTS = {}  # seed command -> its done record, for the requeue tests to compare with
 
 
+def test_the_seed_commands_are_the_readmes():
+    readme = (REPO / "README.md").read_text()
+    assert [c for c, _, _ in SEEDS if f"sbatch {c}" not in readme] == []
+
+
 def seed_project(tmp_path_factory, command):
     """A fresh project with only the files the command names: one wrapper, one script, maybe one config."""
     return project(tmp_path_factory, *[w for w in command.split() if (REPO / w).is_file()])
