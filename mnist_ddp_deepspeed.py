@@ -12,7 +12,7 @@ The same file runs under every launcher, unchanged:
     mpirun -n 2 python mnist_ddp_deepspeed.py --deepspeed --deepspeed_config ds_config.json
     sbatch run-gpu4-deepspeed.sh mnist_ddp_deepspeed.py --epochs=100 --deepspeed --deepspeed_config ds_config.json
 
-Batch size, optimizer, scheduler, gradient clipping and the ZeRO stage come from ds_config.json (README.md
+Batch size, optimizer, scheduler, gradient clipping and the ZeRO stage come from ds_config.json (docs/deepspeed.md
 documents every field). Without --deepspeed_config the script uses DEFAULT_CONFIG below, the same values,
 so this file also runs alone. --batch-size and --zero-stage override the file. No GPU: DeepSpeed runs on the
 CPU with DS_ACCELERATOR=cpu and gloo; the first run JIT-builds one small op (about 40 s, then cached).
@@ -102,7 +102,7 @@ def get_args(argv=None):
     return p.parse_args(argv)
 
 
-# used without --deepspeed_config; the same values as ds_config.json (README.md explains each field)
+# used without --deepspeed_config; the same values as ds_config.json (docs/deepspeed.md explains each field)
 DEFAULT_CONFIG = {
     "train_micro_batch_size_per_gpu": 64,
     "gradient_accumulation_steps": 1,
