@@ -28,6 +28,7 @@ and the teardown.
 import argparse
 import concurrent.futures
 import contextlib
+import gc
 import fcntl
 import glob
 import hashlib
@@ -594,6 +595,9 @@ def main(args):
         train(args, device, data_root)
     finally:
         if dist.is_initialized():
+            # free what still holds the process group (DDP's reducer sits in reference cycles) while Python is
+            # fully alive: freed during interpreter shutdown instead, gloo's worker threads can abort the process
+            gc.collect()
             dist.destroy_process_group()
 
 

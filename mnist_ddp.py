@@ -26,6 +26,7 @@ per process: the global batch is world size times larger.
 """
 import argparse
 import contextlib
+import gc
 import glob
 import hashlib
 import io
@@ -369,6 +370,9 @@ def main(args):
         train(args, device)
     finally:
         if dist.is_initialized():
+            # free what still holds the process group (DDP's reducer sits in reference cycles) while Python is
+            # fully alive: freed during interpreter shutdown instead, gloo's worker threads can abort the process
+            gc.collect()
             dist.destroy_process_group()
 
 

@@ -33,6 +33,7 @@ calls, the checkpoint and resume blocks and the teardown. The batch in the confi
 import argparse
 import contextlib
 import copy
+import gc
 import glob
 import hashlib
 import io
@@ -450,6 +451,9 @@ def main(args):
         train(args, config, device)
     finally:
         if dist.is_initialized():
+            # free what still holds the process group (DDP's reducer sits in reference cycles) while Python is
+            # fully alive: freed during interpreter shutdown instead, gloo's worker threads can abort the process
+            gc.collect()
             dist.destroy_process_group()
 
 

@@ -33,6 +33,7 @@ shuffle), the reduce of sums in on_validation_epoch_end, and main()'s Trainer, c
 """
 import argparse
 import contextlib
+import gc
 import hashlib
 import io
 import json
@@ -386,6 +387,9 @@ def main(args):
         trainer.fit(torch.compile(model) if args.compile else model, ckpt_path=ckpt_path, weights_only=True)
     finally:
         if dist.is_initialized():
+            # free what still holds the process group (DDP's reducer sits in reference cycles) while Python is
+            # fully alive: freed during interpreter shutdown instead, gloo's worker threads can abort the process
+            gc.collect()
             dist.destroy_process_group()
 
 

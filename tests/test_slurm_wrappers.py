@@ -168,15 +168,17 @@ def test_a_killed_rank_ends_the_whole_job_quickly(cluster, workdir, mnist_dir):
 
 
 @pytest.mark.parametrize("args, message", [
-    ([], "ERROR: no training script given"),
-    (["no_such_script.py", "--epochs=1"], "ERROR: training script 'no_such_script.py' not found"),
+    (["run-gpu4.sh"], "ERROR: no training script given"),
+    (["run-gpu4.sh", "no_such_script.py", "--epochs=1"], "ERROR: training script 'no_such_script.py' not found"),
+    (["--nodes=2", "run-gpu4-deepspeed.sh", "mnist_ddp_deepspeed.py"], "ERROR: run-gpu4-deepspeed.sh runs on one node"),
 ])
 def test_wrapper_without_a_valid_script_fails_fast(args, message, cluster, workdir, mnist_dir):
     t0 = time.monotonic()
-    state, exit_code, out = submit(cluster, workdir, mnist_dir, ["run-gpu4.sh"] + args, timeout=60)
+    state, exit_code, out = submit(cluster, workdir, mnist_dir, args, timeout=60)
+    wrapper = next(a for a in args if a.startswith("run-"))
     assert (state, exit_code) == ("FAILED", "2:0"), out
-    assert message in out and "usage: sbatch run-gpu4.sh SCRIPT.py" in out
-    assert "== job" not in out, "nothing may be launched"
+    assert message in out and f"usage: sbatch {wrapper} SCRIPT.py" in out
+    assert "[rank" not in out and "srun:" not in out, "nothing may be launched"
     assert time.monotonic() - t0 < 30
 
 
@@ -209,7 +211,8 @@ def test_safe_sbatch_runs_the_committed_code(cluster, workdir, mnist_dir, tmp_pa
     assert list((proj / "out").glob("metrics-*.jsonl")), "outputs land in the submit directory, not the snapshot"
 
 
-def test_imagenet_wrapper_stages_once_per_node_then_trains_on_two_nodes(cluster, workdir, tmp_path):
+def test_imagenet_wrapper_stages_once_per_node_then_trains_on_two_nodes(cluster, tmp_path_factory, tmp_path):
+    workdir = project(tmp_path_factory, "run-imagenet.sh", "imagenet_ddp.py")  # the job script and script alone
     archives = tmp_path / "imagenet"
     make_imagenet_archives(archives, n_classes=4, n_train=8, n_val=3, size=(80, 60))
     local = tmp_path / "local"  # the two test nodes share this machine's disk, as two real nodes would not
