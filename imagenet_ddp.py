@@ -28,8 +28,8 @@ and the teardown.
 import argparse
 import concurrent.futures
 import contextlib
-import gc
 import fcntl
+import gc
 import glob
 import hashlib
 import io

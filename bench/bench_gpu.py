@@ -71,7 +71,8 @@ def probe(script, argv, report):
     def dump():
         Path(report).write_text(json.dumps({"syncs": dict(syncs.most_common()), "steps": steps[0]}))
 
-    torch.optim.optimizer.register_optimizer_step_post_hook(lambda *a, **k: steps.__setitem__(0, steps[0] + 1))
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+    register_optimizer_step_post_hook(lambda *a, **k: steps.__setitem__(0, steps[0] + 1))
     warnings.showwarning = count
     warnings.simplefilter("always")  # every sync, not the first one per line
     if torch.cuda.is_available():
@@ -86,9 +87,19 @@ def probe(script, argv, report):
 # running the scripts
 
 
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def clean_env(extra=None):
+    """This environment without any launcher's variables, then those of a one-process launch (world size 1), so that
+    no script looks for more ranks (DeepSpeed would spend half a minute asking MPI)."""
     env = {k: v for k, v in os.environ.items() if not LAUNCH_VARS.match(k)}
-    env.update(PYTHONUNBUFFERED="1", **(extra or {}))
+    env.update(PYTHONUNBUFFERED="1", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+               MASTER_ADDR="127.0.0.1", **(extra or {}))
     return env
 
 
@@ -121,7 +132,8 @@ class Runner:
         cmd += [__file__, "--probe", str(REPO / script), str(report), "--"] if sync_probe else [str(REPO / script)]
         log = open(run_dir / "log.txt", "w+")
         t0 = time.perf_counter()
-        p = subprocess.Popen(cmd + argv, cwd=run_dir, env=self.env, stdout=log, stderr=subprocess.STDOUT, text=True)
+        env = {**self.env, "MASTER_PORT": str(free_port())}
+        p = subprocess.Popen(cmd + argv, cwd=run_dir, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
         signalled = False
         try:
             deadline = time.monotonic() + timeout

@@ -1,6 +1,7 @@
 """bench/bench_gpu.py, the one-command GPU proof of every script, run at toy sizes so that it cannot rot: on CPU
 (--device=cpu --smoke) here, and on a GPU where there is one."""
 import json
+import sys
 
 import pytest
 
@@ -9,6 +10,42 @@ from conftest import PYTHON, REPO, clean_env, run
 BENCH = str(REPO / "bench" / "bench_gpu.py")
 TRAININGS = {"mnist_ddp fp32", "mnist_ddp --amp", "mnist_lightning_ddp --amp", "mnist_ddp_deepspeed bf16 ZeRO-2",
              "imagenet_ddp --synthetic", "imagenet_ddp real JPEGs"}
+
+
+TOY = """
+import warnings
+import torch
+
+w = torch.nn.Parameter(torch.zeros(2))
+opt = torch.optim.SGD([w], lr=0.1)
+for step in range(30):
+    w.sum().backward()
+    opt.step()
+    warnings.warn("Foo called a synchronizing CUDA operation")  # what torch says, once per step
+    if step % 10 == 0:
+        warnings.warn("Bar called a synchronizing CUDA operation")  # a log step
+warnings.warn("an ordinary warning")
+"""
+
+
+def test_the_sync_probe_counts_syncs_by_line_and_finds_the_per_step_ones(tmp_path):
+    """On a GPU, torch.cuda.set_sync_debug_mode("warn") makes every host sync a warning; here a toy script raises the
+    same warning itself, so the probe's counting and attribution are checked without a GPU."""
+    (tmp_path / "toy.py").write_text(TOY)
+    rc, out = run([PYTHON, BENCH, "--probe", str(tmp_path / "toy.py"), str(tmp_path / "report.json"), "--"],
+                  env=clean_env(), cwd=tmp_path, timeout=120)
+    assert rc == 0, out
+    assert "an ordinary warning" in out, "other warnings still show"
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["steps"] == 30
+    lines = TOY.splitlines()
+    key = {word: next(f"toy.py:{n}: {line.strip()[:80]}" for n, line in enumerate(lines, 1) if word in line)
+           for word in ("Foo", "Bar")}
+    assert report["syncs"] == {key["Foo"]: 30, key["Bar"]: 3}, "counted by the script line each came from"
+    sys.path.insert(0, str(REPO / "bench"))
+    import bench_gpu
+    summary = bench_gpu.sync_summary(report)
+    assert summary["syncs_total"] == 33 and summary["per_step_sync_lines"] == [key["Foo"]]
 
 
 def harness(mnist_dir, out, device):
