@@ -234,8 +234,10 @@ def ensure_deepspeed(args, work):
     if not args.wheels:
         return None
     site = Path(work) / "site"
-    r = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-index", f"--find-links={args.wheels}",
-                        f"--target={site}", "deepspeed"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # every wheel of the folder, no resolver: with --target pip would not see this Python's own torch and numpy
+    wheels = sorted(str(w) for w in Path(args.wheels).glob("*.whl"))
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps",
+                        f"--target={site}", *wheels], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if r.returncode != 0:
         print(r.stdout[-2000:])
         return None
