@@ -191,8 +191,8 @@ def stop_check(device, checkpoint, epoch, step):
     job_id = os.environ.get("SLURM_JOB_ID")
     if RANK == 0 and job_id and signum == signal.SIGUSR1:
         r = subprocess.run(["scontrol", "requeue", job_id], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        message += f"; requeued job {job_id}" if r.returncode == 0 else \
-            f"; could not requeue job {job_id}: {r.stdout.strip()} (resubmit it)"
+        message += (f"; requeued job {job_id}" if r.returncode == 0
+                    else f"; could not requeue job {job_id}: {r.stdout.strip()} (resubmit it)")
     print0(f"stopped on {STOP_SIGNALS[signum]}: {message}")
     all_ranks_ok(True, device)  # the others wait for the requeue: an early exit could make the launcher end rank 0
     raise SystemExit(EXIT_RESUMABLE)
