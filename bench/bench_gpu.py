@@ -296,7 +296,7 @@ def main():
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: the harness itself, on CPU")
     p.add_argument("--smoke", action="store_true", help="toy sizes: a few seconds per training")
     p.add_argument("--wheels", default=None, help="a folder of wheels to install DeepSpeed from, if it is missing")
-    p.add_argument("--images", type=int, default=300, help="generated training JPEGs per class, 10 classes")
+    p.add_argument("--images", type=int, default=500, help="generated training JPEGs per class, 10 classes")
     p.add_argument("--p6-epochs", type=int, default=10, help="epochs mnist_ddp.py may take to reach 97%%")
     args = p.parse_args()
     args.extra_env = {}
