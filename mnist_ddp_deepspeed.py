@@ -220,8 +220,12 @@ def print_line(message, file=sys.stdout):
 
 
 def fail(message):
-    """One clear line from rank 0, then a non-zero exit on every rank (the finally block tears down)."""
+    """One clear line from rank 0, then a non-zero exit on every rank (the finally block tears down). The other ranks
+    exit a moment later: torchrun and srun --kill-on-bad-exit end every rank once one fails, and rank 0 may not have
+    printed yet."""
     print0(f"ERROR: {message}", file=sys.stderr)
+    if RANK != 0:
+        time.sleep(3)
     raise SystemExit(1)
 
 
