@@ -159,6 +159,30 @@ def all_gather(obj):
     dist.all_gather_object(out, obj)
     return out
 
+# the oldest NVIDIA driver each CUDA major version runs on (CUDA's minor-version compatibility)
+CUDA_DRIVER_FLOOR = {"13": 580, "12": 525, "11": 450}
+
+
+def unusable_gpus(env=os.environ):
+    """None, or the error when the job was given GPUs (CUDA_VISIBLE_DEVICES, else Slurm's SLURM_JOB_GPUS or
+    SLURM_GPUS_ON_NODE) that torch cannot use, e.g. behind a driver older than torch's CUDA build: without this check
+    a 4-GPU job would train on the CPU and look fine."""
+    if torch.cuda.is_available():
+        return None
+    for var in ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_GPUS", "SLURM_GPUS_ON_NODE"):
+        value = env.get(var, "").strip()
+        if value in ("", "-1", "NoDevFiles") or (var == "SLURM_GPUS_ON_NODE" and value == "0"):
+            continue  # no GPU given this way
+        cuda = torch.version.cuda
+        needs = (f"it is a build for CUDA {cuda}, which needs an NVIDIA driver >= "
+                 f"{CUDA_DRIVER_FLOOR.get(cuda.split('.')[0])} (nvidia-smi shows yours)"
+                 + (" and a GPU of compute capability >= 7.5" if cuda.startswith("13") else "")
+                 if cuda else "it is a CPU-only build")
+        return (f"this job was given GPUs ({var}={value}), but torch {torch.__version__} cannot use them: {needs}. "
+                "HINT: install the torch build that matches the cluster's driver, or pass --device=cpu to train on "
+                "CPU anyway")
+    return None
+
 
 # Preemption: Slurm sends SIGUSR1 before the time limit (the wrappers ask for it with --signal) and SIGTERM when it
 # cancels or preempts. The handler only notes the signal; the training loop checks it at step boundaries, all ranks
@@ -351,6 +375,8 @@ def main(args):
         return
 
     # one process per device: cuda:(local_rank % device_count) with NCCL, else CPU with gloo
+    if args.device != "cpu" and (error := unusable_gpus()):
+        fail(error)
     if args.device == "cuda" and not torch.cuda.is_available():
         fail("--device cuda was given, but no CUDA device is visible here. HINT: request a GPU (e.g. --gres=gpu:1) or "
              "use --device cpu")

@@ -20,7 +20,7 @@ MNIST = [DDP, LIGHTNING, DEEPSPEED]
 # drifts from them is untested code. Renaming or dropping a helper in one script fails here too.
 COPIES = {
     "positive_int": ALL, "first_host": WITH_SIGNALS, "launch_env": WITH_SIGNALS,
-    "print0": ALL, "print_line": ALL, "fail": ALL,
+    "print0": ALL, "print_line": ALL, "fail": ALL, "CUDA_DRIVER_FLOOR": ALL, "unusable_gpus": ALL,
     "all_ranks_ok": ALL, "all_gather": ALL,
     # the signal block
     "STOP_SIGNALS": WITH_SIGNALS, "STOP_CHECK_EVERY": WITH_SIGNALS, "EXIT_RESUMABLE": WITH_SIGNALS,

@@ -177,6 +177,46 @@ def _parent(pid):
         return None
 
 
+@pytest.mark.parametrize("env, given", [
+    ({}, None),
+    ({"CUDA_VISIBLE_DEVICES": "0,1,2,3"}, "CUDA_VISIBLE_DEVICES=0,1,2,3"),
+    ({"CUDA_VISIBLE_DEVICES": "0"}, "CUDA_VISIBLE_DEVICES=0"),  # one GPU per task: GPU 0 of this task
+    ({"CUDA_VISIBLE_DEVICES": "", "SLURM_JOB_GPUS": "2,3"}, "SLURM_JOB_GPUS=2,3"),
+    ({"SLURM_GPUS_ON_NODE": "4"}, "SLURM_GPUS_ON_NODE=4"),
+    ({"SLURM_GPUS_ON_NODE": "0"}, None),
+    ({"CUDA_VISIBLE_DEVICES": "-1"}, None),
+    ({"CUDA_VISIBLE_DEVICES": "NoDevFiles"}, None),
+])
+def test_gpus_given_but_unusable_is_an_error(env, given, monkeypatch):
+    """The cluster's driver older than torch's CUDA build: torch sees no GPU although the job was given some."""
+    monkeypatch.setattr(mnist_ddp.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(mnist_ddp.torch.version, "cuda", "13.0")
+    error = mnist_ddp.unusable_gpus(env)
+    if given is None:
+        assert error is None
+    else:
+        assert f"this job was given GPUs ({given})" in error and "NVIDIA driver >= 580" in error, error
+        assert "compute capability >= 7.5" in error and "HINT:" in error and "--device=cpu" in error
+    monkeypatch.setattr(mnist_ddp.torch.cuda, "is_available", lambda: True)  # torch can use them: no error
+    assert mnist_ddp.unusable_gpus(env) is None
+    monkeypatch.setattr(mnist_ddp.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(mnist_ddp.torch.version, "cuda", "12.6")
+    assert given is None or "CUDA 12.6, which needs an NVIDIA driver >= 525 " in mnist_ddp.unusable_gpus(env)
+
+
+def test_every_rank_stops_when_its_gpus_are_unusable(mnist_dir, tmp_path):
+    """Two srun-style ranks given GPUs that torch cannot use (this machine has no driver at all): one ERROR line from
+    rank 0, every rank exits 1 at once, nothing trains; --device=cpu is the way to train on CPU anyway."""
+    t0 = time.monotonic()
+    rcs, outs = run_srun_style([PYTHON, SCRIPT, f"--data-dir={mnist_dir}", f"--output-dir={tmp_path}"], 2,
+                               cwd=tmp_path, timeout=120, CUDA_VISIBLE_DEVICES="0,1", SLURM_GPUS_ON_NODE="2")
+    assert rcs == [1, 1], outs
+    assert time.monotonic() - t0 < 60
+    errors = [line for out in outs for line in out.splitlines() if line.startswith("ERROR:")]
+    assert len(errors) == 1 and "this job was given GPUs (CUDA_VISIBLE_DEVICES=0,1)" in errors[0], outs
+    assert "[rank" not in outs[0] + outs[1], "nothing may start"
+
+
 def test_offline_without_data_fails_fast_on_every_rank(tmp_path):
     # no data and no network: every proxy points at a closed local port, so downloads are refused at once
     dead = "http://127.0.0.1:9"

@@ -1,9 +1,11 @@
 """The sbatch wrappers, submitted with sbatch exactly as a user would, on a real 2-node Slurm cluster that
-these tests start (tests/slurm_cluster.py). Every node has 4 fake GPUs, so the scripts fall back to CPU + gloo.
+these tests start (tests/slurm_cluster.py). Every node has 4 fake GPUs: Slurm allocates them and sets
+CUDA_VISIBLE_DEVICES, but torch cannot use them, as on a cluster whose driver is older than torch's CUDA build. So
+the runs say --device=cpu, and one test checks that without it the job stops at once with one clear line.
 Each seed command from the README runs verbatim, from a fresh directory whose path holds a space and which holds
 only that wrapper and that script (and the config file the command names), as a user who copied the two files into
-a project would have it; the tests only append --epochs=1 and a smaller per-process batch (so that 4 or 8 processes
-still take enough steps in one epoch on 5,000 digits)."""
+a project would have it; the tests only append --device=cpu, --epochs=1 and a smaller per-process batch (so that 4
+or 8 processes still take enough steps in one epoch on 5,000 digits)."""
 import os
 import shutil
 import signal
@@ -16,7 +18,7 @@ import pytest
 from conftest import REPO, STARTUP_LINE, clean_env, done_record, epoch_lines, make_imagenet_archives
 from slurm_cluster import SlurmCluster, missing_requirements
 
-FAST = ["--epochs=1", "--batch-size=16"]
+FAST = ["--device=cpu", "--epochs=1", "--batch-size=16"]
 MIN_ACC_1_EPOCH = 88.0  # 1 epoch, global batch 64 (4 processes) or 128 (8): measured 92-95% on this data
 
 
@@ -125,6 +127,22 @@ def test_seed_command(command, world_size, nodes, cluster, tmp_path_factory, mni
     assert [e for _, e, _ in epoch_lines(out)] == [1], "one epoch line, from rank 0 only"
 
 
+def test_gpus_that_torch_cannot_use_stop_the_job_at_once(cluster, tmp_path_factory, mnist_dir):
+    """A seed command without --device=cpu on the fake GPUs: not a 4-GPU job quietly training on the CPU, but one
+    ERROR line naming the allocation, torch's CUDA build and the driver it needs, and every rank out within seconds."""
+    command = SEEDS[2][0]  # run-gpu4.sh: four srun tasks, each given CUDA_VISIBLE_DEVICES by Slurm
+    t0 = time.monotonic()
+    state, exit_code, out = submit(cluster, seed_project(tmp_path_factory, command), mnist_dir, command.split(),
+                                   timeout=120)
+    assert state == "FAILED", out[-3000:]
+    errors = [line for line in out.splitlines() if line.startswith("ERROR:")]
+    assert len(errors) == 1, out[-3000:]
+    assert "this job was given GPUs (CUDA_VISIBLE_DEVICES=" in errors[0] and "NVIDIA driver >= " in errors[0]
+    assert "HINT:" in errors[0] and "--device=cpu" in errors[0]
+    assert "[rank" not in out, "nothing may train"
+    assert time.monotonic() - t0 < 60
+
+
 def test_python_without_srun_in_a_multi_task_job_fails_at_once(cluster, workdir, mnist_dir):
     # the classic mistake: srun forgotten in a hand-written batch script; it must fail, not wait for the time limit
     state, exit_code, out = submit(cluster, workdir, mnist_dir,
@@ -149,7 +167,8 @@ def job_pids(job_id, rank):
 
 def test_a_killed_rank_ends_the_whole_job_quickly(cluster, workdir, mnist_dir):
     env = clean_env(DATA_DIR=mnist_dir, SLURM_CONF=cluster.conf)
-    r = subprocess.run(["sbatch", "--parsable", "run-gpu4.sh", "mnist_ddp.py", "--epochs=100", "--batch-size=16"],
+    r = subprocess.run(["sbatch", "--parsable", "run-gpu4.sh", "mnist_ddp.py", "--device=cpu", "--epochs=100",
+                        "--batch-size=16"],
                        cwd=workdir, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     job_id = r.stdout.strip()
     log = workdir / f"srun-gpu4-{job_id}.out"
@@ -219,7 +238,7 @@ def test_imagenet_wrapper_stages_once_per_node_then_trains_on_two_nodes(cluster,
     state, exit_code, out = submit(cluster, workdir, None, [
         "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=1", "run-imagenet.sh", "imagenet_ddp.py",
         f"--data-dir={archives}", f"--local-dir={local}", "--epochs=1", "--arch=resnet18", "--image-size=64",
-        "--batch-size=4", "--workers=1", f"--output-dir={tmp_path / 'out'}"])
+        "--batch-size=4", "--workers=1", "--device=cpu", f"--output-dir={tmp_path / 'out'}"])
     assert (state, exit_code) == ("COMPLETED", "0:0"), out[-4000:]
     assert "== staging: imagenet_ddp.py --stage-only, once on each of the 2 node(s) ==" in out
     assert out.count("staged 4 classes and 12 validation images") == 1, "one node extracts; the other finds its marker"
