@@ -342,12 +342,13 @@ def check_writable(ckpt_dir):
              "you can write to")
 
 
-def load_latest_checkpoint(ckpt_dir, device):
+def load_latest_checkpoint(ckpt_dir):
     """Newest loadable checkpoint, or (None, None). A corrupt newest file is reported, never silently skipped to a
-    fresh start."""
+    fresh start. Loaded to the CPU: load_state_dict puts each tensor where it belongs, and keeps the optimizer's step
+    counts on the CPU (on the GPU, AdamW would sync the host for each parameter on every step)."""
     for path in sorted(glob.glob(os.path.join(ckpt_dir, "epoch_*.pt")), reverse=True):
         try:
-            return path, torch.load(path, map_location=device, weights_only=True)
+            return path, torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
             print0(f"WARNING: cannot load {path} ({type(e).__name__}: {e}); trying the previous checkpoint")
     return None, None
@@ -442,7 +443,7 @@ def train(args, device):
     start_epoch, start_step = 1, 0
     if args.checkpoint_dir:
         check_writable(args.checkpoint_dir)
-        path, ckpt = load_latest_checkpoint(args.checkpoint_dir, device)
+        path, ckpt = load_latest_checkpoint(args.checkpoint_dir)
         if ckpt is not None:
             if ckpt.get("script") != "mnist_ddp.py":
                 fail(f"{path} was not written by mnist_ddp.py (it is from {ckpt.get('script', 'another script')}). "

@@ -447,7 +447,10 @@ def main(args):
         return
 
     # one process per device: cuda:(local_rank % device_count) with NCCL, else CPU with gloo
-    if args.device != "cpu" and (error := unusable_gpus()):
+    # DeepSpeed's launcher (it passes --local_rank) sets CUDA_VISIBLE_DEVICES even on a machine without GPUs: there
+    # only Slurm's variables say what the job was given
+    launched = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES" or args.local_rank is None}
+    if args.device != "cpu" and (error := unusable_gpus(launched)):
         fail(error)
     if args.device == "cuda" and not torch.cuda.is_available():
         fail("--device cuda was given, but no CUDA device is visible here. HINT: request a GPU (e.g. --gres=gpu:1) or "

@@ -194,7 +194,7 @@ def preempt_and_resume(runner, name, script, argv, stop_at, epochs):
                      sync_probe=False)
     argv_b = argv + [f"--checkpoint-dir={runner.work / name / 'b'}"]
     stopped = runner.run(f"{name}-stopped", script, argv_b, sync_probe=False, stop_at=stop_at)
-    resumed = runner.run(f"{name}-resumed", script, argv_b, sync_probe=False)
+    resumed = runner.run(f"{name}-resumed", script, argv_b)  # probed: a resumed run must not sync per step either
     last = f"epoch_{epochs:04d}.pt"
     result = {"uninterrupted": ref, "stopped": stopped, "resumed": resumed,
               "stopped_with_75": stopped["rc"] == 75, "resumed_mid_epoch": False}
@@ -428,7 +428,9 @@ def summarize(res):
              f"DeepSpeed {v['deepspeed']}, Python {v['python']}",
              "trainings (one process):"]
     lines += [training_line(k, r) for k, r in res["trainings"].items()]
-    for k, r in res["trainings"].items():
+    probed = {**res["trainings"], **{f"{k}, resumed run": c["resumed"] for k, c in res["checks"].items()
+                                     if k.startswith("preemption")}}
+    for k, r in probed.items():
         for line in r.get("per_step_sync_lines") or []:
             lines.append(f"  per-step sync in {k}: {line} ({r['syncs_by_line'].get(line)} in {r['steps']} steps)")
     C = res["checks"]

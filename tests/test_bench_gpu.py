@@ -74,6 +74,7 @@ def test_the_gpu_harness_runs_every_check_on_cpu(mnist_dir, tmp_path):
         c = checks[name]
         assert c["stopped"]["signalled"] and c["stopped_with_75"] and c["resumed_mid_epoch"], name
         assert c["bit_identical"] and c["max_abs_diff"] == 0.0, f"{name}: on CPU a resumed run is bit-identical"
+        assert c["resumed"]["steps"] > 0 and c["resumed"]["per_step_sync_lines"] == [], "the resumed run is probed"
     assert checks["P6"]["epochs_run"] == 1 and checks["P6"]["best_acc"] > 0.88
     assert all(v and v > 0 for v in checks["P7"].values()) and len(checks["P7"]) == 2
     assert checks["P8"]["dataloader_img_s"] > 0 and checks["P8"]["decode_jpeg_img_s"] > 0
@@ -88,6 +89,8 @@ def test_the_gpu_harness_on_a_gpu_finds_no_per_step_host_sync(mnist_dir, tmp_pat
     if not torch.cuda.is_available():
         pytest.skip("no GPU on this machine: run bench/bench_gpu.py on a GPU machine (bench/README.md says how)")
     res, summary, log = harness(mnist_dir, tmp_path, "cuda")
-    for name, r in res["trainings"].items():
+    probed = [(name, r) for name, r in res["trainings"].items()] + [
+        (f"{name}, resumed", c["resumed"]) for name, c in res["checks"].items() if name.startswith("preemption")]
+    for name, r in probed:
         assert r["rc"] == 0 and r["done"], name
         assert r["per_step_sync_lines"] == [], f"{name} syncs the host on every step: {r['per_step_sync_lines']}"
