@@ -213,10 +213,13 @@ def unusable_gpus(env=os.environ):
         if value in ("", "-1", "NoDevFiles") or (var == "SLURM_GPUS_ON_NODE" and value == "0"):
             continue  # no GPU given this way
         cuda = torch.version.cuda
-        needs = (f"it is a build for CUDA {cuda}, which needs an NVIDIA driver >= "
-                 f"{CUDA_DRIVER_FLOOR.get(cuda.split('.')[0])} (nvidia-smi shows yours)"
-                 + (" and a GPU of compute capability >= 7.5" if cuda.startswith("13") else "")
-                 if cuda else "it is a CPU-only build")
+        if cuda is None:
+            needs = "it is a CPU-only build"
+        else:
+            needs = (f"it is a build for CUDA {cuda}, which needs an NVIDIA driver >= "
+                     f"{CUDA_DRIVER_FLOOR.get(cuda.split('.')[0])} (nvidia-smi shows yours)")
+            if cuda.startswith("13"):  # CUDA 13 builds have no kernels for GPUs before Turing
+                needs += " and a GPU of compute capability >= 7.5"
         return (f"this job was given GPUs ({var}={value}), but torch {torch.__version__} cannot use them: {needs}. "
                 "HINT: install the torch build that matches the cluster's driver, or pass --device=cpu to train on "
                 "CPU anyway")

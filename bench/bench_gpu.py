@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))  # bench_imagenet, which puts the repository and tests/ on the path too
 SYNC_WARNING = "synchroniz"  # torch's warning: "called a synchronizing CUDA operation"
 LAUNCH_VARS = re.compile(r"^(RANK|LOCAL_RANK|WORLD_SIZE|LOCAL_WORLD_SIZE|MASTER_ADDR|MASTER_PORT|TORCHELASTIC_.*"
                          r"|SLURM_.*|OMPI_.*|PMI_.*|CHECKPOINT_DIR)$")
@@ -116,7 +117,6 @@ def epoch_records(output_dir):
 class Runner:
     def __init__(self, args, work):
         self.args, self.work, self.n = args, Path(work), 0
-        self.env = clean_env(args.extra_env)
 
     def run(self, name, script, argv, sync_probe=True, stop_at=None, timeout=900):
         """One training process (through the sync probe unless told otherwise). stop_at: a line of output after
@@ -130,25 +130,25 @@ class Runner:
         report = run_dir / "syncs.json"
         cmd = [sys.executable, "-u"]
         cmd += [__file__, "--probe", str(REPO / script), str(report), "--"] if sync_probe else [str(REPO / script)]
-        log = open(run_dir / "log.txt", "w+")
         t0 = time.perf_counter()
-        env = {**self.env, "MASTER_PORT": str(free_port())}
-        p = subprocess.Popen(cmd + argv, cwd=run_dir, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+        env = clean_env({**self.args.extra_env, "MASTER_PORT": str(free_port())})
         signalled = False
-        try:
-            deadline = time.monotonic() + timeout
-            while p.poll() is None:
-                if time.monotonic() > deadline:
+        with open(run_dir / "log.txt", "w") as log:
+            p = subprocess.Popen(cmd + argv, cwd=run_dir, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+            try:
+                deadline = time.monotonic() + timeout
+                while p.poll() is None:
+                    if time.monotonic() > deadline:
+                        p.kill()
+                        break
+                    if stop_at and not signalled and stop_at in (run_dir / "log.txt").read_text():
+                        p.send_signal(signal.SIGUSR1)
+                        signalled = True
+                    time.sleep(0.05)
+            finally:
+                if p.poll() is None:
                     p.kill()
-                    break
-                if stop_at and not signalled and stop_at in (run_dir / "log.txt").read_text():
-                    p.send_signal(signal.SIGUSR1)
-                    signalled = True
-                time.sleep(0.05)
-        finally:
-            if p.poll() is None:
-                p.kill()
-            rc = p.wait()
+                rc = p.wait()
         out = (run_dir / "log.txt").read_text()
         result = {"name": name, "script": script, "args": argv, "rc": rc, "seconds": round(time.perf_counter() - t0, 1),
                   "done": done_record(out), "epochs": epoch_records(run_dir / "out"), "dir": str(run_dir)}
@@ -229,10 +229,9 @@ def deepspeed_version(env):
 
 def ensure_deepspeed(args, work):
     """DeepSpeed importable by the child processes: installed already, or from --wheels into WORK/site."""
-    if deepspeed_version(clean_env()):
-        return deepspeed_version(clean_env())
-    if not args.wheels:
-        return None
+    installed = deepspeed_version(clean_env())
+    if installed or not args.wheels:
+        return installed
     site = Path(work) / "site"
     # every wheel of the folder, no resolver: with --target pip would not see this Python's own torch and numpy
     wheels = sorted(str(w) for w in Path(args.wheels).glob("*.whl"))
@@ -253,10 +252,8 @@ def p8_decode(train_dir, batch_size, workers, batches, device):
     import torch
     from torchvision.io import ImageReadMode, decode_jpeg, read_file
 
-    sys.path.insert(0, str(REPO))
+    from bench_imagenet import loader_rate  # first: it puts imagenet_ddp.py's folder on the path
     import imagenet_ddp
-    sys.path.insert(0, str(REPO / "bench"))
-    from bench_imagenet import loader_rate
 
     dataset = imagenet_ddp.JPEGs(str(Path(train_dir).parent), "train", 224, seed=0)
     order = np.random.default_rng(0).permutation(len(dataset)).tolist()
@@ -324,7 +321,6 @@ def main():
         T["mnist_ddp --compile"] = runner.run("mnist-compile", "mnist_ddp.py", mnist + ["--compile"])
     T["mnist_lightning_ddp --amp"] = runner.run("lightning-amp", "mnist_lightning_ddp.py", mnist + ["--amp"])
     deepspeed = ensure_deepspeed(args, work)
-    runner.env = clean_env(args.extra_env)
     results["versions"]["deepspeed"] = deepspeed or "not installed (give --wheels)"
     if deepspeed:
         T["mnist_ddp_deepspeed bf16 ZeRO-2"] = runner.run(
@@ -338,8 +334,6 @@ def main():
     T["imagenet_ddp --synthetic"] = runner.run("imagenet-synthetic", "imagenet_ddp.py", synthetic)
 
     print("== generating ILSVRC-layout archives", flush=True)
-    sys.path.insert(0, str(REPO / "bench"))
-    sys.path.insert(0, str(REPO / "tests"))
     from bench_imagenet import make_dataset
     jpegs = work / "imagenet"
     jpegs.mkdir(parents=True, exist_ok=True)
@@ -387,8 +381,11 @@ def main():
     C["P8"] = p8_decode(staged, 8 if smoke else 256, 1 if smoke else 15, 2 if smoke else 20, args.device)
     C["P8"]["ratio"] = C["P8"]["decode_jpeg_img_s"] / C["P8"]["dataloader_img_s"]
 
-    jpeg_rate = (T["imagenet_ddp real JPEGs"]["done"] or {}).get("images_per_s")
-    synthetic_rate = (T["imagenet_ddp --synthetic"]["done"] or {}).get("images_per_s")
+    # timings from runs without the sync probe (on a GPU it turns every sync into a warning); smoke sizes time nothing
+    real_run = T["imagenet_ddp real JPEGs"] if smoke else runner.run("p9-jpeg", "imagenet_ddp.py", real,
+                                                                       sync_probe=False)
+    jpeg_rate = (real_run["done"] or {}).get("images_per_s")
+    synthetic_rate = (p7["bf16 + channels_last"]["done"] or {}).get("images_per_s")
     C["P9"] = {"real_img_s": jpeg_rate, "synthetic_img_s": synthetic_rate,
                "fraction": jpeg_rate / synthetic_rate if jpeg_rate and synthetic_rate else None}
     results["seconds"] = round(time.perf_counter() - t_start, 1)

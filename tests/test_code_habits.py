@@ -61,7 +61,9 @@ def test_every_script_uses_its_stop_check_at_both_places():
     for script in WITH_SIGNALS:
         text = (REPO / script).read_text()
         assert text.count("stop_check(device, args.checkpoint_dir and checkpoint, epoch, ") == 2, script
-        assert "stop_signal(device)" not in text.split("def stop_check")[1].split("\ndef ")[1:], script
+        defs = top_level_definitions(REPO / script)
+        rest = text.replace(defs["stop_check"], "").replace(defs["stop_signal"], "")
+        assert "stop_signal(device)" not in rest, f"{script}: the loop calls stop_check, never stop_signal itself"
 
 
 WRAPPERS = sorted(p.name for p in REPO.glob("run-*.sh"))

@@ -198,6 +198,8 @@ def test_wrapper_without_a_valid_script_fails_fast(args, message, cluster, workd
     assert (state, exit_code) == ("FAILED", "2:0"), out
     assert message in out and f"usage: sbatch {wrapper} SCRIPT.py" in out
     assert "[rank" not in out and "srun:" not in out, "nothing may be launched"
+    if "ERROR: no training script" in message or "not found" in message:
+        assert "== job" not in out, "the usage check comes before anything else"
     assert time.monotonic() - t0 < 30
 
 
