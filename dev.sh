@@ -28,16 +28,17 @@ ensure_venv() {
 
 ensure_apt_tools() {
   # the Slurm cluster tests need Debian's slurm and munge packages, and root; without them they skip, saying why.
-  # The lint test runs Debian's shellcheck on every shell script.
+  # The lint test runs Debian's shellcheck on every shell script; the --compile tests need g++ (inductor on CPU).
   if command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v sbatch >/dev/null \
-     && command -v munge >/dev/null && command -v ip >/dev/null && command -v shellcheck >/dev/null; then
+     && command -v munge >/dev/null && command -v ip >/dev/null && command -v shellcheck >/dev/null \
+     && command -v g++ >/dev/null; then
     return
   fi
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    echo "== installing Slurm, munge, iproute2 and shellcheck (apt, about 15 s) =="
+    echo "== installing Slurm, munge, iproute2, shellcheck and g++ (apt, about 15 s) =="
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-      slurmctld slurmd slurm-client munge iproute2 shellcheck >/dev/null
+      slurmctld slurmd slurm-client munge iproute2 shellcheck g++ >/dev/null
   elif [ "${CI:-}" = true ]; then
     echo "ERROR: CI needs root and apt-get to install Slurm (for the cluster tests) and shellcheck" >&2
     exit 1

@@ -48,6 +48,7 @@ import time
 import warnings
 from datetime import datetime, timedelta
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -118,10 +119,13 @@ def get_args(argv=None):
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto: a GPU if there is one (default: auto)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
-                   help="bfloat16 autocast on GPU (default: on; CPU trains in float32)")
+                   help="mixed precision on GPU: bfloat16, or float16 with loss scaling before Ampere (default: on; "
+                        "CPU trains in float32)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="NHWC memory format on GPU (default: on)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--dist-timeout", type=positive_int, default=600,
+                   help="seconds the ranks wait for each other, at start and in every collective (default: 600)")
     return p.parse_args(argv)
 
 
@@ -171,11 +175,12 @@ def print_line(message, file=sys.stdout):
     file.flush()
 
 
-def fail(message):
-    """One clear line from rank 0, then a non-zero exit on every rank (the finally block tears down). The other ranks
-    exit a moment later: torchrun and srun --kill-on-bad-exit end every rank once one fails, and rank 0 may not have
-    printed yet."""
-    print0(f"ERROR: {message}", file=sys.stderr)
+def fail(message, speak=None):
+    """One clear line, from rank 0 unless `speak` says whether this rank prints it, then a non-zero exit on every
+    rank (the finally block tears down). The other ranks exit a moment later: torchrun and srun --kill-on-bad-exit
+    end every rank once one fails, and the rank that speaks may not have printed yet."""
+    if RANK == 0 if speak is None else speak:
+        print_line(f"ERROR: {message}", sys.stderr)
     if RANK != 0:
         time.sleep(3)
     raise SystemExit(1)
@@ -224,6 +229,51 @@ def unusable_gpus(env=os.environ):
                 "HINT: install the torch build that matches the cluster's driver, or pass --device=cpu to train on "
                 "CPU anyway")
     return None
+
+
+def gpu_index(local_rank, env=os.environ):
+    """Which of the GPUs this process sees (torch.cuda.device_count()) it trains on: one process per GPU. Raises
+    ValueError when this node runs more processes than they see GPUs (two ranks on one GPU fail in NCCL).
+    - Each process sees all of the node's GPUs (torchrun; srun with --gres=gpu:N or --gpus-per-node): GPU local_rank.
+    - Each srun task sees only its own (--gpus-per-task=1, --gpu-bind, --ntasks-per-gpu, a site default): fewer than
+      Slurm gave the step on this node (SLURM_GPUS_ON_NODE). It takes the first."""
+    visible = torch.cuda.device_count()
+    launcher = next((v for v in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE") if v in env), None)
+    if launcher:  # torchrun, DeepSpeed's launcher or mpirun started this node's processes: they see the same GPUs
+        local_size = int(env[launcher])
+    elif "SLURM_STEP_ID" in env and "SLURM_STEP_TASKS_PER_NODE" in env:  # srun: "4", or "2(x3),1" (2 on 3 nodes, 1)
+        if 0 < visible < int(env.get("SLURM_GPUS_ON_NODE") or 0):
+            return 0  # this task was given its own GPU(s)
+        per_node = [int(n) for n, times in re.findall(r"(\d+)(?:\(x(\d+)\))?", env["SLURM_STEP_TASKS_PER_NODE"])
+                    for _ in range(int(times or 1))]
+        local_size = per_node[min(int(env.get("SLURM_NODEID", 0)), len(per_node) - 1)]
+    else:
+        local_size = local_rank + 1
+    if max(local_size, local_rank + 1) > visible:
+        raise ValueError(f"{max(local_size, local_rank + 1)} processes on {socket.gethostname()} share {visible} "
+                         f"visible GPU(s) (CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', 'unset')}); two ranks "
+                         "on one GPU fail in NCCL. HINT: one process per GPU: as many tasks per node (srun) or "
+                         "--nproc-per-node (torchrun) as GPUs per node, or --gpus-per-task=1")
+    return local_rank
+
+
+def autocast_dtype(device):
+    """The GPU's mixed-precision type: bfloat16 where it computes it natively (compute capability 8.0 and later: A100,
+    H100, L4, RTX 30xx and newer), else float16, which needs loss scaling (a GradScaler). torch.cuda.is_bf16_supported()
+    also says yes on 7.5 (T4, RTX 20xx), where bfloat16 is emulated, slowly."""
+    return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
+
+
+def init_failed(error, timeout):
+    """The ranks could not form their process group: each rank says why, from where it stands."""
+    reason = str(error).splitlines()[0][:200]
+    where = f"MASTER_ADDR:MASTER_PORT = {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+    if "EADDRINUSE" in reason:  # rank 0 cannot listen: another program, or another job, holds the port
+        fail(f"rank 0 cannot listen on {where} ({reason}). HINT: the port is in use; unset MASTER_PORT to derive one "
+             "from the job id, or pick a free one", speak=True)
+    fail(f"rank {RANK} on {socket.gethostname()} did not meet the other ranks at {where} within {timeout:g} s "
+         f"({reason}). HINT: a rank that could not start says why in this log; else check that MASTER_ADDR is the "
+         "job's first node and reachable from here", speak=True)
 
 
 # Preemption: Slurm sends SIGUSR1 before the time limit (the wrappers ask for it with --signal) and SIGTERM when it
@@ -347,13 +397,17 @@ def stage(data_dir, local_dir, workers, from_tar=False):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(local_dir, sub))
         wnids = val_wnids(archives[2])
+        if from_tar:  # one sequential read of each tar; from now on only the local copies are read
+            for a in archives[:2]:
+                shutil.copyfile(a, os.path.join(local_dir, os.path.basename(a)))
+            archives = [os.path.join(local_dir, os.path.basename(a)) for a in archives[:2]] + archives[2:]
+        # the tars' headers: 1000 class tars in the train tar, 50,000 images in the val tar
         with open(archives[0], "rb") as train, open(archives[1], "rb") as val:
             classes = [(offset, size, name[:-4]) for offset, size, name in tar_files(train) if name.endswith(".tar")]
             images = tar_files(val)
-        if from_tar:  # one sequential read of each tar, then an index: the DataLoader reads byte ranges of the copies
-            for a in archives[:2]:
-                shutil.copyfile(a, os.path.join(local_dir, os.path.basename(a)))
+        if from_tar:  # an index: the DataLoader reads byte ranges of the copies
             label = {wnid: k for k, (_, _, wnid) in enumerate(sorted(classes, key=lambda c: c[2]))}
+            # 1.28 M headers, read from the local copy (on a shared filesystem: as many small scattered reads)
             with open(archives[0], "rb") as f:  # in the order of the extracted folders: by class, then file name
                 train = [(o, n, label[wnid]) for offset, _, wnid in classes
                          for o, n, _ in sorted(tar_files(f, offset), key=lambda m: m[2])]
@@ -393,28 +447,33 @@ class JPEGs(torch.utils.data.Dataset):
     the workers (normalization happens on the device, on the whole batch)."""
 
     def __init__(self, root, split, size, seed):
-        self.tar, self.fd = None, None
-        # rows of (offset, size, label): a numpy array, not 1.3M tuples
-        if os.path.exists(os.path.join(root, "index.pt")):
+        # numpy arrays, not 1.28 M Python tuples: forked DataLoader workers share them, where tuples would slowly be
+        # copied into every worker (reading a Python object writes its reference count)
+        self.tar, self.fd, self.folder = None, None, os.path.join(root, split)
+        if os.path.exists(os.path.join(root, "index.pt")):  # rows of (offset, size, label)
             index = torch.load(os.path.join(root, "index.pt"), weights_only=True)
             self.classes, self.samples = index["classes"], index[split].numpy()
             self.tar = os.path.join(root, TRAIN_TAR if split == "train" else VAL_TAR)
-        else:
-            folder = os.path.join(root, split)
-            self.classes = sorted(e.name for e in os.scandir(folder) if e.is_dir())
-            self.samples = [(os.path.join(folder, c, name), label) for label, c in enumerate(self.classes)
-                            for name in sorted(os.listdir(os.path.join(folder, c)))]
+        else:  # rows of (label,), and the file names as one fixed-width bytes array
+            self.classes = sorted(e.name for e in os.scandir(self.folder) if e.is_dir())
+            files = [(label, name) for label, c in enumerate(self.classes)
+                     for name in sorted(os.listdir(os.path.join(self.folder, c)))]
+            self.samples = np.array([[label] for label, _ in files], dtype=np.int64).reshape(-1, 1)
+            self.names = np.array([name.encode() for _, name in files], dtype=np.bytes_)
         self.train, self.size, self.seed = split == "train", size, seed
         self.val_transform = v2.Compose([v2.Resize(round(size / 0.875), antialias=True), v2.CenterCrop(size)])
 
     def __len__(self):
         return len(self.samples)
 
+    def path(self, i):
+        """Image i's file, extracted-folder mode."""
+        return os.path.join(self.folder, self.classes[self.samples[i][0]], self.names[i].decode())
+
     def read(self, i):
         """The image file's bytes as a uint8 tensor, and its label."""
         if self.tar is None:
-            path, label = self.samples[i]
-            return read_file(path), label
+            return read_file(self.path(i)), int(self.samples[i][0])
         if self.fd is None:
             # pread() keeps no file position: one descriptor serves every worker
             self.fd = os.open(self.tar, os.O_RDONLY)
@@ -427,7 +486,7 @@ class JPEGs(torch.utils.data.Dataset):
             data, label = self.read(i)
             image = decode_image(data, mode=ImageReadMode.RGB)
         except Exception as e:  # a corrupt or unreadable file is skipped and counted, not fatal (label -100 is ignored)
-            where = self.samples[i][0] if self.tar is None else f"{self.tar} at byte {int(self.samples[i][0])}"
+            where = self.path(i) if self.tar is None else f"{self.tar} at byte {int(self.samples[i][0])}"
             print_line(f"WARNING: skipping unreadable image {where} ({type(e).__name__}: {e})", sys.stderr)
             return torch.zeros(3, self.size, self.size, dtype=torch.uint8), -100
         if not self.train:
@@ -492,7 +551,7 @@ def param_checksum(model):
     """A hash of every parameter's bytes: equal on all ranks iff the replicas are bit-identical."""
     h = hashlib.sha256()
     for p in model.state_dict().values():
-        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+        h.update(p.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())  # bytes: also for bfloat16
     return h.hexdigest()[:16]
 
 
@@ -517,13 +576,13 @@ def lr_factor(step, steps_per_epoch, args):
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, args, amp):
+def evaluate(model, loader, device, args, amp_dtype):
     """Exact validation: rank r scores images r, r+W, r+2W, ... (no padding, no image twice), then sums."""
     model.eval()
     stats = torch.zeros(5, dtype=torch.float64, device=device)  # loss sum, top-1 hits, top-5 hits, count, skipped
     for x, y in loader:
         x, y = to_device(x, y, device, args.channels_last and device.type == "cuda")
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
             out = model(x).float()
         ok = y >= 0  # -100: an unreadable image
         hits = (out.topk(min(5, out.shape[1]), 1).indices == y[:, None]) & ok[:, None]
@@ -538,6 +597,21 @@ def evaluate(model, loader, device, args, amp):
 
 # -----------------------------------------------------------------------------
 # checkpoints
+
+
+def rng_state(device):
+    """This rank's random state: the CPU generator's and, on a GPU, the GPU's (dropout and the like draw from it)."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state, device):
+    state = state if isinstance(state, dict) else {"cpu": state}  # a checkpoint from before the GPU's was saved
+    torch.set_rng_state(state["cpu"].cpu())
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
 
 def save_checkpoint(ckpt_dir, name, state, scratch, keep=2):
@@ -603,15 +677,19 @@ def main(args):
         print_line(f"data ready in {data_root} on {socket.gethostname()}")
         return
 
-    # one process per device: cuda:(local_rank % device_count) with NCCL, else CPU with gloo
+    # one process per device: a GPU of its own with NCCL (gpu_index), else CPU with gloo
     if args.device != "cpu" and (error := unusable_gpus()):
         fail(error)
     if args.device == "cuda" and not torch.cuda.is_available():
         fail("--device cuda was given, but no CUDA device is visible here. HINT: request a GPU (e.g. --gres=gpu:1) or "
              "use --device cpu")
     use_cuda = args.device != "cpu" and torch.cuda.is_available()
-    device = torch.device("cuda", LOCAL_RANK % torch.cuda.device_count()) if use_cuda else torch.device("cpu")
+    device = torch.device("cpu")
     if use_cuda:
+        try:
+            device = torch.device("cuda", gpu_index(LOCAL_RANK))
+        except ValueError as e:  # every process of that node knows; its local rank 0 says it
+            fail(str(e), speak=LOCAL_RANK == 0)
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True  # fixed input sizes: cuDNN times its kernels once and keeps the fastest
     if WORLD_SIZE > 1:
@@ -619,12 +697,9 @@ def main(args):
             os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = addr, port
         try:  # the timeout bounds every collective: a hung rank ends the job instead of holding it until the time limit
             dist.init_process_group("nccl" if use_cuda else "gloo", rank=RANK, world_size=WORLD_SIZE,
-                                    timeout=timedelta(minutes=10))
-        except dist.DistNetworkError as e:  # rank 0 cannot listen: another program, or another job, holds the port
-            fail("rank 0 cannot listen on MASTER_ADDR:MASTER_PORT = "
-                 f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} "
-                 f"({str(e).splitlines()[0][:200]}). HINT: the port is in use; unset MASTER_PORT to derive one from "
-                 "the job id, or pick a free one")
+                                    timeout=timedelta(seconds=args.dist_timeout))
+        except (dist.DistNetworkError, dist.DistStoreError) as e:
+            init_failed(e, args.dist_timeout)
     print_line(f"[rank {RANK}/{WORLD_SIZE}] local_rank {LOCAL_RANK} host {socket.gethostname()} device {device}")
     try:
         train(args, device, data_root)
@@ -668,7 +743,9 @@ def find_data(args):
 def train(args, device, data_root):
     torch.manual_seed(args.seed)  # same initial weights everywhere (DDP also broadcasts rank 0's)
     cuda = device.type == "cuda"
-    amp, channels_last = args.amp and cuda, args.channels_last and cuda
+    amp_dtype = autocast_dtype(device) if args.amp and cuda else None
+    precision = {torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast + GradScaler", None: "fp32"}[amp_dtype]
+    channels_last = args.channels_last and cuda
 
     # -----------------------------------------------------------------------------
     # data: each rank reads a disjoint 1/WORLD_SIZE of the images, reshuffled every epoch
@@ -714,6 +791,9 @@ def train(args, device, data_root):
                                  {"params": no_decay, "weight_decay": 0}],
                                 lr=lr, momentum=args.momentum)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps_per_epoch, args))
+    # float16 gradients underflow without loss scaling; the scaler's overflow check syncs the host once per step
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    torch.manual_seed(args.seed + RANK)  # the weights are made: from here on each rank draws its own random numbers
 
     # -----------------------------------------------------------------------------
     # resume: every rank loads the same checkpoint, so the replicas start equal; mid-epoch checkpoints resume at
@@ -736,19 +816,22 @@ def train(args, device, data_root):
             raw_model.load_state_dict(ckpt["model"])  # the raw module's keys: no "module." or "_orig_mod." prefix
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
+            if ckpt.get("scaler") and scaler.is_enabled():
+                scaler.load_state_dict(ckpt["scaler"])
             if len(ckpt["rng"]) == WORLD_SIZE:
-                torch.set_rng_state(ckpt["rng"][RANK].cpu())
+                set_rng_state(ckpt["rng"][RANK], device)
             start_epoch, start_step = ckpt["epoch"] + 1, ckpt["step"]
             steps = f" and {start_step} steps of epoch {start_epoch}" if start_step else ""
             print0(f"resumed from {path}: epoch {ckpt['epoch']} done{steps}, continuing at epoch {start_epoch}")
             if WORLD_SIZE > 1:
                 # DDP lays out its gradient buckets in the order the first backward pass fills them; with more than
                 # 2 ranks that layout changes the float summation order. Replay that first pass (no update, BatchNorm
-                # statistics put back), so that a resumed run sums exactly as the uninterrupted one did
+                # statistics put back), so that a resumed run sums exactly as the uninterrupted one did. A full batch:
+                # no extra graph under --compile
                 saved = [b.clone() for b in raw_model.buffers()]
-                x, y = to_device(torch.zeros(2, 3, args.image_size, args.image_size, dtype=torch.uint8),
-                                 torch.zeros(2, dtype=torch.long), device, channels_last)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                x, y = to_device(torch.zeros(args.batch_size, 3, args.image_size, args.image_size, dtype=torch.uint8),
+                                 torch.zeros(args.batch_size, dtype=torch.long), device, channels_last)
+                with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
                     F.cross_entropy(model(x), y).backward()
                 optimizer.zero_grad(set_to_none=True)
                 for b, value in zip(raw_model.buffers(), saved, strict=True):
@@ -767,12 +850,12 @@ def train(args, device, data_root):
 
     def checkpoint(epoch, step):
         """Rank 0 writes while the others wait; RNG states come from every rank."""
-        rng = all_gather(torch.get_rng_state())
+        rng = all_gather(rng_state(device))
         if RANK == 0:
             name = f"epoch_{epoch - 1:04d}_step_{step:07d}" if step else f"epoch_{epoch:04d}"
             save_checkpoint(args.checkpoint_dir, name, {
                 "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                 "epoch": epoch - 1 if step else epoch, "step": step, "rng": rng, "args": vars(args),
                 "script": "imagenet_ddp.py", "arch": args.arch, "num_classes": num_classes}, scratch)
             copy_back()
@@ -783,7 +866,7 @@ def train(args, device, data_root):
             else f"{n_train} training / {n_val} validation images from {data_root}")
     print0(f"{args.arch}, {num_classes} classes, {data} | {WORLD_SIZE} processes x {args.batch_size} "
            f"images, lr {lr:g}, {steps_per_epoch} steps/epoch, {args.workers} workers/process | "
-           f"{'bf16' if amp else 'fp32'}"
+           f"{precision}"
            f"{', channels_last' if channels_last else ''}{', compiled' if args.compile else ''} on {device.type}")
 
     # -----------------------------------------------------------------------------
@@ -808,11 +891,12 @@ def train(args, device, data_root):
                     torch.cuda.synchronize()
                 t_meter = time.perf_counter()
             x, y = to_device(*next(batches), device, channels_last)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
                 loss = F.cross_entropy(model(x), y, label_smoothing=args.label_smoothing, ignore_index=-100)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()  # without float16: loss.backward(), optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             scheduler.step()
             ok = (y >= 0).sum()
             stats += torch.stack([loss.detach().double() * ok, ok.double(), (len(y) - ok).double()])
@@ -836,7 +920,7 @@ def train(args, device, data_root):
                       images_per_s=images / seconds, synthetic=args.synthetic)
         average_buffers(raw_model)
         if not args.synthetic:
-            result.update(evaluate(eval_model, val_loader, device, args, amp))
+            result.update(evaluate(eval_model, val_loader, device, args, amp_dtype))
         val = "no validation" if args.synthetic else (
             f"val loss {result['val_loss']:.4f} | top-1 {100 * result['top1']:.2f}% | "
             f"top-5 {100 * result['top5']:.2f}%")
@@ -858,7 +942,7 @@ def train(args, device, data_root):
     if result is None:
         print0(f"nothing to train: the checkpoint already has {start_epoch - 1} epochs (--epochs={args.epochs})")
         result = {"epoch": start_epoch - 1,
-                  **({} if args.synthetic else evaluate(eval_model, val_loader, device, args, amp))}
+                  **({} if args.synthetic else evaluate(eval_model, val_loader, device, args, amp_dtype))}
     checksums = all_gather(param_checksum(raw_model))  # each rank's own hash: the test compares them
     done = {"event": "done",
             **{k: result.get(k) for k in ("epoch", "top1", "top5", "val_loss", "val_count", "val_skipped")},

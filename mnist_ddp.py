@@ -81,8 +81,11 @@ def get_args(argv=None):
     p.add_argument("--log-interval", type=positive_int, default=20, help="steps between loss prints (default: 20)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto: a GPU if there is one (default: auto)")
-    p.add_argument("--amp", action="store_true", help="bfloat16 autocast (GPU only; ignored on CPU)")
+    p.add_argument("--amp", action="store_true",
+                   help="mixed precision on GPU: bfloat16, or float16 with loss scaling before Ampere (CPU: float32)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--dist-timeout", type=positive_int, default=600,
+                   help="seconds the ranks wait for each other, at start and in every collective (default: 600)")
     return p.parse_args(argv)
 
 
@@ -132,11 +135,12 @@ def print_line(message, file=sys.stdout):
     file.flush()
 
 
-def fail(message):
-    """One clear line from rank 0, then a non-zero exit on every rank (the finally block tears down). The other ranks
-    exit a moment later: torchrun and srun --kill-on-bad-exit end every rank once one fails, and rank 0 may not have
-    printed yet."""
-    print0(f"ERROR: {message}", file=sys.stderr)
+def fail(message, speak=None):
+    """One clear line, from rank 0 unless `speak` says whether this rank prints it, then a non-zero exit on every
+    rank (the finally block tears down). The other ranks exit a moment later: torchrun and srun --kill-on-bad-exit
+    end every rank once one fails, and the rank that speaks may not have printed yet."""
+    if RANK == 0 if speak is None else speak:
+        print_line(f"ERROR: {message}", sys.stderr)
     if RANK != 0:
         time.sleep(3)
     raise SystemExit(1)
@@ -185,6 +189,51 @@ def unusable_gpus(env=os.environ):
                 "HINT: install the torch build that matches the cluster's driver, or pass --device=cpu to train on "
                 "CPU anyway")
     return None
+
+
+def gpu_index(local_rank, env=os.environ):
+    """Which of the GPUs this process sees (torch.cuda.device_count()) it trains on: one process per GPU. Raises
+    ValueError when this node runs more processes than they see GPUs (two ranks on one GPU fail in NCCL).
+    - Each process sees all of the node's GPUs (torchrun; srun with --gres=gpu:N or --gpus-per-node): GPU local_rank.
+    - Each srun task sees only its own (--gpus-per-task=1, --gpu-bind, --ntasks-per-gpu, a site default): fewer than
+      Slurm gave the step on this node (SLURM_GPUS_ON_NODE). It takes the first."""
+    visible = torch.cuda.device_count()
+    launcher = next((v for v in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE") if v in env), None)
+    if launcher:  # torchrun, DeepSpeed's launcher or mpirun started this node's processes: they see the same GPUs
+        local_size = int(env[launcher])
+    elif "SLURM_STEP_ID" in env and "SLURM_STEP_TASKS_PER_NODE" in env:  # srun: "4", or "2(x3),1" (2 on 3 nodes, 1)
+        if 0 < visible < int(env.get("SLURM_GPUS_ON_NODE") or 0):
+            return 0  # this task was given its own GPU(s)
+        per_node = [int(n) for n, times in re.findall(r"(\d+)(?:\(x(\d+)\))?", env["SLURM_STEP_TASKS_PER_NODE"])
+                    for _ in range(int(times or 1))]
+        local_size = per_node[min(int(env.get("SLURM_NODEID", 0)), len(per_node) - 1)]
+    else:
+        local_size = local_rank + 1
+    if max(local_size, local_rank + 1) > visible:
+        raise ValueError(f"{max(local_size, local_rank + 1)} processes on {socket.gethostname()} share {visible} "
+                         f"visible GPU(s) (CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', 'unset')}); two ranks "
+                         "on one GPU fail in NCCL. HINT: one process per GPU: as many tasks per node (srun) or "
+                         "--nproc-per-node (torchrun) as GPUs per node, or --gpus-per-task=1")
+    return local_rank
+
+
+def autocast_dtype(device):
+    """The GPU's mixed-precision type: bfloat16 where it computes it natively (compute capability 8.0 and later: A100,
+    H100, L4, RTX 30xx and newer), else float16, which needs loss scaling (a GradScaler). torch.cuda.is_bf16_supported()
+    also says yes on 7.5 (T4, RTX 20xx), where bfloat16 is emulated, slowly."""
+    return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
+
+
+def init_failed(error, timeout):
+    """The ranks could not form their process group: each rank says why, from where it stands."""
+    reason = str(error).splitlines()[0][:200]
+    where = f"MASTER_ADDR:MASTER_PORT = {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+    if "EADDRINUSE" in reason:  # rank 0 cannot listen: another program, or another job, holds the port
+        fail(f"rank 0 cannot listen on {where} ({reason}). HINT: the port is in use; unset MASTER_PORT to derive one "
+             "from the job id, or pick a free one", speak=True)
+    fail(f"rank {RANK} on {socket.gethostname()} did not meet the other ranks at {where} within {timeout:g} s "
+         f"({reason}). HINT: a rank that could not start says why in this log; else check that MASTER_ADDR is the "
+         "job's first node and reachable from here", speak=True)
 
 
 # Preemption: Slurm sends SIGUSR1 before the time limit (the wrappers ask for it with --signal) and SIGTERM when it
@@ -294,7 +343,7 @@ def param_checksum(model):
     """A hash of every parameter's bytes: equal on all ranks iff the replicas are bit-identical."""
     h = hashlib.sha256()
     for p in model.state_dict().values():
-        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+        h.update(p.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())  # bytes: also for bfloat16
     return h.hexdigest()[:16]
 
 
@@ -317,6 +366,21 @@ def evaluate(model, x, y, batch_size, device):
 
 # -----------------------------------------------------------------------------
 # checkpoints
+
+
+def rng_state(device):
+    """This rank's random state: the CPU generator's and, on a GPU, the GPU's (dropout and the like draw from it)."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state, device):
+    state = state if isinstance(state, dict) else {"cpu": state}  # a checkpoint from before the GPU's was saved
+    torch.set_rng_state(state["cpu"].cpu())
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
 
 def save_checkpoint(ckpt_dir, name, state, keep=2):
@@ -378,27 +442,28 @@ def main(args):
         print0(f"MNIST is ready in {os.path.abspath(args.data_dir)}")
         return
 
-    # one process per device: cuda:(local_rank % device_count) with NCCL, else CPU with gloo
+    # one process per device: a GPU of its own with NCCL (gpu_index), else CPU with gloo
     if args.device != "cpu" and (error := unusable_gpus()):
         fail(error)
     if args.device == "cuda" and not torch.cuda.is_available():
         fail("--device cuda was given, but no CUDA device is visible here. HINT: request a GPU (e.g. --gres=gpu:1) or "
              "use --device cpu")
     use_cuda = args.device != "cpu" and torch.cuda.is_available()
-    device = torch.device("cuda", LOCAL_RANK % torch.cuda.device_count()) if use_cuda else torch.device("cpu")
+    device = torch.device("cpu")
     if use_cuda:
+        try:
+            device = torch.device("cuda", gpu_index(LOCAL_RANK))
+        except ValueError as e:  # every process of that node knows; its local rank 0 says it
+            fail(str(e), speak=LOCAL_RANK == 0)
         torch.cuda.set_device(device)
     if WORLD_SIZE > 1:
         if addr:  # launched by srun: tell init_process_group where rank 0 listens
             os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = addr, port
         try:  # the timeout bounds every collective: a hung rank ends the job instead of holding it until the time limit
             dist.init_process_group("nccl" if use_cuda else "gloo", rank=RANK, world_size=WORLD_SIZE,
-                                    timeout=timedelta(minutes=10))
-        except dist.DistNetworkError as e:  # rank 0 cannot listen: another program, or another job, holds the port
-            fail("rank 0 cannot listen on MASTER_ADDR:MASTER_PORT = "
-                 f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} "
-                 f"({str(e).splitlines()[0][:200]}). HINT: the port is in use; unset MASTER_PORT to derive one from "
-                 "the job id, or pick a free one")
+                                    timeout=timedelta(seconds=args.dist_timeout))
+        except (dist.DistNetworkError, dist.DistStoreError) as e:
+            init_failed(e, args.dist_timeout)
     print_line(f"[rank {RANK}/{WORLD_SIZE}] local_rank {LOCAL_RANK} host {socket.gethostname()} device {device}")
     try:
         train(args, device)
@@ -413,8 +478,9 @@ def main(args):
 def train(args, device):
     torch.manual_seed(args.seed)  # same initial weights everywhere (DDP also broadcasts rank 0's)
     if args.amp and device.type != "cuda":
-        print0("NOTE: --amp is bfloat16 autocast on GPU only; training in float32 on CPU")
-    amp = args.amp and device.type == "cuda"
+        print0("NOTE: --amp is mixed precision on GPU only; training in float32 on CPU")
+    amp_dtype = autocast_dtype(device) if args.amp and device.type == "cuda" else None
+    precision = {torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast + GradScaler", None: "fp32"}[amp_dtype]
 
     # -----------------------------------------------------------------------------
     # data: local rank 0 of each node downloads if needed while the other ranks wait
@@ -439,6 +505,9 @@ def train(args, device):
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.AdamW(raw_model.parameters(), lr=args.lr)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=args.gamma)
+    # float16 gradients underflow without loss scaling; the scaler's overflow check syncs the host once per step
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    torch.manual_seed(args.seed + RANK)  # the weights are made: from here on each rank draws its own random numbers
 
     # -----------------------------------------------------------------------------
     # resume: every rank loads the same checkpoint, so the replicas start equal; mid-epoch checkpoints resume at
@@ -454,16 +523,18 @@ def train(args, device):
             raw_model.load_state_dict(ckpt["model"])  # the raw module's keys: no "module." or "_orig_mod." prefix
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
+            if ckpt.get("scaler") and scaler.is_enabled():
+                scaler.load_state_dict(ckpt["scaler"])
             if len(ckpt["rng"]) == WORLD_SIZE:
-                torch.set_rng_state(ckpt["rng"][RANK].cpu())
+                set_rng_state(ckpt["rng"][RANK], device)
             start_epoch, start_step = ckpt["epoch"] + 1, ckpt["step"]
             steps = f" and {start_step} steps of epoch {start_epoch}" if start_step else ""
             print0(f"resumed from {path}: epoch {ckpt['epoch']} done{steps}, continuing at epoch {start_epoch}")
             if WORLD_SIZE > 1:
                 # DDP lays out its gradient buckets in the order the first backward pass fills them; with more than
                 # 2 ranks that layout changes the float summation order. Replay that first pass (no update), so that
-                # a resumed run sums exactly as the uninterrupted one did
-                F.cross_entropy(model(x_train[:2]), y_train[:2]).backward()
+                # a resumed run sums exactly as the uninterrupted one did. A full batch: no extra graph under --compile
+                F.cross_entropy(model(x_train[:args.batch_size]), y_train[:args.batch_size]).backward()
                 optimizer.zero_grad(set_to_none=True)
     os.makedirs(args.output_dir, exist_ok=True)
     run_id = os.environ.get("SLURM_JOB_ID") or datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -471,15 +542,19 @@ def train(args, device):
 
     def checkpoint(epoch, step):
         """Rank 0 writes while the others wait; RNG states come from every rank."""
-        rng = all_gather(torch.get_rng_state())
+        rng = all_gather(rng_state(device))
         if RANK == 0:
             name = f"epoch_{epoch - 1:04d}_step_{step:07d}" if step else f"epoch_{epoch:04d}"
             save_checkpoint(args.checkpoint_dir, name, {
                 "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "epoch": epoch - 1 if step else epoch, "step": step, "rng": rng,
-                "args": vars(args), "script": "mnist_ddp.py"})
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                "epoch": epoch - 1 if step else epoch, "step": step, "rng": rng, "args": vars(args),
+                "script": "mnist_ddp.py"})
         if WORLD_SIZE > 1:
             dist.barrier()
+
+    print0(f"Net, {len(x_train)} training / {len(x_test)} test digits | {WORLD_SIZE} processes x {args.batch_size} "
+           f"samples, lr {args.lr:g} | {precision}{', compiled' if args.compile else ''} on {device.type}")
 
     # -----------------------------------------------------------------------------
     # training loop
@@ -494,11 +569,12 @@ def train(args, device):
         t0 = time.perf_counter()
         for step in range(skip, steps):
             idx = order[step * args.batch_size:(step + 1) * args.batch_size]
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
                 loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()  # without float16: loss.backward(), optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             loss_sum += loss.detach() * len(idx)
             if RANK == 0 and step % args.log_interval == 0:  # .item() syncs, so only now and then
                 print_line(f"  epoch {epoch} step {step} loss {loss.item():.4f}")

@@ -96,7 +96,11 @@ def get_args(argv=None):
     p.add_argument("--log-interval", type=positive_int, default=20, help="steps between loss prints (default: 20)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto: a GPU if there is one (default: auto)")
-    p.add_argument("--amp", action="store_true", help="bfloat16 training (GPU only; ignored on CPU)")
+    p.add_argument("--amp", action="store_true",
+                   help="mixed precision on GPU: the config's bf16 section, or fp16 (loss scaling) before Ampere (CPU: "
+                        "float32)")
+    p.add_argument("--dist-timeout", type=positive_int, default=600,
+                   help="seconds the ranks wait for each other, at start and in every collective (default: 600)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None,
                    help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     deepspeed.add_config_arguments(p)  # --deepspeed, --deepspeed_config (the spelling DeepSpeed's examples use)
@@ -123,7 +127,7 @@ DEFAULT_CONFIG = {
 }
 
 
-def load_config(args, world_size, use_cuda):
+def load_config(args, world_size, device):
     """The DeepSpeed config as a dict, with the command-line overrides applied, checked before any rank uses it."""
     config = DEFAULT_CONFIG
     if args.deepspeed_config:
@@ -139,8 +143,8 @@ def load_config(args, world_size, use_cuda):
         config.pop("train_batch_size", None)  # DeepSpeed derives it: micro batch x accumulation x world size
     if args.zero_stage is not None:
         config.setdefault("zero_optimization", {})["stage"] = args.zero_stage
-    if use_cuda and torch.cuda.is_bf16_supported() and "fp16" not in config:
-        config.setdefault("bf16", {"enabled": args.amp})
+    if args.amp and device.type == "cuda" and not {"fp16", "bf16", "bfloat16"} & set(config):
+        config["bf16" if autocast_dtype(device) == torch.bfloat16 else "fp16"] = {"enabled": True}
     micro, accum = config.get("train_micro_batch_size_per_gpu"), config.get("gradient_accumulation_steps", 1)
     total = config.get("train_batch_size")
     if micro is None and total is None:
@@ -219,11 +223,12 @@ def print_line(message, file=sys.stdout):
     file.flush()
 
 
-def fail(message):
-    """One clear line from rank 0, then a non-zero exit on every rank (the finally block tears down). The other ranks
-    exit a moment later: torchrun and srun --kill-on-bad-exit end every rank once one fails, and rank 0 may not have
-    printed yet."""
-    print0(f"ERROR: {message}", file=sys.stderr)
+def fail(message, speak=None):
+    """One clear line, from rank 0 unless `speak` says whether this rank prints it, then a non-zero exit on every
+    rank (the finally block tears down). The other ranks exit a moment later: torchrun and srun --kill-on-bad-exit
+    end every rank once one fails, and the rank that speaks may not have printed yet."""
+    if RANK == 0 if speak is None else speak:
+        print_line(f"ERROR: {message}", sys.stderr)
     if RANK != 0:
         time.sleep(3)
     raise SystemExit(1)
@@ -272,6 +277,51 @@ def unusable_gpus(env=os.environ):
                 "HINT: install the torch build that matches the cluster's driver, or pass --device=cpu to train on "
                 "CPU anyway")
     return None
+
+
+def gpu_index(local_rank, env=os.environ):
+    """Which of the GPUs this process sees (torch.cuda.device_count()) it trains on: one process per GPU. Raises
+    ValueError when this node runs more processes than they see GPUs (two ranks on one GPU fail in NCCL).
+    - Each process sees all of the node's GPUs (torchrun; srun with --gres=gpu:N or --gpus-per-node): GPU local_rank.
+    - Each srun task sees only its own (--gpus-per-task=1, --gpu-bind, --ntasks-per-gpu, a site default): fewer than
+      Slurm gave the step on this node (SLURM_GPUS_ON_NODE). It takes the first."""
+    visible = torch.cuda.device_count()
+    launcher = next((v for v in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE") if v in env), None)
+    if launcher:  # torchrun, DeepSpeed's launcher or mpirun started this node's processes: they see the same GPUs
+        local_size = int(env[launcher])
+    elif "SLURM_STEP_ID" in env and "SLURM_STEP_TASKS_PER_NODE" in env:  # srun: "4", or "2(x3),1" (2 on 3 nodes, 1)
+        if 0 < visible < int(env.get("SLURM_GPUS_ON_NODE") or 0):
+            return 0  # this task was given its own GPU(s)
+        per_node = [int(n) for n, times in re.findall(r"(\d+)(?:\(x(\d+)\))?", env["SLURM_STEP_TASKS_PER_NODE"])
+                    for _ in range(int(times or 1))]
+        local_size = per_node[min(int(env.get("SLURM_NODEID", 0)), len(per_node) - 1)]
+    else:
+        local_size = local_rank + 1
+    if max(local_size, local_rank + 1) > visible:
+        raise ValueError(f"{max(local_size, local_rank + 1)} processes on {socket.gethostname()} share {visible} "
+                         f"visible GPU(s) (CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', 'unset')}); two ranks "
+                         "on one GPU fail in NCCL. HINT: one process per GPU: as many tasks per node (srun) or "
+                         "--nproc-per-node (torchrun) as GPUs per node, or --gpus-per-task=1")
+    return local_rank
+
+
+def autocast_dtype(device):
+    """The GPU's mixed-precision type: bfloat16 where it computes it natively (compute capability 8.0 and later: A100,
+    H100, L4, RTX 30xx and newer), else float16, which needs loss scaling (a GradScaler). torch.cuda.is_bf16_supported()
+    also says yes on 7.5 (T4, RTX 20xx), where bfloat16 is emulated, slowly."""
+    return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
+
+
+def init_failed(error, timeout):
+    """The ranks could not form their process group: each rank says why, from where it stands."""
+    reason = str(error).splitlines()[0][:200]
+    where = f"MASTER_ADDR:MASTER_PORT = {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+    if "EADDRINUSE" in reason:  # rank 0 cannot listen: another program, or another job, holds the port
+        fail(f"rank 0 cannot listen on {where} ({reason}). HINT: the port is in use; unset MASTER_PORT to derive one "
+             "from the job id, or pick a free one", speak=True)
+    fail(f"rank {RANK} on {socket.gethostname()} did not meet the other ranks at {where} within {timeout:g} s "
+         f"({reason}). HINT: a rank that could not start says why in this log; else check that MASTER_ADDR is the "
+         "job's first node and reachable from here", speak=True)
 
 
 # Preemption: Slurm sends SIGUSR1 before the time limit (the wrappers ask for it with --signal) and SIGTERM when it
@@ -381,7 +431,7 @@ def param_checksum(model):
     """A hash of every parameter's bytes: equal on all ranks iff the replicas are bit-identical."""
     h = hashlib.sha256()
     for p in model.state_dict().values():
-        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+        h.update(p.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())  # bytes: also for bfloat16
     return h.hexdigest()[:16]
 
 
@@ -414,6 +464,21 @@ def save_checkpoint(engine, ckpt_dir, tag, client_state, keep=2):
     if RANK == 0:
         for old in sorted(d for d in os.listdir(ckpt_dir) if d.startswith("epoch_"))[:-keep]:
             shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
+
+
+def rng_state(device):
+    """This rank's random state: the CPU generator's and, on a GPU, the GPU's (dropout and the like draw from it)."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state, device):
+    state = state if isinstance(state, dict) else {"cpu": state}  # a checkpoint from before the GPU's was saved
+    torch.set_rng_state(state["cpu"].cpu())
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
 
 def check_writable(ckpt_dir):
@@ -449,7 +514,7 @@ def main(args):
         print0(f"MNIST is ready in {os.path.abspath(args.data_dir)}")
         return
 
-    # one process per device: cuda:(local_rank % device_count) with NCCL, else CPU with gloo
+    # one process per device: a GPU of its own with NCCL (gpu_index), else CPU with gloo
     # DeepSpeed's launcher (it passes --local_rank) sets CUDA_VISIBLE_DEVICES even on a machine without GPUs: there
     # only Slurm's variables say what the job was given
     launched = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES" or args.local_rank is None}
@@ -459,10 +524,14 @@ def main(args):
         fail("--device cuda was given, but no CUDA device is visible here. HINT: request a GPU (e.g. --gres=gpu:1) or "
              "use --device cpu")
     use_cuda = args.device != "cpu" and torch.cuda.is_available()
-    device = torch.device("cuda", LOCAL_RANK % torch.cuda.device_count()) if use_cuda else torch.device("cpu")
+    device = torch.device("cpu")
     if use_cuda:
+        try:
+            device = torch.device("cuda", gpu_index(LOCAL_RANK))
+        except ValueError as e:  # every process of that node knows; its local rank 0 says it
+            fail(str(e), speak=LOCAL_RANK == 0)
         torch.cuda.set_device(device)
-    config = load_config(args, WORLD_SIZE, use_cuda)  # before any process group: a bad config fails in a second
+    config = load_config(args, WORLD_SIZE, device)  # before any process group: a bad config fails in a second
     # DeepSpeed always wants a process group, even for one process: give it all five variables, so that it
     # never falls back to guessing through MPI (which needs mpirun)
     if WORLD_SIZE == 1 and not addr:
@@ -471,13 +540,14 @@ def main(args):
         os.environ.update(RANK=str(RANK), LOCAL_RANK=str(LOCAL_RANK), WORLD_SIZE=str(WORLD_SIZE))
         os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = addr, port  # launch_env already honours the user's
     try:  # the timeout bounds every collective: a hung rank ends the job instead of holding it until the time limit
+        if addr:  # as in mnist_ddp.py. DeepSpeed's own init would bind GPU LOCAL_RANK, absent when srun gave each
+            # task its own GPU; it then only wraps this process group
+            dist.init_process_group("nccl" if use_cuda else "gloo", rank=RANK, world_size=WORLD_SIZE,
+                                    timeout=timedelta(seconds=args.dist_timeout))
         deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", auto_mpi_discovery=True, verbose=False,
-                                   timeout=timedelta(minutes=10))
-    except dist.DistNetworkError as e:  # rank 0 cannot listen: another program, or another job, holds the port
-        fail("rank 0 cannot listen on MASTER_ADDR:MASTER_PORT = "
-             f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} "
-             f"({str(e).splitlines()[0][:200]}). HINT: the port is in use; unset MASTER_PORT to derive one from the "
-             "job id, or pick a free one")
+                                   timeout=timedelta(seconds=args.dist_timeout))  # else it asks MPI where rank 0 is
+    except (dist.DistNetworkError, dist.DistStoreError) as e:
+        init_failed(e, args.dist_timeout)
     RANK, WORLD_SIZE = dist.get_rank(), dist.get_world_size()  # MPI discovery may have filled them in
     if RANK != 0:  # likewise DeepSpeed's own log lines
         warnings.filterwarnings("ignore")
@@ -502,9 +572,7 @@ def free_port():
 def train(args, config, device):
     torch.manual_seed(args.seed)  # same initial weights everywhere (DeepSpeed also broadcasts rank 0's)
     if args.amp and device.type != "cuda":
-        print0("NOTE: --amp is bfloat16 on GPU only; training in float32 on CPU")
-    # DeepSpeed keeps the model in this dtype
-    dtype = torch.bfloat16 if config.get("bf16", {}).get("enabled") else torch.float32
+        print0("NOTE: --amp is mixed precision on GPU only; training in float32 on CPU")
 
     # -----------------------------------------------------------------------------
     # data: local rank 0 of each node downloads if needed while the other ranks wait
@@ -516,7 +584,6 @@ def train(args, config, device):
              f"--download-only --data-dir {args.data_dir}")
     x_train, y_train = load_mnist(args.data_dir, True, device)
     x_test, y_test = load_mnist(args.data_dir, False, device)
-    x_test = x_test.to(dtype)  # the model is in this dtype; cast the test set once, not every epoch
     # each rank sees a disjoint 1/WORLD_SIZE of the training set, reshuffled every epoch by set_epoch();
     # drop_last keeps the shards equal, so every rank takes the same number of steps
     sampler = DistributedSampler(range(len(x_train)), num_replicas=WORLD_SIZE, rank=RANK, shuffle=True, seed=args.seed,
@@ -528,12 +595,19 @@ def train(args, config, device):
     # in an engine that averages (and with ZeRO, partitions) gradients and optimizer state across ranks
     raw_model = Net()
     try:
-        engine, optimizer, _, scheduler = deepspeed.initialize(model=raw_model, model_parameters=raw_model.parameters(),
-                                                               config=config)
+        # device_rank: our GPU (gpu_index), not DeepSpeed's default, GPU LOCAL_RANK
+        engine, optimizer, _, scheduler = deepspeed.initialize(
+            args=argparse.Namespace(device_rank=LOCAL_RANK if device.index is None else device.index), model=raw_model,
+            model_parameters=raw_model.parameters(), config=config)
     except (AssertionError, ValueError, KeyError) as e:  # DeepSpeed's config checks
         fail(f"DeepSpeed rejected the config {args.deepspeed_config or '(built-in)'}: {type(e).__name__}: {e}")
+    torch.manual_seed(args.seed + RANK)  # the weights are made: from here on each rank draws its own random numbers
+    # the engine keeps the model in the config's dtype (its fp16 or bf16 section, also spelled bfloat16): feed it that
+    dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else torch.float32
+    x_test = x_test.to(dtype)  # cast the test set once, not every epoch
+    precision = {torch.bfloat16: "bf16", torch.float16: "fp16 (loss scaling)", torch.float32: "fp32"}[dtype]
     print0(f"DeepSpeed ZeRO stage {engine.zero_optimization_stage()}, micro batch {batch_size} per process, "
-           f"global batch {engine.train_batch_size()}, {'bf16' if dtype == torch.bfloat16 else 'fp32'}")
+           f"global batch {engine.train_batch_size()} | {precision} on {device.type}")
 
     # -----------------------------------------------------------------------------
     # resume: every rank loads its own shard of the newest checkpoint named by "latest"; mid-epoch ones resume at
@@ -557,7 +631,7 @@ def train(args, config, device):
                      f"{client_state.get('script', 'another script')}). "
                      "HINT: use a new --checkpoint-dir for a different script or model")
             if len(client_state["rng"]) == WORLD_SIZE:
-                torch.set_rng_state(client_state["rng"][RANK].cpu())
+                set_rng_state(client_state["rng"][RANK], device)
             start_epoch, start_step = client_state["epoch"] + 1, client_state["step"]
             steps = f" and {start_step} steps of epoch {start_epoch}" if start_step else ""
             print0(f"resumed from {path}: epoch {client_state['epoch']} done{steps}, continuing at epoch {start_epoch}")
@@ -570,7 +644,7 @@ def train(args, config, device):
 
     def checkpoint(epoch, step):
         """Every rank writes its shard; RNG states come from every rank."""
-        rng = all_gather(torch.get_rng_state())
+        rng = all_gather(rng_state(device))
         name = f"epoch_{epoch - 1:04d}_step_{step:07d}" if step else f"epoch_{epoch:04d}"
         save_checkpoint(engine, args.checkpoint_dir, name, {
             "epoch": epoch - 1 if step else epoch, "step": step, "rng": rng, "args": vars(args),

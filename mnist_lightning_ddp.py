@@ -38,13 +38,14 @@ import hashlib
 import io
 import json
 import os
+import re
 import signal
 import socket
 import struct
 import sys
 import time
 import warnings
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import pytorch_lightning as pl
 import torch
@@ -52,6 +53,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.strategies import DDPStrategy
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 # -----------------------------------------------------------------------------
@@ -85,8 +87,11 @@ def get_args(argv=None):
     p.add_argument("--log-interval", type=positive_int, default=20, help="steps between loss prints (default: 20)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto: a GPU if there is one (default: auto)")
-    p.add_argument("--amp", action="store_true", help="bfloat16 autocast (GPU only; ignored on CPU)")
+    p.add_argument("--amp", action="store_true",
+                   help="mixed precision on GPU: bfloat16, or float16 with loss scaling before Ampere (CPU: float32)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--dist-timeout", type=positive_int, default=600,
+                   help="seconds the ranks wait for each other, at start and in every collective (default: 600)")
     # Lightning: how many processes. The CSC README spells them --gpus=4 --nodes=2
     p.add_argument("--gpus", type=positive_int, default=None,
                    help="devices (processes) per node (default: from torchrun or srun, else 1)")
@@ -122,11 +127,12 @@ def print_line(message, file=sys.stdout):
     file.flush()
 
 
-def fail(message):
-    """One clear line from rank 0, then a non-zero exit on every rank (the finally block tears down). The other ranks
-    exit a moment later: torchrun and srun --kill-on-bad-exit end every rank once one fails, and rank 0 may not have
-    printed yet."""
-    print0(f"ERROR: {message}", file=sys.stderr)
+def fail(message, speak=None):
+    """One clear line, from rank 0 unless `speak` says whether this rank prints it, then a non-zero exit on every
+    rank (the finally block tears down). The other ranks exit a moment later: torchrun and srun --kill-on-bad-exit
+    end every rank once one fails, and the rank that speaks may not have printed yet."""
+    if RANK == 0 if speak is None else speak:
+        print_line(f"ERROR: {message}", sys.stderr)
     if RANK != 0:
         time.sleep(3)
     raise SystemExit(1)
@@ -175,6 +181,51 @@ def unusable_gpus(env=os.environ):
                 "HINT: install the torch build that matches the cluster's driver, or pass --device=cpu to train on "
                 "CPU anyway")
     return None
+
+
+def gpu_index(local_rank, env=os.environ):
+    """Which of the GPUs this process sees (torch.cuda.device_count()) it trains on: one process per GPU. Raises
+    ValueError when this node runs more processes than they see GPUs (two ranks on one GPU fail in NCCL).
+    - Each process sees all of the node's GPUs (torchrun; srun with --gres=gpu:N or --gpus-per-node): GPU local_rank.
+    - Each srun task sees only its own (--gpus-per-task=1, --gpu-bind, --ntasks-per-gpu, a site default): fewer than
+      Slurm gave the step on this node (SLURM_GPUS_ON_NODE). It takes the first."""
+    visible = torch.cuda.device_count()
+    launcher = next((v for v in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE") if v in env), None)
+    if launcher:  # torchrun, DeepSpeed's launcher or mpirun started this node's processes: they see the same GPUs
+        local_size = int(env[launcher])
+    elif "SLURM_STEP_ID" in env and "SLURM_STEP_TASKS_PER_NODE" in env:  # srun: "4", or "2(x3),1" (2 on 3 nodes, 1)
+        if 0 < visible < int(env.get("SLURM_GPUS_ON_NODE") or 0):
+            return 0  # this task was given its own GPU(s)
+        per_node = [int(n) for n, times in re.findall(r"(\d+)(?:\(x(\d+)\))?", env["SLURM_STEP_TASKS_PER_NODE"])
+                    for _ in range(int(times or 1))]
+        local_size = per_node[min(int(env.get("SLURM_NODEID", 0)), len(per_node) - 1)]
+    else:
+        local_size = local_rank + 1
+    if max(local_size, local_rank + 1) > visible:
+        raise ValueError(f"{max(local_size, local_rank + 1)} processes on {socket.gethostname()} share {visible} "
+                         f"visible GPU(s) (CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', 'unset')}); two ranks "
+                         "on one GPU fail in NCCL. HINT: one process per GPU: as many tasks per node (srun) or "
+                         "--nproc-per-node (torchrun) as GPUs per node, or --gpus-per-task=1")
+    return local_rank
+
+
+def autocast_dtype(device):
+    """The GPU's mixed-precision type: bfloat16 where it computes it natively (compute capability 8.0 and later: A100,
+    H100, L4, RTX 30xx and newer), else float16, which needs loss scaling (a GradScaler). torch.cuda.is_bf16_supported()
+    also says yes on 7.5 (T4, RTX 20xx), where bfloat16 is emulated, slowly."""
+    return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
+
+
+def init_failed(error, timeout):
+    """The ranks could not form their process group: each rank says why, from where it stands."""
+    reason = str(error).splitlines()[0][:200]
+    where = f"MASTER_ADDR:MASTER_PORT = {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+    if "EADDRINUSE" in reason:  # rank 0 cannot listen: another program, or another job, holds the port
+        fail(f"rank 0 cannot listen on {where} ({reason}). HINT: the port is in use; unset MASTER_PORT to derive one "
+             "from the job id, or pick a free one", speak=True)
+    fail(f"rank {RANK} on {socket.gethostname()} did not meet the other ranks at {where} within {timeout:g} s "
+         f"({reason}). HINT: a rank that could not start says why in this log; else check that MASTER_ADDR is the "
+         "job's first node and reachable from here", speak=True)
 
 
 # -----------------------------------------------------------------------------
@@ -242,7 +293,7 @@ def param_checksum(model):
     """A hash of every parameter's bytes: equal on all ranks iff the replicas are bit-identical."""
     h = hashlib.sha256()
     for p in model.state_dict().values():
-        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+        h.update(p.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())  # bytes: also for bfloat16
     return h.hexdigest()[:16]
 
 
@@ -362,12 +413,30 @@ class LitMNIST(pl.LightningModule):
 # -----------------------------------------------------------------------------
 # main
 
+def make_trainer(args, device, devices, num_nodes, precision, callbacks):
+    """Lightning's Trainer for `devices` processes on each of `num_nodes` nodes, this one on `device`. On GPUs, each
+    process's strategy lists its own GPU for every local rank: Lightning takes parallel_devices[local_rank], which
+    is then right also when srun gave each task only its own GPU (Lightning alone would take GPU local_rank)."""
+    many = devices * num_nodes > 1
+    return pl.Trainer(
+        accelerator="gpu" if device.type == "cuda" else "cpu",
+        devices=[device.index] if device.type == "cuda" else devices, num_nodes=num_nodes,
+        strategy=DDPStrategy(parallel_devices=[device] * devices if device.type == "cuda" else None,
+                             timeout=timedelta(seconds=args.dist_timeout)) if many else "auto",
+        precision=precision, max_epochs=args.epochs, callbacks=callbacks,
+        use_distributed_sampler=False,  # we shard ourselves, see train_dataloader
+        num_sanity_val_steps=0, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=bool(args.checkpoint_dir))
+
+
 RANK, LOCAL_RANK, WORLD_SIZE = 0, 0, 1
 
 
 def main(args):
-    global RANK
-    RANK = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))  # so that print0 works before Lightning knows
+    global RANK, LOCAL_RANK
+    # what Lightning will find (torchrun's variables, or srun's), so that print0 and gpu_index work before it knows
+    RANK = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
+    LOCAL_RANK = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
     if args.download_only:
         reason = download_mnist(args.data_dir)
         if reason:
@@ -375,7 +444,7 @@ def main(args):
         print0(f"MNIST is ready in {os.path.abspath(args.data_dir)}")
         return
 
-    # one process per device: Lightning picks cuda:local_rank with NCCL when CUDA is there, else CPU with gloo
+    # one process per device: a GPU of its own with NCCL (gpu_index), else CPU with gloo
     if args.device != "cpu" and (error := unusable_gpus()):
         fail(error)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -384,8 +453,16 @@ def main(args):
     use_cuda = args.device != "cpu" and torch.cuda.is_available()
     per_node, nodes = launch_size()
     devices, num_nodes = args.gpus or per_node, args.nodes or nodes
+    device = torch.device("cpu")
+    if use_cuda:
+        try:
+            device = torch.device("cuda", gpu_index(LOCAL_RANK))
+        except ValueError as e:  # every process of that node knows; its local rank 0 says it
+            fail(str(e), speak=LOCAL_RANK == 0)
     if args.amp and not use_cuda:
-        print0("NOTE: --amp is bfloat16 autocast on GPU only; training in float32 on CPU")
+        print0("NOTE: --amp is mixed precision on GPU only; training in float32 on CPU")
+    amp_dtype = autocast_dtype(device) if args.amp and use_cuda else None
+    precision = {torch.bfloat16: "bf16-mixed", torch.float16: "16-mixed", None: "32-true"}[amp_dtype]
     torch.manual_seed(args.seed)  # same initial weights everywhere (DDP also broadcasts rank 0's)
     model = LitMNIST(args)
 
@@ -399,25 +476,24 @@ def main(args):
         if ckpt_path:
             print0(f"resuming from {ckpt_path}")
     try:
-        trainer = pl.Trainer(
-            accelerator="gpu" if use_cuda else "cpu", devices=devices, num_nodes=num_nodes,
-            strategy="ddp" if devices * num_nodes > 1 else "auto",
-            precision="bf16-mixed" if args.amp and use_cuda else "32-true",
-            max_epochs=args.epochs, callbacks=callbacks,
-            use_distributed_sampler=False,  # we shard ourselves, see train_dataloader
-            num_sanity_val_steps=0, logger=False, enable_progress_bar=False, enable_model_summary=False,
-            enable_checkpointing=bool(args.checkpoint_dir))
+        trainer = make_trainer(args, device, devices, num_nodes, precision, callbacks)
         # fit() would check this too, with a traceback per rank
         if getattr(trainer.strategy, "cluster_environment", None):
             trainer.strategy.cluster_environment.validate_settings(num_devices=devices, num_nodes=num_nodes)
     except (ValueError, RuntimeError) as e:  # Lightning's launch checks, e.g. --gpus differs from srun's tasks per node
         fail(f"{e} (from --gpus={devices} --nodes={num_nodes})")
+    print0(f"Net | {devices * num_nodes} processes x {args.batch_size} samples, lr {args.lr:g} | {precision}"
+           f"{', compiled' if args.compile else ''} on {device.type}")
     # Slurm's time-limit warning (the wrappers' --signal=USR1): under srun, Lightning's SLURMEnvironment replaces this
     # handler, saves a checkpoint and requeues the job; elsewhere (torchrun) keep training: last.ckpt resumes per epoch
     signal.signal(signal.SIGUSR1, lambda signum, frame: print0(
         "SIGUSR1 (time limit near): training goes on; a rerun resumes from last.ckpt"))
+    if args.compile:  # the network, in place (its checkpoint keys stay): torch.compile(model) would also compile
+        model.net.compile()  # the steps, whose Python logging recompiles at every batch index
     try:
-        trainer.fit(torch.compile(model) if args.compile else model, ckpt_path=ckpt_path, weights_only=True)
+        trainer.fit(model, ckpt_path=ckpt_path, weights_only=True)
+    except (dist.DistNetworkError, dist.DistStoreError) as e:  # Lightning forms the process group in fit()
+        init_failed(e, args.dist_timeout)
     finally:
         if dist.is_initialized():
             # free what still holds the process group (DDP's reducer sits in reference cycles) while Python is

@@ -260,7 +260,7 @@ def p8_decode(train_dir, batch_size, workers, batches, device):
     keys = [(0, i) for i in (order * (1 + (batches + 1) * batch_size // len(order)))]
     cpu = loader_rate(dataset, batch_size, workers, batches, keys)
 
-    files = [read_file(dataset.samples[i][0]) for i in order[:batch_size]]  # bytes in memory: decoding only
+    files = [read_file(dataset.path(i)) for i in order[:batch_size]]  # bytes in memory: decoding only
 
     def gpu_batch():
         """Decode the batch on the device, then each image's crop and flip, drawn as imagenet_ddp.py draws them."""

@@ -24,7 +24,9 @@ def clean_env(**extra):
     env = {k: v for k, v in os.environ.items() if not LAUNCH_VARS.match(k)}
     # the venv's tools first (torchrun, deepspeed, mpirun, and its ninja: DeepSpeed's JIT-built CPU op is rebuilt
     # whenever a different ninja version looks at it)
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+    # CUDA_VISIBLE_DEVICES empty: the runs are CPU runs on a machine with GPUs too (bit-identity and gloo are CPU
+    # facts); a test that means GPUs sets it
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="",
                PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
     env.update({k: str(v) for k, v in extra.items()})
     return env

@@ -21,6 +21,8 @@ MNIST = [DDP, LIGHTNING, DEEPSPEED]
 COPIES = {
     "positive_int": ALL, "first_host": WITH_SIGNALS, "launch_env": WITH_SIGNALS,
     "print0": ALL, "print_line": ALL, "fail": ALL, "CUDA_DRIVER_FLOOR": ALL, "unusable_gpus": ALL,
+    "gpu_index": ALL, "autocast_dtype": ALL, "init_failed": ALL, "rng_state": WITH_SIGNALS,
+    "set_rng_state": WITH_SIGNALS,
     "all_ranks_ok": ALL, "all_gather": ALL,
     # the signal block
     "STOP_SIGNALS": WITH_SIGNALS, "STOP_CHECK_EVERY": WITH_SIGNALS, "EXIT_RESUMABLE": WITH_SIGNALS,

@@ -39,7 +39,7 @@ def test_default_config_in_script_equals_ds_config_json():
 def test_torchrun_zero_stage_2(zero2):
     rc, out, ranks = zero2
     check_training(rc, out, world_size=2)
-    assert "DeepSpeed ZeRO stage 2, micro batch 32 per process, global batch 64, fp32" in out
+    assert "DeepSpeed ZeRO stage 2, micro batch 32 per process, global batch 64 | fp32 on cpu" in out
     assert epoch_lines(ranks[1]) == [], "only rank 0 prints epochs"
 
 

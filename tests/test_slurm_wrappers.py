@@ -6,14 +6,17 @@ Each seed command from the README runs verbatim, from a fresh directory whose pa
 only that wrapper and that script (and the config file the command names), as a user who copied the two files into
 a project would have it; the tests only append --device=cpu, --epochs=1 and a smaller per-process batch (so that 4
 or 8 processes still take enough steps in one epoch on 5,000 digits)."""
+import json
 import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import REPO, STARTUP_LINE, clean_env, done_record, epoch_lines, make_imagenet_archives
 from slurm_cluster import SlurmCluster, missing_requirements
@@ -127,6 +130,40 @@ def test_seed_command(command, world_size, nodes, cluster, tmp_path_factory, mni
     assert [e for _, e, _ in epoch_lines(out)] == [1], "one epoch line, from rank 0 only"
 
 
+@pytest.mark.parametrize("options, expected", [
+    (["--gres=gpu:4"], "local rank"),        # every task sees the node's 4 GPUs
+    (["--gpus-per-task=1"], "first"),        # each task sees only its own
+    (["--gres=gpu:4", "--gpu-bind=single:1"], "first"),
+    (["--gres=gpu:2"], "error"),             # 4 tasks, 2 GPUs
+])
+def test_each_task_of_a_real_srun_step_gets_a_gpu_of_its_own(options, expected, cluster, tmp_path, monkeypatch):
+    """The environment real srun gives 4 tasks under each GPU option, fed to gpu_index() with torch's device count
+    set to the GPUs the task sees: every task finds its own GPU, or every task knows there are too few."""
+    sys.path.insert(0, str(REPO))
+    import mnist_ddp
+    code = "import json, os; print(json.dumps(dict(os.environ)))"
+    r = subprocess.run(["srun", "-N1", "-n4", "--output=env-%t.json", *options, sys.executable, "-c", code],
+                       cwd=tmp_path, text=True, env=clean_env(SLURM_CONF=cluster.conf), stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, timeout=120)
+    assert r.returncode == 0, r.stdout
+    envs = [json.loads((tmp_path / f"env-{task}.json").read_text()) for task in range(4)]
+    assert [int(e["SLURM_LOCALID"]) for e in envs] == [0, 1, 2, 3]
+    physical = []
+    for env in envs:
+        visible = env["CUDA_VISIBLE_DEVICES"].split(",")
+        monkeypatch.setattr(mnist_ddp.torch.cuda, "device_count", lambda n=len(visible): n)
+        local_rank = int(env["SLURM_LOCALID"])
+        if expected == "error":
+            with pytest.raises(ValueError, match="4 processes on .* share 2 visible GPU"):
+                mnist_ddp.gpu_index(local_rank, env)
+            continue
+        index = mnist_ddp.gpu_index(local_rank, env)
+        assert index == (local_rank if expected == "local rank" else 0), (options, env["CUDA_VISIBLE_DEVICES"])
+        physical.append(visible[index])
+    assert expected == "error" or len(set(physical)) == 4, physical  # four different GPUs
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the test cluster's GPU numbers would be this machine's GPUs")
 def test_gpus_that_torch_cannot_use_stop_the_job_at_once(cluster, tmp_path_factory, mnist_dir):
     """A seed command without --device=cpu on the fake GPUs: not a 4-GPU job quietly training on the CPU, but one
     ERROR line naming the allocation, torch's CUDA build and the driver it needs, and every rank out within seconds."""
