@@ -49,8 +49,11 @@ def test_the_sync_probe_counts_syncs_by_line_and_finds_the_per_step_ones(tmp_pat
 
 
 def harness(mnist_dir, out, device):
+    env = clean_env()
+    if device == "cuda":  # clean_env hides GPUs from the CPU tests
+        env.pop("CUDA_VISIBLE_DEVICES")
     rc, log = run([PYTHON, BENCH, f"--data-dir={mnist_dir}", f"--device={device}", "--smoke", f"--out={out}"],
-                  env=clean_env(), timeout=900)
+                  env=env, timeout=900)
     assert rc == 0, log[-5000:]
     return json.loads((out / "results.json").read_text()), (out / "summary.txt").read_text(), log
 
