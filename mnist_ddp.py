@@ -208,9 +208,10 @@ def gpu_index(local_rank, env=os.environ):
                     for _ in range(int(times or 1))]
         local_size = per_node[min(int(env.get("SLURM_NODEID", 0)), len(per_node) - 1)]
     else:
-        local_size = local_rank + 1
-    if max(local_size, local_rank + 1) > visible:
-        raise ValueError(f"{max(local_size, local_rank + 1)} processes on {socket.gethostname()} share {visible} "
+        local_size = 1
+    local_size = max(local_size, local_rank + 1)  # a launcher that says nothing: at least this many
+    if local_size > visible:
+        raise ValueError(f"{local_size} processes on {socket.gethostname()} share {visible} "
                          f"visible GPU(s) (CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', 'unset')}); two ranks "
                          "on one GPU fail in NCCL. HINT: one process per GPU: as many tasks per node (srun) or "
                          "--nproc-per-node (torchrun) as GPUs per node, or --gpus-per-task=1")
