@@ -311,9 +311,14 @@ def stop_check(device, checkpoint, epoch, step):
     message = f"checkpoint at {where}" if checkpoint else "no --checkpoint-dir, nothing saved"
     job_id = os.environ.get("SLURM_JOB_ID")
     if RANK == 0 and job_id and signum == signal.SIGUSR1:
-        r = subprocess.run(["scontrol", "requeue", job_id], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        message += (f"; requeued job {job_id}" if r.returncode == 0
-                    else f"; could not requeue job {job_id}: {r.stdout.strip()} (resubmit it)")
+        try:
+            r = subprocess.run(["scontrol", "requeue", job_id], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+            requeued, why = r.returncode == 0, r.stdout.strip()
+        except OSError as e:  # no scontrol here, e.g. in a container without Slurm's client
+            requeued, why = False, f"scontrol: {e.strerror}"
+        message += (f"; requeued job {job_id}" if requeued
+                    else f"; could not requeue job {job_id}: {why}. Resubmit the same command to resume")
     print0(f"stopped on {STOP_SIGNALS[signum]}: {message}")
     all_ranks_ok(True, device)  # the others wait for the requeue: an early exit could make the launcher end rank 0
     raise SystemExit(EXIT_RESUMABLE)

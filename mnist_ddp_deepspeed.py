@@ -359,9 +359,14 @@ def stop_check(device, checkpoint, epoch, step):
     message = f"checkpoint at {where}" if checkpoint else "no --checkpoint-dir, nothing saved"
     job_id = os.environ.get("SLURM_JOB_ID")
     if RANK == 0 and job_id and signum == signal.SIGUSR1:
-        r = subprocess.run(["scontrol", "requeue", job_id], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        message += (f"; requeued job {job_id}" if r.returncode == 0
-                    else f"; could not requeue job {job_id}: {r.stdout.strip()} (resubmit it)")
+        try:
+            r = subprocess.run(["scontrol", "requeue", job_id], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+            requeued, why = r.returncode == 0, r.stdout.strip()
+        except OSError as e:  # no scontrol here, e.g. in a container without Slurm's client
+            requeued, why = False, f"scontrol: {e.strerror}"
+        message += (f"; requeued job {job_id}" if requeued
+                    else f"; could not requeue job {job_id}: {why}. Resubmit the same command to resume")
     print0(f"stopped on {STOP_SIGNALS[signum]}: {message}")
     all_ranks_ok(True, device)  # the others wait for the requeue: an early exit could make the launcher end rank 0
     raise SystemExit(EXIT_RESUMABLE)
@@ -540,13 +545,13 @@ def main(args):
     if addr:
         os.environ.update(RANK=str(RANK), LOCAL_RANK=str(LOCAL_RANK), WORLD_SIZE=str(WORLD_SIZE))
         os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = addr, port  # launch_env already honours the user's
+    backend, timeout = "nccl" if use_cuda else "gloo", timedelta(seconds=args.dist_timeout)
     try:  # the timeout bounds every collective: a hung rank ends the job instead of holding it until the time limit
         if addr:  # as in mnist_ddp.py. DeepSpeed's own init would bind GPU LOCAL_RANK, absent when srun gave each
             # task its own GPU; it then only wraps this process group
-            dist.init_process_group("nccl" if use_cuda else "gloo", rank=RANK, world_size=WORLD_SIZE,
-                                    timeout=timedelta(seconds=args.dist_timeout))
-        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", auto_mpi_discovery=True, verbose=False,
-                                   timeout=timedelta(seconds=args.dist_timeout))  # else it asks MPI where rank 0 is
+            dist.init_process_group(backend, rank=RANK, world_size=WORLD_SIZE, timeout=timeout)
+        # without MASTER_ADDR (mpirun across nodes), DeepSpeed asks MPI where rank 0 is
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=True, verbose=False, timeout=timeout)
     except (dist.DistNetworkError, dist.DistStoreError) as e:
         init_failed(e, args.dist_timeout)
     RANK, WORLD_SIZE = dist.get_rank(), dist.get_world_size()  # MPI discovery may have filled them in

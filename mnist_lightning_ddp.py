@@ -4,7 +4,7 @@ A sibling of mnist_ddp.py (same network, data, output lines and JSON); where eac
     the training loop                  -> LitMNIST.training_step, configure_optimizers
     evaluate()                         -> validation_step + on_validation_epoch_end (exact sums over ranks)
     checkpoints and resume             -> ModelCheckpoint(save_last=True) + trainer.fit(ckpt_path=last.ckpt)
-    launch_env() + init_process_group  -> Trainer(devices, num_nodes, strategy="ddp") and its cluster environment
+    launch_env() + init_process_group  -> make_trainer(): Trainer(devices, num_nodes, DDPStrategy) and its cluster env
     the stop-signal block              -> none: SIGUSR1 is noted, and a rerun resumes from the last epoch's last.ckpt
 
 The same file runs under every launcher, unchanged:

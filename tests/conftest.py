@@ -219,13 +219,14 @@ def make_imagenet_archives(folder, n_classes=3, n_train=4, n_val=2, size=(50, 40
     return wnids, [wnids[label] for label in val_labels]
 
 
-def check_signal_stop(cmd, workdir, expect_checkpoint, signal_rank=1, sig=signal.SIGUSR1, timeout=300):
-    """Start 2 srun-style ranks, send `sig` to one rank once it is up, and check the agreed stop: both ranks exit 75
-    (EXIT_RESUMABLE), rank 0 names the signal, and a mid-epoch checkpoint matching `expect_checkpoint` exists."""
+def check_signal_stop(cmd, workdir, expect_checkpoint, signal_rank=1, sig=signal.SIGUSR1, timeout=300, **extra):
+    """Start 2 srun-style ranks (`extra`: more environment), send `sig` to one rank once it is up, and check the
+    agreed stop: both ranks exit 75 (EXIT_RESUMABLE), rank 0 names the signal, and a mid-epoch checkpoint matching
+    `expect_checkpoint` exists."""
     job_id = slurm_job_id_with_free_port()
     logs = [open(workdir / f"rank{r}.log", "w+") for r in range(2)]
     procs = [subprocess.Popen(cmd, cwd=workdir, stdout=logs[r], stderr=subprocess.STDOUT, text=True,
-                              env=srun_env(r, 2, job_id))
+                              env=srun_env(r, 2, job_id, **extra))
              for r in range(2)]
     try:
         deadline = time.monotonic() + timeout

@@ -151,6 +151,18 @@ def test_signal_mid_epoch_then_resume_is_bit_identical(mnist_dir, tmp_path, torc
     assert done_record(out)["test_acc"] == done["test_acc"]
 
 
+def test_time_limit_signal_without_scontrol_keeps_the_checkpoint(mnist_dir, tmp_path):
+    """SIGUSR1 in a container without Slurm's client: the checkpoint is written and kept, one clear line says the job
+    could not be requeued and what to do, and both ranks still exit 75 (no traceback after the save)."""
+    cmd = [PYTHON, SCRIPT, "--epochs=2", "--batch-size=32", "--device=cpu", f"--data-dir={mnist_dir}",
+           f"--output-dir={tmp_path}", f"--checkpoint-dir={tmp_path / 'ckpt'}"]
+    outs = check_signal_stop(cmd, tmp_path, expect_checkpoint="epoch_000[01]_step_*.pt",
+                             PATH=os.path.dirname(PYTHON))  # the venv's bin: python, no scontrol
+    [line] = [line for line in outs[0].splitlines() if line.startswith("stopped on SIGUSR1")]
+    assert "could not requeue job" in line and "scontrol: No such file or directory" in line, line
+    assert "Resubmit the same command to resume" in line and "Traceback" not in outs[0] + outs[1], outs[0][-2000:]
+
+
 def test_a_dead_rank_ends_torchrun_quickly_and_is_named(mnist_dir, tmp_path):
     p = start([TORCHRUN, "--standalone", "--nproc_per_node=2", SCRIPT, "--epochs=50", "--batch-size=8",
                f"--data-dir={mnist_dir}",
