@@ -345,6 +345,14 @@ def val_wnids(devkit):
     return [wnid_of_id[int(i)] for i in truth]
 
 
+def ignore_stop_signals(*_):
+    """DataLoader workers ignore the stop signals, which Slurm sends to every process of the job step: torch's worker
+    would die of a SIGTERM that its parent did not send (or of SIGUSR1), and take the training process with it before
+    the ranks agree to stop. The training process stops the workers itself."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def extract_members(tar_path, members):
     """Copy (offset, size, dest) byte ranges of an uncompressed tar to files. Runs in a worker process."""
     with open(tar_path, "rb") as f:
@@ -439,7 +447,9 @@ def extract_all(archives, local_dir, classes, images, wnids, workers):
             os.makedirs(os.path.join(local_dir, "val", wnid))
     val_files = [(offset, size, os.path.join(local_dir, "val", wnids[int(re.findall(r"\d+", name)[-1]) - 1], name))
                  for offset, size, name in images]
-    with concurrent.futures.ProcessPoolExecutor(workers) as pool:
+    # its workers, and the tar each starts, finish the copy whatever signal the job step gets (the next run would redo
+    # an unfinished copy): the training process handles the signal once it trains
+    with concurrent.futures.ProcessPoolExecutor(workers, initializer=ignore_stop_signals) as pool:
         jobs = [pool.submit(extract_class_tar, archives[0], offset, size,
                             os.path.join(local_dir, "train", wnid)) for offset, size, wnid in classes]
         jobs += [pool.submit(extract_members, archives[1], val_files[k::workers]) for k in range(workers)]
@@ -773,7 +783,8 @@ def train(args, device, data_root):
         # drop_last keeps the shards equal, so every rank takes the same number of steps
         sampler = EpochSampler(DistributedSampler(train_set, WORLD_SIZE, RANK, shuffle=True, seed=args.seed,
                                                   drop_last=True), args.batch_size)
-        loader_args = dict(num_workers=args.workers, pin_memory=cuda, persistent_workers=args.workers > 0)
+        loader_args = dict(num_workers=args.workers, pin_memory=cuda, persistent_workers=args.workers > 0,
+                           worker_init_fn=ignore_stop_signals)
         train_loader = DataLoader(train_set, args.batch_size, sampler=sampler, drop_last=True, **loader_args)
         val_loader = DataLoader(val_set, args.batch_size, sampler=range(RANK, n_val, WORLD_SIZE), **loader_args)
         steps_per_epoch = min(len(train_loader), args.steps_per_epoch or len(train_loader))

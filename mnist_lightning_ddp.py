@@ -5,7 +5,7 @@ A sibling of mnist_ddp.py (same network, data, output lines and JSON); where eac
     evaluate()                         -> validation_step + on_validation_epoch_end (exact sums over ranks)
     checkpoints and resume             -> ModelCheckpoint(save_last=True) + trainer.fit(ckpt_path=last.ckpt)
     launch_env() + init_process_group  -> make_trainer(): Trainer(devices, num_nodes, DDPStrategy) and its cluster env
-    the stop-signal block              -> none: SIGUSR1 is noted, and a rerun resumes from the last epoch's last.ckpt
+    the stop_check calls in the loop   -> StopOnSignal, a Callback (the stop-signal block itself is the same)
 
 The same file runs under every launcher, unchanged:
 
@@ -42,6 +42,7 @@ import re
 import signal
 import socket
 import struct
+import subprocess
 import sys
 import time
 import warnings
@@ -54,7 +55,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.strategies import DDPStrategy
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, TensorDataset
 
 # -----------------------------------------------------------------------------
 # config
@@ -229,6 +230,53 @@ def init_failed(error, timeout):
          "job's first node and reachable from here", speak=True)
 
 
+# Preemption: Slurm sends SIGUSR1 before the time limit (the wrappers ask for it with --signal) and SIGTERM when it
+# cancels or preempts. The handler only notes the signal; the training loop checks it at step boundaries, all ranks
+# agree, rank 0 writes a mid-epoch checkpoint, and the job requeues itself (on SIGUSR1) and exits with EXIT_RESUMABLE.
+STOP_SIGNALS = {signal.SIGUSR1: "SIGUSR1", signal.SIGTERM: "SIGTERM"}
+STOP_CHECK_EVERY = 10  # steps between the (tiny) all-reduces that agree on stopping
+EXIT_RESUMABLE = 75    # "try again": stopped on a signal with a checkpoint; run the same command to resume
+received_signals = []
+
+
+def on_stop_signal(signum, frame):
+    received_signals.append(signum)
+
+
+def stop_signal(device):
+    """The stop signal any rank received (0: none), the same on every rank at the same step."""
+    signum = torch.tensor([max(received_signals, default=0)], device=device)
+    if WORLD_SIZE > 1:
+        dist.all_reduce(signum, op=dist.ReduceOp.MAX)
+    return int(signum.item())
+
+
+def stop_check(device, checkpoint, epoch, step):
+    """Called at the same steps on every rank. If any rank received a stop signal: write a checkpoint at `step` of
+    `epoch` (step 0: the end of the epoch, already written; checkpoint None: no --checkpoint-dir), requeue the Slurm
+    job if it was the time-limit warning, then exit EXIT_RESUMABLE on every rank."""
+    signum = stop_signal(device)
+    if not signum:
+        return
+    if checkpoint and step:
+        checkpoint(epoch, step)
+    where = f"epoch {epoch} step {step}" if step else f"the end of epoch {epoch}"
+    message = f"checkpoint at {where}" if checkpoint else "no --checkpoint-dir, nothing saved"
+    job_id = os.environ.get("SLURM_JOB_ID")
+    if RANK == 0 and job_id and signum == signal.SIGUSR1:
+        try:
+            r = subprocess.run(["scontrol", "requeue", job_id], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+            requeued, why = r.returncode == 0, r.stdout.strip()
+        except OSError as e:  # no scontrol here, e.g. in a container without Slurm's client
+            requeued, why = False, f"scontrol: {e.strerror}"
+        message += (f"; requeued job {job_id}" if requeued
+                    else f"; could not requeue job {job_id}: {why}. Resubmit the same command to resume")
+    print0(f"stopped on {STOP_SIGNALS[signum]}: {message}")
+    all_ranks_ok(True, device)  # the others wait for the requeue: an early exit could make the launcher end rank 0
+    raise SystemExit(EXIT_RESUMABLE)
+
+
 # -----------------------------------------------------------------------------
 # data
 
@@ -272,6 +320,29 @@ def load_mnist(data_dir, train, device):
     return x, labels.long().to(device)
 
 
+def ignore_stop_signals(*_):
+    """DataLoader workers ignore the stop signals, which Slurm sends to every process of the job step: torch's worker
+    would die of a SIGTERM that its parent did not send (or of SIGUSR1), and take the training process with it before
+    the ranks agree to stop. The training process stops the workers itself."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
+class ResumedBatches(BatchSampler):
+    """The sampler's batches; in the epoch that a mid-epoch checkpoint stopped in, only those after its step. len()
+    stays the whole epoch's: Lightning's loop state, restored from the same checkpoint, counts the others as done."""
+
+    def __init__(self, sampler, batch_size, resume_epoch=-1, resume_step=0):
+        super().__init__(sampler, batch_size, drop_last=False)
+        self.resume_epoch, self.resume_step = resume_epoch, resume_step
+
+    def __iter__(self):  # a generator: it runs at the first batch, after Lightning's sampler.set_epoch()
+        skip = self.resume_step if self.sampler.epoch == self.resume_epoch else 0
+        for k, batch in enumerate(super().__iter__()):
+            if k >= skip:
+                yield batch
+
+
 # -----------------------------------------------------------------------------
 # model
 
@@ -306,6 +377,7 @@ class LitMNIST(pl.LightningModule):
         self.args = args
         self.net = Net()
         self.result = None  # the last epoch's metrics; saved in checkpoints for the final report
+        self.stop_step, self.resume_at = 0, (-1, 0)  # a mid-epoch checkpoint's step; (epoch, step) it resumes at
 
     # data: local rank 0 of each node downloads if needed while the other ranks wait
     def setup(self, stage):
@@ -330,7 +402,8 @@ class LitMNIST(pl.LightningModule):
         # each rank sees a disjoint 1/WORLD_SIZE of the training set; Lightning calls sampler.set_epoch() for us
         sampler = DistributedSampler(self.train_set, num_replicas=WORLD_SIZE, rank=RANK, shuffle=True,
                                      seed=self.args.seed, drop_last=True)
-        return DataLoader(self.train_set, batch_size=self.args.batch_size, sampler=sampler)
+        batches = ResumedBatches(sampler, self.args.batch_size, *self.resume_at)
+        return DataLoader(self.train_set, batch_sampler=batches, worker_init_fn=ignore_stop_signals)
 
     def val_dataloader(self):
         return DataLoader(self.test_shard, batch_size=self.args.test_batch_size)
@@ -344,6 +417,21 @@ class LitMNIST(pl.LightningModule):
     def on_train_epoch_start(self):
         self.train_stats = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss sum, samples
         self.t0 = time.perf_counter()
+
+    def forward(self, x):  # what the DDP wrapper runs outside the steps (Lightning calls training_step through it)
+        return self.net(x)
+
+    def on_train_start(self):
+        self.on_train_epoch_start()  # a run resumed mid-epoch gets no on_train_epoch_start for that epoch
+        if self.trainer.ckpt_path and WORLD_SIZE > 1:
+            # DDP lays out its gradient buckets in the order the first backward pass fills them; with more than 2 ranks
+            # that layout changes the float summation order. Replay that first pass (no update) through the DDP
+            # wrapper, so that a resumed run sums exactly as the uninterrupted one did. A full batch, in the training
+            # precision: no extra graph under --compile
+            x, y = (t[:self.args.batch_size].to(self.device) for t in self.train_set.tensors)
+            with self.trainer.precision_plugin.forward_context():
+                F.cross_entropy(self.trainer.strategy.model(x), y).backward()
+            self.net.zero_grad(set_to_none=True)
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -381,12 +469,18 @@ class LitMNIST(pl.LightningModule):
             self.metrics.write(json.dumps({"event": "epoch", **self.result}) + "\n")
             self.metrics.flush()
 
-    # checkpoints: Lightning saves weights, optimizer, scheduler, loop state; we add the last metrics
+    # checkpoints: Lightning saves weights, optimizer, scheduler, loop state; we add the last metrics and, mid-epoch,
+    # the step (Lightning's "epoch" is the epoch in progress then, else the last one done, counted from 0)
     def on_save_checkpoint(self, checkpoint):
-        checkpoint["result"] = self.result
+        checkpoint["result"], checkpoint["step"] = self.result, self.stop_step
 
     def on_load_checkpoint(self, checkpoint):
-        self.result = checkpoint.get("result")
+        self.result, step = checkpoint.get("result"), checkpoint.get("step", 0)
+        done = checkpoint["epoch"] if step else checkpoint["epoch"] + 1
+        self.resume_at = (checkpoint["epoch"], step)
+        steps = f" and {step} steps of epoch {done + 1}" if step else ""
+        print0(f"resumed from {self.args.checkpoint_dir}/last.ckpt: epoch {done} done{steps}, continuing at epoch "
+               f"{done + 1}")
 
     def on_fit_start(self):
         os.makedirs(self.args.output_dir, exist_ok=True)
@@ -409,6 +503,37 @@ class LitMNIST(pl.LightningModule):
         if self.metrics:
             self.metrics.write(json.dumps(done) + "\n")
             self.metrics.close()
+
+
+class StopOnSignal(pl.Callback):
+    """The stop-signal block's checks, where Lightning's loop has room for them: every STOP_CHECK_EVERY batches, and
+    at the start of each epoch after the first (ModelCheckpoint wrote the last one's last.ckpt, as its very last hook).
+    Lightning's own handlers would save inside the handler, with a collective (its SIGUSR1 requeue under srun), or end
+    on SIGTERM without saving: ours replace them once training starts."""
+
+    def __init__(self, args):
+        self.args = args
+
+    def on_train_start(self, trainer, pl_module):
+        for signum in STOP_SIGNALS:  # Lightning installed its handlers just before this hook
+            signal.signal(signum, on_stop_signal)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if (batch_idx + 1) % STOP_CHECK_EVERY == 0 and batch_idx + 1 < trainer.num_training_batches:
+            self.check(trainer, pl_module, trainer.current_epoch + 1, batch_idx + 1)
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch > 0:
+            self.check(trainer, pl_module, trainer.current_epoch, 0)
+
+    def check(self, trainer, pl_module, epoch, step):
+        def checkpoint(epoch, step):
+            """A mid-epoch last.ckpt, from every rank: rank 0 writes, the others wait (Trainer.save_checkpoint)."""
+            pl_module.stop_step = step
+            trainer.save_checkpoint(os.path.join(self.args.checkpoint_dir, "last.ckpt"))
+            pl_module.stop_step = 0
+
+        stop_check(pl_module.device, self.args.checkpoint_dir and checkpoint, epoch, step)
 
 
 # -----------------------------------------------------------------------------
@@ -467,15 +592,16 @@ def main(args):
     torch.manual_seed(args.seed)  # same initial weights everywhere (DDP also broadcasts rank 0's)
     model = LitMNIST(args)
 
-    # resume: Lightning restores weights, optimizer, scheduler, epoch and RNG from the last checkpoint
-    callbacks, ckpt_path = [], None
+    # resume: Lightning restores weights, optimizer, scheduler and its loop's place (epoch, step) from last.ckpt
+    callbacks, ckpt_path = [StopOnSignal(args)], None
+    # Lightning cannot see that ResumedBatches goes on at the step of a mid-epoch checkpoint, and would warn that it
+    # starts the epoch over
+    warnings.filterwarnings("ignore", "You're resuming from a checkpoint that ended before the epoch ended")
     if args.checkpoint_dir:
         callbacks.append(ModelCheckpoint(dirpath=args.checkpoint_dir, filename="lightning-{epoch}",  # and last.ckpt
                                          save_last=True, save_top_k=1, every_n_epochs=1))
         last = os.path.join(args.checkpoint_dir, "last.ckpt")
         ckpt_path = last if os.path.exists(last) else None
-        if ckpt_path:
-            print0(f"resuming from {ckpt_path}")
     try:
         trainer = make_trainer(args, device, devices, num_nodes, precision, callbacks)
         # fit() would check this too, with a traceback per rank
@@ -485,10 +611,8 @@ def main(args):
         fail(f"{e} (from --gpus={devices} --nodes={num_nodes})")
     print0(f"Net | {devices * num_nodes} processes x {args.batch_size} samples, lr {args.lr:g} | {precision}"
            f"{', compiled' if args.compile else ''} on {device.type}")
-    # Slurm's time-limit warning (the wrappers' --signal=USR1): under srun, Lightning's SLURMEnvironment replaces this
-    # handler, saves a checkpoint and requeues the job; elsewhere (torchrun) keep training: last.ckpt resumes per epoch
-    signal.signal(signal.SIGUSR1, lambda signum, frame: print0(
-        "SIGUSR1 (time limit near): training goes on; a rerun resumes from last.ckpt"))
+    for signum in STOP_SIGNALS:  # now already: with a SIGUSR1 handler in place, Lightning adds no requeue of its own
+        signal.signal(signum, on_stop_signal)
     if args.compile:  # the network, in place (its checkpoint keys stay): torch.compile(model) would also compile
         model.net.compile()  # the steps, whose Python logging recompiles at every batch index
     try:

@@ -219,22 +219,31 @@ def make_imagenet_archives(folder, n_classes=3, n_train=4, n_val=2, size=(50, 40
     return wnids, [wnids[label] for label in val_labels]
 
 
-def check_signal_stop(cmd, workdir, expect_checkpoint, signal_rank=1, sig=signal.SIGUSR1, timeout=300, **extra):
-    """Start 2 srun-style ranks (`extra`: more environment), send `sig` to one rank once it is up, and check the
-    agreed stop: both ranks exit 75 (EXIT_RESUMABLE), rank 0 names the signal, and a mid-epoch checkpoint matching
-    `expect_checkpoint` exists."""
+def check_signal_stop(cmd, workdir, expect_checkpoint, to="all", sig=signal.SIGUSR1, wait_for=None, timeout=300,
+                      **extra):
+    """Start 2 srun-style ranks (`extra`: more environment) in one process group, and once both are up (and rank 0's
+    log matches `wait_for`, if given) send `sig` to every process of it, as Slurm signals every process of a job step:
+    both ranks, their DataLoader workers and whatever else they started (to=0 or 1: that rank's process only). Then
+    check the agreed stop: both ranks exit 75 (EXIT_RESUMABLE), rank 0 names the signal, and a mid-epoch checkpoint
+    matching `expect_checkpoint` exists."""
     job_id = slurm_job_id_with_free_port()
     logs = [open(workdir / f"rank{r}.log", "w+") for r in range(2)]
-    procs = [subprocess.Popen(cmd, cwd=workdir, stdout=logs[r], stderr=subprocess.STDOUT, text=True,
-                              env=srun_env(r, 2, job_id, **extra))
-             for r in range(2)]
+    procs = []
+    for r in range(2):  # rank 0 leads a new process group, rank 1 joins it
+        procs.append(subprocess.Popen(cmd, cwd=workdir, stdout=logs[r], stderr=subprocess.STDOUT, text=True,
+                                      env=srun_env(r, 2, job_id, **extra), process_group=procs[0].pid if r else 0))
     try:
         deadline = time.monotonic() + timeout
-        while not STARTUP_LINE.search((workdir / f"rank{signal_rank}.log").read_text()):
-            log = (workdir / f"rank{signal_rank}.log").read_text()
-            assert time.monotonic() < deadline and procs[signal_rank].poll() is None, log
+        while True:
+            outs = [(workdir / f"rank{r}.log").read_text() for r in range(2)]
+            if all(STARTUP_LINE.search(out) for out in outs) and (not wait_for or re.search(wait_for, outs[0])):
+                break
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), outs
             time.sleep(0.05)
-        procs[signal_rank].send_signal(sig)
+        if to == "all":
+            os.killpg(procs[0].pid, sig)
+        else:
+            procs[to].send_signal(sig)
         rcs = [p.wait(timeout=timeout) for p in procs]
     finally:
         for p in procs:

@@ -13,22 +13,22 @@ from conftest import REPO
 DDP, LIGHTNING = "mnist_ddp.py", "mnist_lightning_ddp.py"
 DEEPSPEED, IMAGENET = "mnist_ddp_deepspeed.py", "imagenet_ddp.py"
 ALL = [DDP, LIGHTNING, DEEPSPEED, IMAGENET]
-WITH_SIGNALS = [DDP, DEEPSPEED, IMAGENET]  # the Lightning script leaves checkpoints to Lightning
+WITH_SIGNALS = [DDP, DEEPSPEED, IMAGENET, LIGHTNING]
 MNIST = [DDP, LIGHTNING, DEEPSPEED]
 
 # Each helper, and the scripts that carry a copy of it. mnist_ddp.py's copies are the unit-tested ones; a copy that
 # drifts from them is untested code. Renaming or dropping a helper in one script fails here too.
 COPIES = {
-    "positive_int": ALL, "first_host": WITH_SIGNALS, "launch_env": WITH_SIGNALS,
+    "positive_int": ALL, "first_host": [DDP, DEEPSPEED, IMAGENET], "launch_env": [DDP, DEEPSPEED, IMAGENET],
     "print0": ALL, "print_line": ALL, "fail": ALL, "CUDA_DRIVER_FLOOR": ALL, "unusable_gpus": ALL,
-    "gpu_index": ALL, "autocast_dtype": ALL, "init_failed": ALL, "rng_state": WITH_SIGNALS,
-    "set_rng_state": WITH_SIGNALS,
+    "gpu_index": ALL, "autocast_dtype": ALL, "init_failed": ALL, "rng_state": [DDP, DEEPSPEED, IMAGENET],
+    "set_rng_state": [DDP, DEEPSPEED, IMAGENET],
     "all_ranks_ok": ALL, "all_gather": ALL,
     # the signal block
     "STOP_SIGNALS": WITH_SIGNALS, "STOP_CHECK_EVERY": WITH_SIGNALS, "EXIT_RESUMABLE": WITH_SIGNALS,
     "received_signals": WITH_SIGNALS, "on_stop_signal": WITH_SIGNALS, "stop_signal": WITH_SIGNALS,
-    "stop_check": WITH_SIGNALS,
-    "check_writable": WITH_SIGNALS, "load_latest_checkpoint": [DDP, IMAGENET],
+    "stop_check": WITH_SIGNALS, "ignore_stop_signals": [IMAGENET, LIGHTNING],
+    "check_writable": [DDP, DEEPSPEED, IMAGENET], "load_latest_checkpoint": [DDP, IMAGENET],
     "MNIST_FILES": MNIST, "download_mnist": MNIST, "read_idx": MNIST, "Net": MNIST, "param_checksum": ALL,
 }
 
@@ -62,7 +62,12 @@ def test_copied_helpers_stay_identical(name):
 def test_every_script_uses_its_stop_check_at_both_places():
     for script in WITH_SIGNALS:
         text = (REPO / script).read_text()
-        assert text.count("stop_check(device, args.checkpoint_dir and checkpoint, epoch, ") == 2, script
+        if script == LIGHTNING:  # Lightning's loop calls StopOnSignal.check at both places
+            assert "self.check(trainer, pl_module, trainer.current_epoch + 1, batch_idx + 1)" in text
+            assert "self.check(trainer, pl_module, trainer.current_epoch, 0)" in text
+            assert text.count("stop_check(pl_module.device, self.args.checkpoint_dir and checkpoint, epoch, step)") == 1
+        else:
+            assert text.count("stop_check(device, args.checkpoint_dir and checkpoint, epoch, ") == 2, script
         defs = top_level_definitions(REPO / script)
         rest = text.replace(defs["stop_check"], "").replace(defs["stop_signal"], "")
         assert "stop_signal(device)" not in rest, f"{script}: the loop calls stop_check, never stop_signal itself"

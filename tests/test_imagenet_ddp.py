@@ -2,6 +2,7 @@
 meta.mat), CPU + gloo, resnet18 at 64 px: staging, training with exact validation, mid-epoch stop and exact resume."""
 import json
 import re
+import signal
 import sys
 
 import pytest
@@ -89,11 +90,14 @@ def test_two_ranks_train_and_validate_exactly(reference, archives):
 
 
 def test_signal_mid_epoch_then_resume_is_bit_identical(reference, archives, tmp_path):
-    """SIGUSR1 to rank 1 only: both ranks stop at the same step, rank 0 checkpoints mid-epoch, both exit 75;
-    the rerun resumes at that step and ends with exactly the parameters of the uninterrupted run."""
+    """SIGTERM to every process, DataLoader workers included (2 per rank), once training runs: both ranks stop at the
+    same step, rank 0 checkpoints mid-epoch, both exit 75; the rerun (1 worker per rank, as the reference) resumes at
+    that step and ends with exactly the parameters of the uninterrupted run."""
     cmd = [PYTHON, SCRIPT, f"--data-dir={archives[0]}", f"--local-dir={tmp_path / 'local'}",
            f"--checkpoint-dir={tmp_path / 'ckpt'}", f"--output-dir={tmp_path / 'out'}"] + TOY
-    check_signal_stop(cmd, tmp_path, expect_checkpoint="epoch_0000_step_*.pt", signal_rank=1)
+    outs = check_signal_stop(cmd + ["--workers=2"], tmp_path, expect_checkpoint="epoch_0000_step_*.pt",
+                             sig=signal.SIGTERM, wait_for=r"epoch 1 step 0/")
+    assert "killed by signal" not in outs[0] + outs[1] and "Traceback" not in outs[0] + outs[1], outs[0][-3000:]
     rcs, outs = run_srun_style(cmd, 2, cwd=tmp_path, timeout=300)
     assert rcs == [0, 0], outs[0][-3000:]
     assert re.search(r"resumed from .*epoch_0000_step_\d+\.pt: epoch 0 done and \d+ steps of epoch 1",

@@ -135,7 +135,7 @@ def test_signal_mid_epoch_then_resume_is_bit_identical(mnist_dir, tmp_path, torc
     The rerun continues at that step and ends bit-identical to 2 uninterrupted epochs."""
     cmd = [PYTHON, SCRIPT, "--epochs=2", "--batch-size=32", f"--data-dir={mnist_dir}", f"--output-dir={tmp_path}",
            f"--checkpoint-dir={tmp_path / 'ckpt'}"]
-    check_signal_stop(cmd, tmp_path, expect_checkpoint="epoch_000[01]_step_*.pt", sig=signal.SIGTERM)
+    check_signal_stop(cmd, tmp_path, expect_checkpoint="epoch_000[01]_step_*.pt", to=1, sig=signal.SIGTERM)
     rcs, outs = run_srun_style(cmd, 2, cwd=tmp_path)
     assert rcs == [0, 0], outs[0][-3000:]
     assert re.search(r"resumed from .*_step_\d+\.pt: epoch [01] done and \d+ steps of epoch [12]",

@@ -1,8 +1,11 @@
 """mnist_lightning_ddp.py on CPU with gloo, on real MNIST digits: Lightning's own launcher, srun-style, torchrun."""
+import re
+import signal
+
 import pytest
 
-from conftest import (PYTHON, REPO, check_srun_style, check_training, clean_env, done_record, epoch_lines, run,
-                      run_srun_style, run_torchrun)
+from conftest import (PYTHON, REPO, check_signal_stop, check_srun_style, check_training, clean_env, done_record,
+                      epoch_lines, run, run_srun_style, run_torchrun)
 
 SCRIPT = str(REPO / "mnist_lightning_ddp.py")
 
@@ -56,7 +59,26 @@ def test_resume_from_last_checkpoint(mnist_dir, tmp_path, lightning_spawned):
     rcs, outs = run_srun_style(base + ["--epochs=2"], ntasks=2, cwd=tmp_path)
     rc, out = rcs[0], outs[0]
     assert rc == 0, out[-3000:]
-    assert "resuming from" in out
+    assert re.search(r"resumed from .*last\.ckpt: epoch 1 done, continuing at epoch 2$", out, re.M), out[-3000:]
     assert [e for _, e, _ in epoch_lines(out)] == [2], "epoch 1 must not be trained again"
     assert done_record(out)["param_checksums"] == done_record(lightning_spawned[1])["param_checksums"], \
         "1 epoch + resumed 1 epoch must equal 2 uninterrupted epochs"
+
+
+def test_signal_mid_epoch_then_resume_is_bit_identical(mnist_dir, tmp_path, lightning_spawned):
+    """SIGTERM to every process of two srun-style ranks: our handlers, not Lightning's (which would end the run without
+    a checkpoint), note it; the ranks agree at a batch boundary, a mid-epoch last.ckpt goes into --checkpoint-dir and
+    both exit 75. The rerun resumes at that step and ends bit-identical to 2 uninterrupted epochs."""
+    ckpt = tmp_path / "ckpt"
+    cmd = [PYTHON, SCRIPT, "--gpus=2", "--epochs=2", "--batch-size=32", f"--data-dir={mnist_dir}",
+           f"--output-dir={tmp_path}", f"--checkpoint-dir={ckpt}"]
+    outs = check_signal_stop(cmd, tmp_path, expect_checkpoint="last.ckpt", sig=signal.SIGTERM)
+    assert re.search(r"stopped on SIGTERM: checkpoint at epoch 1 step \d+$", outs[0], re.M), outs[0][-2000:]
+    assert sorted(p.name for p in ckpt.iterdir()) == ["last.ckpt"], "no epoch ended: only the mid-epoch checkpoint"
+    rcs, outs = run_srun_style(cmd, 2, cwd=tmp_path)
+    assert rcs == [0, 0], outs[0][-3000:]
+    assert re.search(r"resumed from .*last\.ckpt: epoch 0 done and \d+ steps of epoch 1, continuing at epoch 1",
+                     outs[0]), outs[0][-3000:]
+    assert "not resumable" not in outs[0], "ResumedBatches goes on at the step: no warning that it starts over"
+    assert done_record(outs[0])["param_checksums"] == done_record(lightning_spawned[1])["param_checksums"], \
+        "interrupted + resumed != uninterrupted"

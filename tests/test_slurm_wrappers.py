@@ -269,16 +269,25 @@ def test_safe_sbatch_runs_the_committed_code(cluster, workdir, mnist_dir, tmp_pa
     assert list((proj / "out").glob("metrics-*.jsonl")), "outputs land in the submit directory, not the snapshot"
 
 
-def test_imagenet_wrapper_stages_once_per_node_then_trains_on_two_nodes(cluster, tmp_path_factory, tmp_path):
-    workdir = project(tmp_path_factory, "run-imagenet.sh", "imagenet_ddp.py")  # the job script and script alone
-    archives = tmp_path / "imagenet"
-    make_imagenet_archives(archives, n_classes=4, n_train=8, n_val=3, size=(80, 60))
-    local = tmp_path / "local"  # the two test nodes share this machine's disk, as two real nodes would not
-    state, exit_code, out = submit(cluster, workdir, None, [
-        "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=1", "run-imagenet.sh", "imagenet_ddp.py",
-        f"--data-dir={archives}", f"--local-dir={local}", "--epochs=1", "--arch=resnet18", "--image-size=64",
-        "--batch-size=4", "--workers=1", "--device=cpu", f"--output-dir={tmp_path / 'out'}"])
+@pytest.fixture(scope="module")
+def imagenet_job(tmp_path_factory):
+    """run-imagenet.sh and imagenet_ddp.py alone in a project, a miniature ImageNet in its download layout (20 steps
+    per epoch for 2 ranks x 2 images), and the job's arguments."""
+    workdir = project(tmp_path_factory, "run-imagenet.sh", "imagenet_ddp.py")
+    data = tmp_path_factory.mktemp("imagenet")
+    make_imagenet_archives(data / "archives", n_classes=4, n_train=20, n_val=3, size=(80, 60))
+    # the two test nodes share this machine's disk, as two real nodes would not
+    args = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=1", "run-imagenet.sh", "imagenet_ddp.py",
+            f"--data-dir={data / 'archives'}", f"--local-dir={data / 'local'}", "--epochs=1", "--arch=resnet18",
+            "--image-size=64", "--batch-size=2", "--log-interval=1", "--device=cpu"]
+    return workdir, args
+
+
+def test_imagenet_wrapper_stages_once_per_node_then_trains_on_two_nodes(cluster, imagenet_job, tmp_path):
+    workdir, args = imagenet_job
+    state, exit_code, out = submit(cluster, workdir, None, args + ["--workers=1", f"--output-dir={tmp_path}"])
     assert (state, exit_code) == ("COMPLETED", "0:0"), out[-4000:]
+    local = next(a for a in args if a.startswith("--local-dir=")).split("=", 1)[1]
     assert "== staging: imagenet_ddp.py --stage-only, once on each of the 2 node(s) ==" in out
     assert out.count("staged 4 classes and 12 validation images") == 1, "one node extracts; the other finds its marker"
     assert {f"data ready in {local} on {n}" for n in ("n1", "n2")} <= set(out.splitlines())
@@ -286,6 +295,40 @@ def test_imagenet_wrapper_stages_once_per_node_then_trains_on_two_nodes(cluster,
     done = done_record(out)
     assert done["world_size"] == 2 and hosts(out) == {"n1", "n2"}
     assert done["val_count"] == 12 and len(set(done["param_checksums"])) == 1
+    RESULTS["imagenet"] = done
+
+
+def test_sigterm_to_every_process_of_an_imagenet_job_with_workers_checkpoints_and_resumes_exactly(
+        cluster, imagenet_job, tmp_path):
+    """scancel --signal=TERM reaches every process of the step: both ranks and their 2 DataLoader workers each. The
+    workers ignore it, the ranks agree at step 10, rank 0 checkpoints, the job ends with exit code 75; the same job
+    submitted again resumes there and ends with the parameters of the uninterrupted run."""
+    if "imagenet" not in RESULTS:
+        pytest.skip("needs the uninterrupted run of test_imagenet_wrapper_stages_once_per_node_then_trains_on_two_nodes")
+    workdir, args = imagenet_job
+    args = args + ["--workers=2", f"--output-dir={tmp_path}", f"--checkpoint-dir={tmp_path / 'ckpt'}"]
+    env = clean_env(SLURM_CONF=cluster.conf)
+    r = subprocess.run(["sbatch", "--parsable"] + args, cwd=workdir, env=env, text=True, stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT)
+    assert r.returncode == 0, r.stdout
+    job_id = r.stdout.strip()
+    log = workdir / f"imagenet-{job_id}.out"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and not (log.exists() and "epoch 1 step 0/" in log.read_text()):
+        time.sleep(0.1)  # the ranks train: their DataLoader workers are up
+    assert log.exists() and "epoch 1 step 0/" in log.read_text(), log.read_text() if log.exists() else "no log"
+    subprocess.run(["scancel", "--signal=TERM", job_id], env=env, check=True)
+    state, exit_code, out = wait_for_job(cluster, job_id, workdir, timeout=120)
+    assert (state, exit_code) == ("FAILED", "75:0"), out[-5000:]
+    assert "stopped on SIGTERM: checkpoint at epoch 1 step 10" in out, out[-5000:]
+    assert "killed by signal" not in out and "Traceback" not in out, out[-5000:]
+    assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["epoch_0000_step_0000010.pt"]
+
+    state, exit_code, out = submit(cluster, workdir, None, args)
+    assert (state, exit_code) == ("COMPLETED", "0:0"), out[-5000:]
+    assert "epoch 0 done and 10 steps of epoch 1, continuing at epoch 1" in out, out[-5000:]
+    assert done_record(out)["param_checksums"] == RESULTS["imagenet"]["param_checksums"], \
+        "interrupted + resubmitted != uninterrupted"
 
 
 def preempt_and_requeue(cluster, proj, mnist_dir, args, log_prefix, tmp_path):
@@ -340,6 +383,21 @@ def test_time_limit_signal_through_deepspeeds_launcher_checkpoints_requeues_and_
     proj = seed_project(tmp_path_factory, command)
     out = preempt_and_requeue(cluster, proj, mnist_dir, command.split() + FAST, "deepspeed-gpu4", tmp_path)
     assert "deepspeed.launcher.launch" in out, "DeepSpeed's launcher started the workers"
+    done = done_record(out)
+    assert done["world_size"] == 4 and hosts(out) == {"n1"}
+    assert done["param_checksums"] == reference["param_checksums"], "interrupted + requeued != uninterrupted"
+
+
+def test_time_limit_signal_to_every_lightning_rank_checkpoints_requeues_and_resumes_exactly(
+        cluster, tmp_path_factory, mnist_dir, tmp_path):
+    """Through run-gpu4.sh: srun starts the 4 Lightning ranks, and scancel signals each. The script's callback, not
+    Lightning's own SLURM requeue (which would save inside the handler, into the working directory), agrees on a
+    batch, writes last.ckpt into --checkpoint-dir and requeues; the rerun resumes at that batch."""
+    command = SEEDS[2][0]
+    reference = reference_run(cluster, tmp_path_factory, mnist_dir, command)
+    proj = seed_project(tmp_path_factory, command)
+    out = preempt_and_requeue(cluster, proj, mnist_dir, command.split() + FAST, "srun-gpu4", tmp_path)
+    assert (tmp_path / "ckpt" / "last.ckpt").exists() and not list(proj.rglob("hpc_ckpt_*.ckpt"))
     done = done_record(out)
     assert done["world_size"] == 4 and hosts(out) == {"n1"}
     assert done["param_checksums"] == reference["param_checksums"], "interrupted + requeued != uninterrupted"
