@@ -304,7 +304,7 @@ def test_sigterm_to_every_process_of_an_imagenet_job_with_workers_checkpoints_an
     workers ignore it, the ranks agree at step 10, rank 0 checkpoints, the job ends with exit code 75; the same job
     submitted again resumes there and ends with the parameters of the uninterrupted run."""
     if "imagenet" not in RESULTS:
-        pytest.skip("needs the uninterrupted run of test_imagenet_wrapper_stages_once_per_node_then_trains_on_two_nodes")
+        pytest.skip("needs the uninterrupted run of the test before (test_imagenet_wrapper_stages_once_per_node...)")
     workdir, args = imagenet_job
     args = args + ["--workers=2", f"--output-dir={tmp_path}", f"--checkpoint-dir={tmp_path / 'ckpt'}"]
     env = clean_env(SLURM_CONF=cluster.conf)
