@@ -13,7 +13,9 @@ Data: --data-dir holds either the three archives as downloaded (ILSVRC2012_img_t
 ILSVRC2012_devkit_t12.tar.gz; reading the devkit needs scipy) or an extracted train/<wnid>/*.JPEG, val/<wnid>/*.JPEG
 tree. Archives are extracted once per node to node-local disk (--local-dir, default $SLURM_TMPDIR, else $TMPDIR,
 else /tmp), in parallel, by one process while the others of that node wait; a marker written last makes later jobs
-on that node skip it. Shared filesystems are slow at millions of small files: never train from an extracted copy there.
+on that node skip it. run-imagenet.sh stages in a step of its own before training; launched any other way, the ranks
+stage after they meet, and wait for the slowest node up to --stage-timeout (4 h), not --dist-timeout. Shared
+filesystems are slow at millions of small files: never train from an extracted copy there.
 
 Expected: ResNet-50, 90 epochs, cosine schedule, label smoothing 0.1, bf16: about 76-77% top-1 (the usual figure for
 this recipe). On CPU this script is only a smoke test (see tests/): resnet18 at 64 px on a few generated classes.
@@ -126,6 +128,9 @@ def get_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--dist-timeout", type=positive_int, default=600,
                    help="seconds the ranks wait for each other, at start and in every collective (default: 600)")
+    p.add_argument("--stage-timeout", type=positive_int, default=4 * 3600,
+                   help="seconds the ranks wait for the slowest node's staging, apart from --dist-timeout "
+                        "(default: 14400)")
     return p.parse_args(argv)
 
 
@@ -280,46 +285,100 @@ def init_failed(error, timeout):
 # Preemption: Slurm sends SIGUSR1 before the time limit (the wrappers ask for it with --signal) and SIGTERM when it
 # cancels or preempts. The handler only notes the signal; the training loop checks it at step boundaries, all ranks
 # agree, rank 0 writes a mid-epoch checkpoint, and the job requeues itself (on SIGUSR1) and exits with EXIT_RESUMABLE.
+# Without a signal (no --signal, a container that swallows it, a grace time too short), rank 0 stops the same way
+# when the job's end is near (NEAR_END). MAX_REQUEUES (default 20) bounds the requeues.
 STOP_SIGNALS = {signal.SIGUSR1: "SIGUSR1", signal.SIGTERM: "SIGTERM"}
+NEAR_END = 1           # not a signal we handle: the ranks' agreed "stop" when rank 0 finds the end time near
 STOP_CHECK_EVERY = 10  # steps between the (tiny) all-reduces that agree on stopping
 EXIT_RESUMABLE = 75    # "try again": stopped on a signal with a checkpoint; run the same command to resume
 received_signals = []
+stop_clock = {}        # rank 0: the job's end time, the last check's time, the longest gap between two checks
 
 
 def on_stop_signal(signum, frame):
     received_signals.append(signum)
 
 
-def stop_signal(device):
-    """The stop signal any rank received (0: none), the same on every rank at the same step."""
-    signum = torch.tensor([max(received_signals, default=0)], device=device)
+def slurm_seconds(text):
+    """Seconds in Slurm's [days-][hours:]minutes:seconds ('1-02:03:04', '59:30'); None for UNLIMITED and the like."""
+    m = re.fullmatch(r"(?:(\d+)-)?(?:(\d+):)?(\d+):(\d+)", text.strip())
+    return None if m is None else ((int(m[1] or 0) * 24 + int(m[2] or 0)) * 60 + int(m[3])) * 60 + int(m[4])
+
+
+def job_end_time(env=os.environ):
+    """When Slurm ends this job (time.time() seconds), or None: SLURM_JOB_END_TIME where Slurm sets it (23.02 and
+    later), else the time left that squeue reports. Rank 0 asks once: a thousand ranks asking would load slurmctld."""
+    if env.get("SLURM_JOB_END_TIME", "").isdigit():
+        return float(env["SLURM_JOB_END_TIME"])
+    if not env.get("SLURM_JOB_ID"):
+        return None
+    try:
+        r = subprocess.run(["squeue", "-h", "-j", env["SLURM_JOB_ID"], "-o", "%L"], stdout=subprocess.PIPE,
+                           stderr=subprocess.DEVNULL, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):  # no Slurm client here, or slurmctld not answering
+        return None
+    left = slurm_seconds(r.stdout) if r.returncode == 0 else None
+    return None if left is None else time.time() + left
+
+
+def near_end():
+    """Rank 0, at each stop check: is the job's end nearer than STOP_MARGIN seconds (default 60) plus the longest this
+    run has taken from one check to the next (10 steps, or an epoch's end with its evaluation and checkpoint)? Then
+    the next check might come too late to save."""
+    now = time.time()
+    if not stop_clock:  # the first check of this run
+        stop_clock.update(end=job_end_time(), last=now, gap=0.0)
+    stop_clock["gap"], stop_clock["last"] = max(stop_clock["gap"], now - stop_clock["last"]), now
+    if stop_clock["end"] is None:
+        return False
+    stop_clock["left"] = stop_clock["end"] - now
+    return stop_clock["left"] < float(os.environ.get("STOP_MARGIN") or 60) + stop_clock["gap"]
+
+
+def stop_signal(device, watch_end=True):
+    """The stop signal any rank received (NEAR_END: rank 0 found the end near, if `watch_end`; 0: none), the same on
+    every rank at the same step."""
+    near = watch_end and RANK == 0 and near_end()
+    signum = torch.tensor([max(received_signals + [NEAR_END if near else 0])], device=device)
     if WORLD_SIZE > 1:
         dist.all_reduce(signum, op=dist.ReduceOp.MAX)
     return int(signum.item())
 
 
 def stop_check(device, checkpoint, epoch, step):
-    """Called at the same steps on every rank. If any rank received a stop signal: write a checkpoint at `step` of
-    `epoch` (step 0: the end of the epoch, already written; checkpoint None: no --checkpoint-dir), requeue the Slurm
-    job if it was the time-limit warning, then exit EXIT_RESUMABLE on every rank."""
-    signum = stop_signal(device)
+    """Called at the same steps on every rank, and once before the first step (epoch 0: signals only; the end time is
+    first read at the next check). If any rank received a stop signal or the end is near: write a checkpoint at
+    `step` of `epoch` (step 0: the end of the epoch, already written; checkpoint None: no --checkpoint-dir), requeue
+    the Slurm job unless it is being cancelled (SIGTERM), restarted MAX_REQUEUES times already, or stopped again before
+    training a step, then exit EXIT_RESUMABLE on every rank."""
+    signum = stop_signal(device, watch_end=epoch > 0)
     if not signum:
         return
     if checkpoint and step:
         checkpoint(epoch, step)
     where = f"epoch {epoch} step {step}" if step else f"the end of epoch {epoch}"
-    message = f"checkpoint at {where}" if checkpoint else "no --checkpoint-dir, nothing saved"
-    job_id = os.environ.get("SLURM_JOB_ID")
-    if RANK == 0 and job_id and signum == signal.SIGUSR1:
-        try:
-            r = subprocess.run(["scontrol", "requeue", job_id], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True)
-            requeued, why = r.returncode == 0, r.stdout.strip()
-        except OSError as e:  # no scontrol here, e.g. in a container without Slurm's client
-            requeued, why = False, f"scontrol: {e.strerror}"
-        message += (f"; requeued job {job_id}" if requeued
-                    else f"; could not requeue job {job_id}: {why}. Resubmit the same command to resume")
-    print0(f"stopped on {STOP_SIGNALS[signum]}: {message}")
+    message = ("nothing trained yet in this run" if not epoch else f"checkpoint at {where}" if checkpoint
+               else "no --checkpoint-dir, nothing saved")
+    job_id, restarts = os.environ.get("SLURM_JOB_ID"), int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+    cap = int(os.environ.get("MAX_REQUEUES") or 20)
+    if RANK == 0 and job_id and signum != signal.SIGTERM:
+        if restarts >= cap:
+            message += f"; not requeued: job {job_id} has restarted {restarts} times (MAX_REQUEUES={cap})"
+        elif restarts and not epoch:  # a requeue would only repeat this: start-up alone outlasts the time left
+            message += f"; not requeued: this restart of job {job_id} stopped before its first step, as the next would"
+        else:
+            try:
+                r = subprocess.run(["scontrol", "requeue", job_id], stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True)
+                message += f"; requeued job {job_id}" if r.returncode == 0 else \
+                    f"; could not requeue job {job_id}: {r.stdout.strip()}"
+            except OSError as e:  # no scontrol here, e.g. in a container without Slurm's client
+                message += f"; could not requeue job {job_id}: scontrol: {e.strerror}"
+        if "; requeued" not in message:
+            message += ". Resubmit the same command to resume"
+    cause = (f"on {STOP_SIGNALS[signum]}" if signum in STOP_SIGNALS
+             else f"{stop_clock.get('left', 0):.0f} s before the time limit, with no signal")
+    print0(f"stopped {cause}: {message}")
     all_ranks_ok(True, device)  # the others wait for the requeue: an early exit could make the launcher end rank 0
     raise SystemExit(EXIT_RESUMABLE)
 
@@ -646,6 +705,21 @@ def save_checkpoint(ckpt_dir, name, state, scratch, keep=2):
     return path
 
 
+def check_same_run(path, saved, run):
+    """Refuse to resume a checkpoint that another run wrote: going on from it with other settings (`run`: what changes
+    the result, and the world size) would give a mix that neither run describes. --epochs may grow. A checkpoint from
+    before runs were recorded (saved None) is taken as it is; a commit counts where both runs know theirs."""
+    if saved is None:
+        return
+    changed = [f"{key} {saved[key]} -> {value}" for key, value in run.items() if key in saved and saved[key] != value
+               and not (key == "git_commit" and None in (saved[key], value))]
+    if changed:
+        why = (" (each rank's shard of the data, and the global batch, depend on the number of processes)"
+               if "world_size" in saved and saved["world_size"] != run.get("world_size") else "")
+        fail(f"{path} was written by another run: {', '.join(changed)}{why}. HINT: rerun with the settings it was "
+             "written with (--epochs may grow), or use a new --checkpoint-dir")
+
+
 def check_writable(ckpt_dir):
     """Fail now, with the reason, rather than after the first epoch."""
     probe = os.path.join(ckpt_dir, f".write-test-{socket.gethostname()}-{os.getpid()}")
@@ -688,9 +762,8 @@ def main(args):
         fail(f"unknown --arch {args.arch}. HINT: one of torchvision's classification models, e.g. resnet18, resnet50, "
              "resnet101, wide_resnet50_2, convnext_tiny (python -c 'import torchvision; "
              "print(torchvision.models.list_models())')")
-    data_root = None if args.synthetic else find_data(args)
-    if args.stage_only:
-        print_line(f"data ready in {data_root} on {socket.gethostname()}")
+    if args.stage_only:  # one process per node, no process group (run-imagenet.sh runs this as its own step)
+        print_line(f"data ready in {find_data(args)} on {socket.gethostname()}")
         return
 
     # one process per device: a GPU of its own with NCCL (gpu_index), else CPU with gloo
@@ -718,6 +791,9 @@ def main(args):
             init_failed(e, args.dist_timeout)
     print_line(f"[rank {RANK}/{WORLD_SIZE}] local_rank {LOCAL_RANK} host {socket.gethostname()} device {device}")
     try:
+        # staged after the ranks met: a node that stages for an hour while another already has its copy keeps no rank
+        # waiting in init_process_group or a training collective (find_data waits with its own timeout)
+        data_root = None if args.synthetic else find_data(args)
         train(args, device, data_root)
     finally:
         if dist.is_initialized():
@@ -734,7 +810,9 @@ def local_base(args):
 
 
 def find_data(args):
-    """The folder holding train/ and val/: the extracted tree as given, or a node-local copy of the archives."""
+    """The folder holding train/ and val/: the extracted tree as given, or a node-local copy of the archives. In a
+    process group, every rank then waits until every node has staged, on a group of its own whose timeout is
+    --stage-timeout (the training collectives keep --dist-timeout); if one node's staging failed, all ranks stop."""
     if all(os.path.isdir(os.path.join(args.data_dir, s)) for s in ("train", "val")):
         return args.data_dir
     missing = [n for n in (TRAIN_TAR, VAL_TAR, DEVKIT) if not os.path.isfile(os.path.join(args.data_dir, n))]
@@ -744,15 +822,31 @@ def find_data(args):
              "HINT: --data-dir (or $DATA_DIR) must point at the folder holding the archives as downloaded from "
              "image-net.org")
     local_dir = local_base(args)
+    waiting = None  # the ranks wait for the slowest node on a group of their own (gloo: CPU tensors, on any node)
+    if dist.is_initialized():
+        waiting = dist.new_group(backend="gloo", timeout=timedelta(seconds=args.stage_timeout))
     try:
         stage(args.data_dir, local_dir, max(1, len(os.sched_getaffinity(0))), args.from_tar)
+        ok = True
     except Exception as e:  # each node stages for itself: local rank 0 of the node that failed says so
+        ok = False
         if LOCAL_RANK == 0:
             print_line(f"ERROR: staging {args.data_dir} into {local_dir} on {socket.gethostname()} failed "
                        f"({type(e).__name__}: {e}). "
                        "HINT: --local-dir needs ~160 GB free for ImageNet; a half-finished copy is redone on the next "
                        "run", sys.stderr)
-        raise SystemExit(1) from None
+    if waiting:
+        t0 = time.perf_counter()
+        flag = torch.tensor([1 if ok else 0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=waiting)  # returns once the slowest node has staged
+        if ok and not flag.item():
+            print0("ERROR: staging failed on another node (its ERROR line says why)", sys.stderr)
+        elif ok and time.perf_counter() - t0 >= 1:
+            print0(f"waited {time.perf_counter() - t0:.0f} s for the other nodes' staging")
+        ok = bool(flag.item())
+        dist.destroy_process_group(waiting)
+    if not ok:
+        raise SystemExit(1)
     return local_dir
 
 
@@ -814,7 +908,14 @@ def train(args, device, data_root):
 
     # -----------------------------------------------------------------------------
     # resume: every rank loads the same checkpoint, so the replicas start equal; mid-epoch checkpoints resume at
-    # their step
+    # their step. Only a checkpoint of this run: what defines it is saved with it and compared (check_same_run)
+    run = {"script": "imagenet_ddp.py", "arch": args.arch,
+           "data": "synthetic" if args.synthetic else f"{num_classes} classes, {n_train} training images",
+           "image_size": args.image_size, "batch_size": args.batch_size, "lr": args.lr, "momentum": args.momentum,
+           "weight_decay": args.weight_decay, "label_smoothing": args.label_smoothing,
+           "warmup_epochs": args.warmup_epochs, "schedule": args.schedule, "steps_per_epoch": steps_per_epoch,
+           "seed": args.seed, "precision": precision, "world_size": WORLD_SIZE,
+           "git_commit": os.environ.get("GIT_COMMIT")}
     start_epoch, start_step = 1, 0
     run_id = os.environ.get("SLURM_JOB_ID") or datetime.now().strftime("%Y%m%d-%H%M%S")
     scratch = os.path.join(local_base(args), f"run-{run_id}-{os.getpid()}")  # rank 0's outputs, on local disk first
@@ -830,6 +931,10 @@ def train(args, device, data_root):
                 fail(f"{path} is from {ckpt.get('script', 'another script')} with arch {ckpt.get('arch')} and "
                      f"{ckpt.get('num_classes')} classes; this run is {args.arch} with {num_classes}. "
                      "HINT: use a new --checkpoint-dir for a different model or data")
+            check_same_run(path, ckpt.get("run"), run)
+            if ckpt["args"]["epochs"] != args.epochs and args.schedule == "cosine":
+                print0(f"NOTE: --epochs changed from {ckpt['args']['epochs']} to {args.epochs}: the cosine schedule is "
+                       "stretched from here on (a run started with the new value would have decayed differently)")
             raw_model.load_state_dict(ckpt["model"])  # the raw module's keys: no "module." or "_orig_mod." prefix
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
@@ -840,7 +945,7 @@ def train(args, device, data_root):
             start_epoch, start_step = ckpt["epoch"] + 1, ckpt["step"]
             steps = f" and {start_step} steps of epoch {start_epoch}" if start_step else ""
             print0(f"resumed from {path}: epoch {ckpt['epoch']} done{steps}, continuing at epoch {start_epoch}")
-            if WORLD_SIZE > 1:
+            if WORLD_SIZE > 1 and start_epoch <= args.epochs:
                 # DDP lays out its gradient buckets in the order the first backward pass fills them; with more than
                 # 2 ranks that layout changes the float summation order. Replay that first pass (no update, BatchNorm
                 # statistics put back), so that a resumed run sums exactly as the uninterrupted one did. A full batch:
@@ -873,7 +978,7 @@ def train(args, device, data_root):
             save_checkpoint(args.checkpoint_dir, name, {
                 "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                "epoch": epoch - 1 if step else epoch, "step": step, "rng": rng, "args": vars(args),
+                "epoch": epoch - 1 if step else epoch, "step": step, "rng": rng, "args": vars(args), "run": run,
                 "script": "imagenet_ddp.py", "arch": args.arch, "num_classes": num_classes}, scratch)
             copy_back()
         if WORLD_SIZE > 1:
@@ -888,6 +993,7 @@ def train(args, device, data_root):
 
     # -----------------------------------------------------------------------------
     # training loop
+    stop_check(device, None, 0, 0)  # a signal in start-up (staging, loading), or the end already near
     t_start, result, meter_images, meter_seconds = time.perf_counter(), None, 0, 0.0
     tag = " [SYNTHETIC DATA]" if args.synthetic else ""
     for epoch in range(start_epoch, args.epochs + 1):

@@ -328,46 +328,100 @@ def init_failed(error, timeout):
 # Preemption: Slurm sends SIGUSR1 before the time limit (the wrappers ask for it with --signal) and SIGTERM when it
 # cancels or preempts. The handler only notes the signal; the training loop checks it at step boundaries, all ranks
 # agree, rank 0 writes a mid-epoch checkpoint, and the job requeues itself (on SIGUSR1) and exits with EXIT_RESUMABLE.
+# Without a signal (no --signal, a container that swallows it, a grace time too short), rank 0 stops the same way
+# when the job's end is near (NEAR_END). MAX_REQUEUES (default 20) bounds the requeues.
 STOP_SIGNALS = {signal.SIGUSR1: "SIGUSR1", signal.SIGTERM: "SIGTERM"}
+NEAR_END = 1           # not a signal we handle: the ranks' agreed "stop" when rank 0 finds the end time near
 STOP_CHECK_EVERY = 10  # steps between the (tiny) all-reduces that agree on stopping
 EXIT_RESUMABLE = 75    # "try again": stopped on a signal with a checkpoint; run the same command to resume
 received_signals = []
+stop_clock = {}        # rank 0: the job's end time, the last check's time, the longest gap between two checks
 
 
 def on_stop_signal(signum, frame):
     received_signals.append(signum)
 
 
-def stop_signal(device):
-    """The stop signal any rank received (0: none), the same on every rank at the same step."""
-    signum = torch.tensor([max(received_signals, default=0)], device=device)
+def slurm_seconds(text):
+    """Seconds in Slurm's [days-][hours:]minutes:seconds ('1-02:03:04', '59:30'); None for UNLIMITED and the like."""
+    m = re.fullmatch(r"(?:(\d+)-)?(?:(\d+):)?(\d+):(\d+)", text.strip())
+    return None if m is None else ((int(m[1] or 0) * 24 + int(m[2] or 0)) * 60 + int(m[3])) * 60 + int(m[4])
+
+
+def job_end_time(env=os.environ):
+    """When Slurm ends this job (time.time() seconds), or None: SLURM_JOB_END_TIME where Slurm sets it (23.02 and
+    later), else the time left that squeue reports. Rank 0 asks once: a thousand ranks asking would load slurmctld."""
+    if env.get("SLURM_JOB_END_TIME", "").isdigit():
+        return float(env["SLURM_JOB_END_TIME"])
+    if not env.get("SLURM_JOB_ID"):
+        return None
+    try:
+        r = subprocess.run(["squeue", "-h", "-j", env["SLURM_JOB_ID"], "-o", "%L"], stdout=subprocess.PIPE,
+                           stderr=subprocess.DEVNULL, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):  # no Slurm client here, or slurmctld not answering
+        return None
+    left = slurm_seconds(r.stdout) if r.returncode == 0 else None
+    return None if left is None else time.time() + left
+
+
+def near_end():
+    """Rank 0, at each stop check: is the job's end nearer than STOP_MARGIN seconds (default 60) plus the longest this
+    run has taken from one check to the next (10 steps, or an epoch's end with its evaluation and checkpoint)? Then
+    the next check might come too late to save."""
+    now = time.time()
+    if not stop_clock:  # the first check of this run
+        stop_clock.update(end=job_end_time(), last=now, gap=0.0)
+    stop_clock["gap"], stop_clock["last"] = max(stop_clock["gap"], now - stop_clock["last"]), now
+    if stop_clock["end"] is None:
+        return False
+    stop_clock["left"] = stop_clock["end"] - now
+    return stop_clock["left"] < float(os.environ.get("STOP_MARGIN") or 60) + stop_clock["gap"]
+
+
+def stop_signal(device, watch_end=True):
+    """The stop signal any rank received (NEAR_END: rank 0 found the end near, if `watch_end`; 0: none), the same on
+    every rank at the same step."""
+    near = watch_end and RANK == 0 and near_end()
+    signum = torch.tensor([max(received_signals + [NEAR_END if near else 0])], device=device)
     if WORLD_SIZE > 1:
         dist.all_reduce(signum, op=dist.ReduceOp.MAX)
     return int(signum.item())
 
 
 def stop_check(device, checkpoint, epoch, step):
-    """Called at the same steps on every rank. If any rank received a stop signal: write a checkpoint at `step` of
-    `epoch` (step 0: the end of the epoch, already written; checkpoint None: no --checkpoint-dir), requeue the Slurm
-    job if it was the time-limit warning, then exit EXIT_RESUMABLE on every rank."""
-    signum = stop_signal(device)
+    """Called at the same steps on every rank, and once before the first step (epoch 0: signals only; the end time is
+    first read at the next check). If any rank received a stop signal or the end is near: write a checkpoint at
+    `step` of `epoch` (step 0: the end of the epoch, already written; checkpoint None: no --checkpoint-dir), requeue
+    the Slurm job unless it is being cancelled (SIGTERM), restarted MAX_REQUEUES times already, or stopped again before
+    training a step, then exit EXIT_RESUMABLE on every rank."""
+    signum = stop_signal(device, watch_end=epoch > 0)
     if not signum:
         return
     if checkpoint and step:
         checkpoint(epoch, step)
     where = f"epoch {epoch} step {step}" if step else f"the end of epoch {epoch}"
-    message = f"checkpoint at {where}" if checkpoint else "no --checkpoint-dir, nothing saved"
-    job_id = os.environ.get("SLURM_JOB_ID")
-    if RANK == 0 and job_id and signum == signal.SIGUSR1:
-        try:
-            r = subprocess.run(["scontrol", "requeue", job_id], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True)
-            requeued, why = r.returncode == 0, r.stdout.strip()
-        except OSError as e:  # no scontrol here, e.g. in a container without Slurm's client
-            requeued, why = False, f"scontrol: {e.strerror}"
-        message += (f"; requeued job {job_id}" if requeued
-                    else f"; could not requeue job {job_id}: {why}. Resubmit the same command to resume")
-    print0(f"stopped on {STOP_SIGNALS[signum]}: {message}")
+    message = ("nothing trained yet in this run" if not epoch else f"checkpoint at {where}" if checkpoint
+               else "no --checkpoint-dir, nothing saved")
+    job_id, restarts = os.environ.get("SLURM_JOB_ID"), int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+    cap = int(os.environ.get("MAX_REQUEUES") or 20)
+    if RANK == 0 and job_id and signum != signal.SIGTERM:
+        if restarts >= cap:
+            message += f"; not requeued: job {job_id} has restarted {restarts} times (MAX_REQUEUES={cap})"
+        elif restarts and not epoch:  # a requeue would only repeat this: start-up alone outlasts the time left
+            message += f"; not requeued: this restart of job {job_id} stopped before its first step, as the next would"
+        else:
+            try:
+                r = subprocess.run(["scontrol", "requeue", job_id], stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True)
+                message += f"; requeued job {job_id}" if r.returncode == 0 else \
+                    f"; could not requeue job {job_id}: {r.stdout.strip()}"
+            except OSError as e:  # no scontrol here, e.g. in a container without Slurm's client
+                message += f"; could not requeue job {job_id}: scontrol: {e.strerror}"
+        if "; requeued" not in message:
+            message += ". Resubmit the same command to resume"
+    cause = (f"on {STOP_SIGNALS[signum]}" if signum in STOP_SIGNALS
+             else f"{stop_clock.get('left', 0):.0f} s before the time limit, with no signal")
+    print0(f"stopped {cause}: {message}")
     all_ranks_ok(True, device)  # the others wait for the requeue: an early exit could make the launcher end rank 0
     raise SystemExit(EXIT_RESUMABLE)
 
@@ -462,6 +516,21 @@ def evaluate(model, x, y, batch_size, device):
 # checkpoints
 # engine.save_checkpoint() writes one directory per tag (every rank its ZeRO shard), then the file "latest"
 # naming it: a crash mid-save leaves "latest" on the previous complete checkpoint.
+
+
+def check_same_run(path, saved, run):
+    """Refuse to resume a checkpoint that another run wrote: going on from it with other settings (`run`: what changes
+    the result, and the world size) would give a mix that neither run describes. --epochs may grow. A checkpoint from
+    before runs were recorded (saved None) is taken as it is; a commit counts where both runs know theirs."""
+    if saved is None:
+        return
+    changed = [f"{key} {saved[key]} -> {value}" for key, value in run.items() if key in saved and saved[key] != value
+               and not (key == "git_commit" and None in (saved[key], value))]
+    if changed:
+        why = (" (each rank's shard of the data, and the global batch, depend on the number of processes)"
+               if "world_size" in saved and saved["world_size"] != run.get("world_size") else "")
+        fail(f"{path} was written by another run: {', '.join(changed)}{why}. HINT: rerun with the settings it was "
+             "written with (--epochs may grow), or use a new --checkpoint-dir")
 
 
 def save_checkpoint(engine, ckpt_dir, tag, client_state, keep=2):
@@ -617,12 +686,22 @@ def train(args, config, device):
 
     # -----------------------------------------------------------------------------
     # resume: every rank loads its own shard of the newest checkpoint named by "latest"; mid-epoch ones resume at
-    # their step
+    # their step. Only a checkpoint of this run: what defines it is saved with it and compared (check_same_run)
+    run = {"script": "mnist_ddp_deepspeed.py", "model": "Net", "data": f"MNIST, {len(x_train)} training digits",
+           "batch_size": batch_size, "zero_stage": engine.zero_optimization_stage(),
+           "optimizer": json.dumps(config.get("optimizer"), sort_keys=True),
+           "scheduler": json.dumps(config.get("scheduler"), sort_keys=True),
+           "gradient_clipping": config.get("gradient_clipping", 0), "seed": args.seed, "precision": precision,
+           "world_size": WORLD_SIZE, "git_commit": os.environ.get("GIT_COMMIT")}
     start_epoch, start_step = 1, 0
     if args.checkpoint_dir:
         check_writable(args.checkpoint_dir)
         if os.path.exists(os.path.join(args.checkpoint_dir, "latest")):
             tag = open(os.path.join(args.checkpoint_dir, "latest")).read().strip()
+            # ZeRO keeps one optimizer shard per rank: count them first, DeepSpeed's own error is long
+            shards = len(glob.glob(os.path.join(args.checkpoint_dir, tag, "*zero_pp_rank_*_optim_states.pt")))
+            if shards:
+                check_same_run(os.path.join(args.checkpoint_dir, tag), {"world_size": shards}, run)
             try:
                 path, client_state = engine.load_checkpoint(args.checkpoint_dir)
                 error = "DeepSpeed found nothing to load"
@@ -636,6 +715,7 @@ def train(args, config, device):
                 fail(f"{path} was not written by mnist_ddp_deepspeed.py (it is from "
                      f"{client_state.get('script', 'another script')}). "
                      "HINT: use a new --checkpoint-dir for a different script or model")
+            check_same_run(path, client_state.get("run"), run)
             if len(client_state["rng"]) == WORLD_SIZE:
                 set_rng_state(client_state["rng"][RANK], device)
             start_epoch, start_step = client_state["epoch"] + 1, client_state["step"]
@@ -653,11 +733,12 @@ def train(args, config, device):
         rng = all_gather(rng_state(device))
         name = f"epoch_{epoch - 1:04d}_step_{step:07d}" if step else f"epoch_{epoch:04d}"
         save_checkpoint(engine, args.checkpoint_dir, name, {
-            "epoch": epoch - 1 if step else epoch, "step": step, "rng": rng, "args": vars(args),
+            "epoch": epoch - 1 if step else epoch, "step": step, "rng": rng, "args": vars(args), "run": run,
             "script": "mnist_ddp_deepspeed.py"})
 
     # -----------------------------------------------------------------------------
     # training loop
+    stop_check(device, None, 0, 0)  # a signal in start-up (staging, loading), or the end already near
     t_start, trained, train_seconds, result = time.perf_counter(), 0, 0.0, None
     for epoch in range(start_epoch, args.epochs + 1):
         engine.train()

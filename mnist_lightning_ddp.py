@@ -233,46 +233,100 @@ def init_failed(error, timeout):
 # Preemption: Slurm sends SIGUSR1 before the time limit (the wrappers ask for it with --signal) and SIGTERM when it
 # cancels or preempts. The handler only notes the signal; the training loop checks it at step boundaries, all ranks
 # agree, rank 0 writes a mid-epoch checkpoint, and the job requeues itself (on SIGUSR1) and exits with EXIT_RESUMABLE.
+# Without a signal (no --signal, a container that swallows it, a grace time too short), rank 0 stops the same way
+# when the job's end is near (NEAR_END). MAX_REQUEUES (default 20) bounds the requeues.
 STOP_SIGNALS = {signal.SIGUSR1: "SIGUSR1", signal.SIGTERM: "SIGTERM"}
+NEAR_END = 1           # not a signal we handle: the ranks' agreed "stop" when rank 0 finds the end time near
 STOP_CHECK_EVERY = 10  # steps between the (tiny) all-reduces that agree on stopping
 EXIT_RESUMABLE = 75    # "try again": stopped on a signal with a checkpoint; run the same command to resume
 received_signals = []
+stop_clock = {}        # rank 0: the job's end time, the last check's time, the longest gap between two checks
 
 
 def on_stop_signal(signum, frame):
     received_signals.append(signum)
 
 
-def stop_signal(device):
-    """The stop signal any rank received (0: none), the same on every rank at the same step."""
-    signum = torch.tensor([max(received_signals, default=0)], device=device)
+def slurm_seconds(text):
+    """Seconds in Slurm's [days-][hours:]minutes:seconds ('1-02:03:04', '59:30'); None for UNLIMITED and the like."""
+    m = re.fullmatch(r"(?:(\d+)-)?(?:(\d+):)?(\d+):(\d+)", text.strip())
+    return None if m is None else ((int(m[1] or 0) * 24 + int(m[2] or 0)) * 60 + int(m[3])) * 60 + int(m[4])
+
+
+def job_end_time(env=os.environ):
+    """When Slurm ends this job (time.time() seconds), or None: SLURM_JOB_END_TIME where Slurm sets it (23.02 and
+    later), else the time left that squeue reports. Rank 0 asks once: a thousand ranks asking would load slurmctld."""
+    if env.get("SLURM_JOB_END_TIME", "").isdigit():
+        return float(env["SLURM_JOB_END_TIME"])
+    if not env.get("SLURM_JOB_ID"):
+        return None
+    try:
+        r = subprocess.run(["squeue", "-h", "-j", env["SLURM_JOB_ID"], "-o", "%L"], stdout=subprocess.PIPE,
+                           stderr=subprocess.DEVNULL, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):  # no Slurm client here, or slurmctld not answering
+        return None
+    left = slurm_seconds(r.stdout) if r.returncode == 0 else None
+    return None if left is None else time.time() + left
+
+
+def near_end():
+    """Rank 0, at each stop check: is the job's end nearer than STOP_MARGIN seconds (default 60) plus the longest this
+    run has taken from one check to the next (10 steps, or an epoch's end with its evaluation and checkpoint)? Then
+    the next check might come too late to save."""
+    now = time.time()
+    if not stop_clock:  # the first check of this run
+        stop_clock.update(end=job_end_time(), last=now, gap=0.0)
+    stop_clock["gap"], stop_clock["last"] = max(stop_clock["gap"], now - stop_clock["last"]), now
+    if stop_clock["end"] is None:
+        return False
+    stop_clock["left"] = stop_clock["end"] - now
+    return stop_clock["left"] < float(os.environ.get("STOP_MARGIN") or 60) + stop_clock["gap"]
+
+
+def stop_signal(device, watch_end=True):
+    """The stop signal any rank received (NEAR_END: rank 0 found the end near, if `watch_end`; 0: none), the same on
+    every rank at the same step."""
+    near = watch_end and RANK == 0 and near_end()
+    signum = torch.tensor([max(received_signals + [NEAR_END if near else 0])], device=device)
     if WORLD_SIZE > 1:
         dist.all_reduce(signum, op=dist.ReduceOp.MAX)
     return int(signum.item())
 
 
 def stop_check(device, checkpoint, epoch, step):
-    """Called at the same steps on every rank. If any rank received a stop signal: write a checkpoint at `step` of
-    `epoch` (step 0: the end of the epoch, already written; checkpoint None: no --checkpoint-dir), requeue the Slurm
-    job if it was the time-limit warning, then exit EXIT_RESUMABLE on every rank."""
-    signum = stop_signal(device)
+    """Called at the same steps on every rank, and once before the first step (epoch 0: signals only; the end time is
+    first read at the next check). If any rank received a stop signal or the end is near: write a checkpoint at
+    `step` of `epoch` (step 0: the end of the epoch, already written; checkpoint None: no --checkpoint-dir), requeue
+    the Slurm job unless it is being cancelled (SIGTERM), restarted MAX_REQUEUES times already, or stopped again before
+    training a step, then exit EXIT_RESUMABLE on every rank."""
+    signum = stop_signal(device, watch_end=epoch > 0)
     if not signum:
         return
     if checkpoint and step:
         checkpoint(epoch, step)
     where = f"epoch {epoch} step {step}" if step else f"the end of epoch {epoch}"
-    message = f"checkpoint at {where}" if checkpoint else "no --checkpoint-dir, nothing saved"
-    job_id = os.environ.get("SLURM_JOB_ID")
-    if RANK == 0 and job_id and signum == signal.SIGUSR1:
-        try:
-            r = subprocess.run(["scontrol", "requeue", job_id], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True)
-            requeued, why = r.returncode == 0, r.stdout.strip()
-        except OSError as e:  # no scontrol here, e.g. in a container without Slurm's client
-            requeued, why = False, f"scontrol: {e.strerror}"
-        message += (f"; requeued job {job_id}" if requeued
-                    else f"; could not requeue job {job_id}: {why}. Resubmit the same command to resume")
-    print0(f"stopped on {STOP_SIGNALS[signum]}: {message}")
+    message = ("nothing trained yet in this run" if not epoch else f"checkpoint at {where}" if checkpoint
+               else "no --checkpoint-dir, nothing saved")
+    job_id, restarts = os.environ.get("SLURM_JOB_ID"), int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+    cap = int(os.environ.get("MAX_REQUEUES") or 20)
+    if RANK == 0 and job_id and signum != signal.SIGTERM:
+        if restarts >= cap:
+            message += f"; not requeued: job {job_id} has restarted {restarts} times (MAX_REQUEUES={cap})"
+        elif restarts and not epoch:  # a requeue would only repeat this: start-up alone outlasts the time left
+            message += f"; not requeued: this restart of job {job_id} stopped before its first step, as the next would"
+        else:
+            try:
+                r = subprocess.run(["scontrol", "requeue", job_id], stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True)
+                message += f"; requeued job {job_id}" if r.returncode == 0 else \
+                    f"; could not requeue job {job_id}: {r.stdout.strip()}"
+            except OSError as e:  # no scontrol here, e.g. in a container without Slurm's client
+                message += f"; could not requeue job {job_id}: scontrol: {e.strerror}"
+        if "; requeued" not in message:
+            message += ". Resubmit the same command to resume"
+    cause = (f"on {STOP_SIGNALS[signum]}" if signum in STOP_SIGNALS
+             else f"{stop_clock.get('left', 0):.0f} s before the time limit, with no signal")
+    print0(f"stopped {cause}: {message}")
     all_ranks_ok(True, device)  # the others wait for the requeue: an early exit could make the launcher end rank 0
     raise SystemExit(EXIT_RESUMABLE)
 
@@ -395,6 +449,12 @@ class LitMNIST(pl.LightningModule):
                  f"--download-only --data-dir {self.args.data_dir}")
         self.train_set = TensorDataset(*load_mnist(self.args.data_dir, True, "cpu"))
         x_test, y_test = load_mnist(self.args.data_dir, False, "cpu")
+        # what defines this run: a checkpoint of another run is refused (check_same_run in on_load_checkpoint)
+        self.run = {"script": "mnist_lightning_ddp.py", "model": "Net",
+                    "data": f"MNIST, {len(self.train_set)} training digits", "batch_size": self.args.batch_size,
+                    "lr": self.args.lr, "gamma": self.args.gamma, "seed": self.args.seed,
+                    "precision": self.trainer.precision, "world_size": WORLD_SIZE,
+                    "git_commit": os.environ.get("GIT_COMMIT")}
         # exact evaluation: rank r scores digits r, r+W, r+2W, ... (no padding, no digit twice)
         self.test_shard = TensorDataset(x_test[RANK::WORLD_SIZE], y_test[RANK::WORLD_SIZE])
 
@@ -472,9 +532,10 @@ class LitMNIST(pl.LightningModule):
     # checkpoints: Lightning saves weights, optimizer, scheduler, loop state; we add the last metrics and, mid-epoch,
     # the step (Lightning's "epoch" is the epoch in progress then, else the last one done, counted from 0)
     def on_save_checkpoint(self, checkpoint):
-        checkpoint["result"], checkpoint["step"] = self.result, self.stop_step
+        checkpoint["result"], checkpoint["step"], checkpoint["run"] = self.result, self.stop_step, self.run
 
     def on_load_checkpoint(self, checkpoint):
+        check_same_run(f"{self.args.checkpoint_dir}/last.ckpt", checkpoint.get("run"), self.run)
         self.result, step = checkpoint.get("result"), checkpoint.get("step", 0)
         done = checkpoint["epoch"] if step else checkpoint["epoch"] + 1
         self.resume_at = (checkpoint["epoch"], step)
@@ -505,9 +566,25 @@ class LitMNIST(pl.LightningModule):
             self.metrics.close()
 
 
+def check_same_run(path, saved, run):
+    """Refuse to resume a checkpoint that another run wrote: going on from it with other settings (`run`: what changes
+    the result, and the world size) would give a mix that neither run describes. --epochs may grow. A checkpoint from
+    before runs were recorded (saved None) is taken as it is; a commit counts where both runs know theirs."""
+    if saved is None:
+        return
+    changed = [f"{key} {saved[key]} -> {value}" for key, value in run.items() if key in saved and saved[key] != value
+               and not (key == "git_commit" and None in (saved[key], value))]
+    if changed:
+        why = (" (each rank's shard of the data, and the global batch, depend on the number of processes)"
+               if "world_size" in saved and saved["world_size"] != run.get("world_size") else "")
+        fail(f"{path} was written by another run: {', '.join(changed)}{why}. HINT: rerun with the settings it was "
+             "written with (--epochs may grow), or use a new --checkpoint-dir")
+
+
 class StopOnSignal(pl.Callback):
-    """The stop-signal block's checks, where Lightning's loop has room for them: every STOP_CHECK_EVERY batches, and
-    at the start of each epoch after the first (ModelCheckpoint wrote the last one's last.ckpt, as its very last hook).
+    """The stop-signal block's checks, where Lightning's loop has room for them: before the first batch, every
+    STOP_CHECK_EVERY batches, and at the start of each epoch after the first (ModelCheckpoint wrote the last one's
+    last.ckpt, as its very last hook).
     Lightning's own handlers would save inside the handler, with a collective (its SIGUSR1 requeue under srun), or end
     on SIGTERM without saving: ours replace them once training starts."""
 
@@ -517,6 +594,7 @@ class StopOnSignal(pl.Callback):
     def on_train_start(self, trainer, pl_module):
         for signum in STOP_SIGNALS:  # Lightning installed its handlers just before this hook
             signal.signal(signum, on_stop_signal)
+        self.check(trainer, pl_module, 0, 0)  # a signal in start-up, or the end already near
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if (batch_idx + 1) % STOP_CHECK_EVERY == 0 and batch_idx + 1 < trainer.num_training_batches:

@@ -219,13 +219,13 @@ def make_imagenet_archives(folder, n_classes=3, n_train=4, n_val=2, size=(50, 40
     return wnids, [wnids[label] for label in val_labels]
 
 
-def check_signal_stop(cmd, workdir, expect_checkpoint, to="all", sig=signal.SIGUSR1, wait_for=None, timeout=300,
-                      **extra):
-    """Start 2 srun-style ranks (`extra`: more environment) in one process group, and once both are up (and rank 0's
-    log matches `wait_for`, if given) send `sig` to every process of it, as Slurm signals every process of a job step:
-    both ranks, their DataLoader workers and whatever else they started (to=0 or 1: that rank's process only). Then
-    check the agreed stop: both ranks exit 75 (EXIT_RESUMABLE), rank 0 names the signal, and a mid-epoch checkpoint
-    matching `expect_checkpoint` exists."""
+def check_signal_stop(cmd, workdir, expect_checkpoint, to="all", sig=signal.SIGUSR1, wait_for=r"epoch 1 step 0\b",
+                      timeout=300, **extra):
+    """Start 2 srun-style ranks (`extra`: more environment) in one process group, and once both are up and rank 0's
+    log matches `wait_for` (by default: it trains) send `sig` to every process of it, as Slurm signals every process
+    of a job step: both ranks, their DataLoader workers and whatever else they started (to=0 or 1: that rank's
+    process only). Then check the agreed stop: both ranks exit 75 (EXIT_RESUMABLE), rank 0 names the signal, and a
+    mid-epoch checkpoint matching `expect_checkpoint` exists."""
     job_id = slurm_job_id_with_free_port()
     logs = [open(workdir / f"rank{r}.log", "w+") for r in range(2)]
     procs = []
@@ -236,7 +236,7 @@ def check_signal_stop(cmd, workdir, expect_checkpoint, to="all", sig=signal.SIGU
         deadline = time.monotonic() + timeout
         while True:
             outs = [(workdir / f"rank{r}.log").read_text() for r in range(2)]
-            if all(STARTUP_LINE.search(out) for out in outs) and (not wait_for or re.search(wait_for, outs[0])):
+            if all(STARTUP_LINE.search(out) for out in outs) and re.search(wait_for, outs[0]):
                 break
             assert time.monotonic() < deadline and all(p.poll() is None for p in procs), outs
             time.sleep(0.05)

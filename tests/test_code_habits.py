@@ -27,8 +27,9 @@ COPIES = {
     # the signal block
     "STOP_SIGNALS": WITH_SIGNALS, "STOP_CHECK_EVERY": WITH_SIGNALS, "EXIT_RESUMABLE": WITH_SIGNALS,
     "received_signals": WITH_SIGNALS, "on_stop_signal": WITH_SIGNALS, "stop_signal": WITH_SIGNALS,
-    "stop_check": WITH_SIGNALS, "ignore_stop_signals": [IMAGENET, LIGHTNING],
-    "check_writable": [DDP, DEEPSPEED, IMAGENET], "load_latest_checkpoint": [DDP, IMAGENET],
+    "stop_check": WITH_SIGNALS, "NEAR_END": WITH_SIGNALS, "stop_clock": WITH_SIGNALS, "slurm_seconds": WITH_SIGNALS,
+    "job_end_time": WITH_SIGNALS, "near_end": WITH_SIGNALS, "ignore_stop_signals": [IMAGENET, LIGHTNING],
+    "check_writable": [DDP, DEEPSPEED, IMAGENET], "load_latest_checkpoint": [DDP, IMAGENET], "check_same_run": ALL,
     "MNIST_FILES": MNIST, "download_mnist": MNIST, "read_idx": MNIST, "Net": MNIST, "param_checksum": ALL,
 }
 
@@ -62,11 +63,13 @@ def test_copied_helpers_stay_identical(name):
 def test_every_script_uses_its_stop_check_at_both_places():
     for script in WITH_SIGNALS:
         text = (REPO / script).read_text()
-        if script == LIGHTNING:  # Lightning's loop calls StopOnSignal.check at both places
+        if script == LIGHTNING:  # Lightning's loop calls StopOnSignal.check at the three places
+            assert "self.check(trainer, pl_module, 0, 0)" in text
             assert "self.check(trainer, pl_module, trainer.current_epoch + 1, batch_idx + 1)" in text
             assert "self.check(trainer, pl_module, trainer.current_epoch, 0)" in text
             assert text.count("stop_check(pl_module.device, self.args.checkpoint_dir and checkpoint, epoch, step)") == 1
-        else:
+        else:  # before the first step, every STOP_CHECK_EVERY steps, after each epoch
+            assert text.count("stop_check(device, None, 0, 0)") == 1, script
             assert text.count("stop_check(device, args.checkpoint_dir and checkpoint, epoch, ") == 2, script
         defs = top_level_definitions(REPO / script)
         rest = text.replace(defs["stop_check"], "").replace(defs["stop_signal"], "")

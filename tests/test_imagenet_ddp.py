@@ -1,14 +1,17 @@
 """imagenet_ddp.py on a miniature ImageNet in its real download layout (real JPEG files in nested tars, a devkit with
 meta.mat), CPU + gloo, resnet18 at 64 px: staging, training with exact validation, mid-epoch stop and exact resume."""
+import fcntl
 import json
+import os
 import re
 import signal
 import sys
+import time
 
 import pytest
 
 from conftest import (PYTHON, REPO, check_signal_stop, clean_env, done_record, make_imagenet_archives, run,
-                      run_srun_style)
+                      run_srun_style, slurm_job_id_with_free_port, srun_env, start)
 
 sys.path.insert(0, str(REPO))
 import imagenet_ddp  # noqa: E402  (only its pure functions are used here)
@@ -96,13 +99,18 @@ def test_signal_mid_epoch_then_resume_is_bit_identical(reference, archives, tmp_
     cmd = [PYTHON, SCRIPT, f"--data-dir={archives[0]}", f"--local-dir={tmp_path / 'local'}",
            f"--checkpoint-dir={tmp_path / 'ckpt'}", f"--output-dir={tmp_path / 'out'}"] + TOY
     outs = check_signal_stop(cmd + ["--workers=2"], tmp_path, expect_checkpoint="epoch_0000_step_*.pt",
-                             sig=signal.SIGTERM, wait_for=r"epoch 1 step 0/")
+                             sig=signal.SIGTERM)
     assert "killed by signal" not in outs[0] + outs[1] and "Traceback" not in outs[0] + outs[1], outs[0][-3000:]
     rcs, outs = run_srun_style(cmd, 2, cwd=tmp_path, timeout=300)
     assert rcs == [0, 0], outs[0][-3000:]
     assert re.search(r"resumed from .*epoch_0000_step_\d+\.pt: epoch 0 done and \d+ steps of epoch 1",
                      outs[0]), outs[0][-3000:]
     assert done_record(outs[0])["param_checksums"] == done_record(reference[2][0])["param_checksums"]
+    # the same checkpoints under another run's settings: refused in one line naming each difference
+    rc, out = run(cmd + ["--lr=0.2", "--epochs=3"], env=clean_env(), cwd=tmp_path, timeout=120)
+    [error] = [line for line in out.splitlines() if line.startswith("ERROR:")]
+    assert rc == 1 and "another run: lr 0.1 -> 0.2, steps_per_epoch 20 -> 40, world_size 2 -> 1 (each" in error, \
+        out[-3000:]
 
 
 def test_from_tar_trains_identically_without_extracting_anything(reference, archives, tmp_path):
@@ -181,3 +189,41 @@ def test_random_resized_crop_is_a_function_of_its_seed():
     assert not all(torch.equal(a, imagenet_ddp.random_resized_crop(image, 32, random.Random(s))) for s in range(8, 12))
     thin = torch.randint(0, 256, (3, 4, 200), dtype=torch.uint8)  # no crop within 3/4-4/3 fits: the centered fallback
     assert imagenet_ddp.random_resized_crop(thin, 16, random.Random(0)).shape == (3, 16, 16)
+
+
+def test_a_node_that_stages_far_longer_than_the_collective_timeout_holds_no_rank_up(archives, tmp_path):
+    """Two ranks as two nodes, each with its own local disk ($SLURM_TMPDIR) and local rank 0, and a collective
+    timeout of 5 s. Node 0 already has its copy. First node 1 cannot stage at all: it says why, and both ranks stop
+    at once. Then node 1's staging is held behind its lock for longer than the timeout: rank 0 waits for it on the
+    staging group (--stage-timeout), and both then train with the 5 s timeout."""
+    node = [tmp_path / "node0", tmp_path / "node1"]
+    local = [n / f"imagenet-{os.getuid()}" for n in node]
+    rc, out = stage_only(archives, local[0])
+    assert rc == 0, out
+    cmd = [PYTHON, SCRIPT, f"--data-dir={archives[0]}", f"--output-dir={tmp_path / 'out'}", "--dist-timeout=5"] + TOY \
+        + ["--epochs=1"]
+    job_id = slurm_job_id_with_free_port()
+
+    def start_ranks():
+        return [start(cmd, cwd=tmp_path, env={**srun_env(r, 2, job_id), "SLURM_LOCALID": "0", "SLURM_NODEID": str(r),
+                                              "SLURM_TMPDIR": str(node[r])}) for r in range(2)]
+
+    node[1].write_text("a file where node 1's local disk should be")
+    outs = [p.communicate(timeout=120)[0] for p in start_ranks()]
+    assert "ERROR: staging" in outs[1] and "HINT" in outs[1], outs[1][-2000:]
+    assert "ERROR: staging failed on another node" in outs[0] and "Traceback" not in outs[0], outs[0][-2000:]
+    assert '"event": "done"' not in outs[0]
+
+    node[1].unlink()
+    local[1].mkdir(parents=True)
+    with open(local[1] / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # node 1's staging waits for this lock, as behind another job's staging
+        procs = start_ranks()
+        time.sleep(8)
+        assert [p.poll() for p in procs] == [None, None], "no rank may give up while node 1 stages"
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    assert "staged 4 classes" in outs[1] and "staged" not in outs[0], "each node stages for itself"
+    waited = re.search(r"^waited (\d+) s for the other nodes' staging$", outs[0], re.M)
+    assert waited and int(waited[1]) >= 5, outs[0][-3000:]
+    assert done_record(outs[0])["world_size"] == 2

@@ -80,6 +80,81 @@ def test_launch_env_single_process():
 
 # ---------------------------------------------------------------------------- real trainings
 
+# ---------------------------------------------------------------------------- unit: when to stop, and requeue
+
+@pytest.mark.parametrize("text, seconds", [
+    ("59:30", 3570), ("2:03:04", 7384), ("1-02:03:04", 93784), ("0:00", 0), ("UNLIMITED", None), ("INVALID", None),
+    ("", None),
+])
+def test_slurm_time_left_in_seconds(text, seconds):
+    assert mnist_ddp.slurm_seconds(text) == seconds
+
+
+def stop(monkeypatch, tmp_path, signals=(), epoch=1, step=10, squeue=None, **env):
+    """mnist_ddp.stop_check in this process, one rank on the CPU, with no scontrol on PATH (and a squeue printing
+    `squeue`, if given). Returns (exit code or None, what rank 0 printed, the checkpoints it wrote)."""
+    monkeypatch.setattr(mnist_ddp, "received_signals", list(signals))
+    monkeypatch.setattr(mnist_ddp, "stop_clock", {})
+    for var in ("SLURM_JOB_ID", "SLURM_RESTART_COUNT", "SLURM_JOB_END_TIME", "MAX_REQUEUES", "STOP_MARGIN"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in env.items():
+        monkeypatch.setenv(var, str(value))
+    if squeue is not None:
+        (tmp_path / "squeue").write_text(f"#!/bin/sh\necho '{squeue}'\n")
+        (tmp_path / "squeue").chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    saved, code, printed = [], None, []
+    monkeypatch.setattr(mnist_ddp, "print0", printed.append)
+    try:
+        mnist_ddp.stop_check(mnist_ddp.torch.device("cpu"), lambda e, s: saved.append((e, s)), epoch, step)
+    except SystemExit as e:
+        code = e.code
+    return code, "\n".join(printed), saved
+
+
+def test_requeues_are_bounded_and_a_restart_that_trained_nothing_is_not_requeued(monkeypatch, tmp_path):
+    usr1 = [signal.SIGUSR1]
+    code, out, saved = stop(monkeypatch, tmp_path, usr1, SLURM_JOB_ID=7, SLURM_RESTART_COUNT=2)
+    assert code == 75 and saved == [(1, 10)]
+    assert out == ("stopped on SIGUSR1: checkpoint at epoch 1 step 10; could not requeue job 7: scontrol: No such file "
+                   "or directory. Resubmit the same command to resume"), "below the cap: it tries"
+    code, out, saved = stop(monkeypatch, tmp_path, usr1, SLURM_JOB_ID=7, SLURM_RESTART_COUNT=20)
+    assert code == 75 and saved == [(1, 10)]
+    assert out.endswith("; not requeued: job 7 has restarted 20 times (MAX_REQUEUES=20). Resubmit the same command "
+                        "to resume"), "the default cap"
+    code, out, _ = stop(monkeypatch, tmp_path, usr1, SLURM_JOB_ID=7, SLURM_RESTART_COUNT=3, MAX_REQUEUES=3)
+    assert "; not requeued: job 7 has restarted 3 times (MAX_REQUEUES=3)" in out
+    # the check before the first step: a first run requeues (the next one may have the time), a restart does not
+    code, out, saved = stop(monkeypatch, tmp_path, usr1, epoch=0, step=0, SLURM_JOB_ID=7)
+    assert (code, saved) == (75, []) and out.startswith("stopped on SIGUSR1: nothing trained yet in this run; could "
+                                                        "not requeue job 7: scontrol"), out
+    code, out, saved = stop(monkeypatch, tmp_path, usr1, epoch=0, step=0, SLURM_JOB_ID=7, SLURM_RESTART_COUNT=1)
+    assert (code, saved) == (75, []) and out == (
+        "stopped on SIGUSR1: nothing trained yet in this run; not requeued: this restart of job 7 stopped before its "
+        "first step, as the next would. Resubmit the same command to resume")
+    code, out, saved = stop(monkeypatch, tmp_path, [signal.SIGTERM], SLURM_JOB_ID=7)
+    assert code == 75 and out == "stopped on SIGTERM: checkpoint at epoch 1 step 10", "cancelled: no requeue"
+
+
+def test_the_end_time_near_stops_like_the_time_limit_signal(monkeypatch, tmp_path):
+    """No signal: rank 0 reads the end time (SLURM_JOB_END_TIME, else squeue's time left) and stops when it is nearer
+    than STOP_MARGIN (default 60 s) plus the longest gap between two checks."""
+    code, out, saved = stop(monkeypatch, tmp_path, SLURM_JOB_ID=7, SLURM_JOB_END_TIME=int(time.time()) + 45)
+    assert code == 75 and saved == [(1, 10)]
+    assert re.fullmatch(r"stopped 4[45] s before the time limit, with no signal: checkpoint at epoch 1 step 10; could "
+                        r"not requeue job 7: scontrol: No such file or directory\. Resubmit the same command to resume",
+                        out), out
+    assert stop(monkeypatch, tmp_path, SLURM_JOB_ID=7, SLURM_JOB_END_TIME=int(time.time()) + 90)[0] is None
+    assert stop(monkeypatch, tmp_path, SLURM_JOB_ID=7, SLURM_JOB_END_TIME=int(time.time()) + 90,
+                STOP_MARGIN=120)[0] == 75
+    # Slurm before 23.02 sets no SLURM_JOB_END_TIME: squeue's time left, read once
+    code, out, _ = stop(monkeypatch, tmp_path, squeue="0:50", SLURM_JOB_ID=7)
+    assert code == 75 and re.match(r"stopped (49|50) s before the time limit", out), out
+    assert stop(monkeypatch, tmp_path, squeue="1:50:00", SLURM_JOB_ID=7)[0] is None
+    assert stop(monkeypatch, tmp_path, squeue="UNLIMITED", SLURM_JOB_ID=7)[0] is None
+    assert stop(monkeypatch, tmp_path, SLURM_JOB_ID=7)[0] is None, "no squeue: no end time, no stop"
+
+
 @pytest.fixture(scope="module")
 def single(mnist_dir, tmp_path_factory):
     """One process, run as a user who copied the script alone into an empty directory (data from $DATA_DIR)."""
@@ -145,10 +220,19 @@ def test_signal_mid_epoch_then_resume_is_bit_identical(mnist_dir, tmp_path, torc
     assert done["param_checksums"] == reference, "interrupted + resumed != uninterrupted"
     assert done["test_count"] == 10000
 
-    # asking again for 2 epochs (one process) trains nothing and still reports the model's accuracy
-    rc, out = run(cmd, env=clean_env(), cwd=tmp_path)
-    assert rc == 0 and epoch_lines(out) == [] and "nothing to train" in out, out[-3000:]
-    assert done_record(out)["test_acc"] == done["test_acc"]
+    # asking again for 2 epochs trains nothing and still reports the model's accuracy
+    rcs, outs = run_srun_style(cmd, 2, cwd=tmp_path)
+    assert rcs == [0, 0] and epoch_lines(outs[0]) == [] and "nothing to train" in outs[0], outs[0][-3000:]
+    assert done_record(outs[0])["test_acc"] == done["test_acc"]
+
+    # the same checkpoints under another run's settings (and a commit, which the checkpoint does not know): refused
+    # in one line naming each difference, --epochs growing is not one, and nothing is written
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "ckpt").iterdir()}
+    rc, out = run(cmd + ["--lr=0.01", "--epochs=3"], env=clean_env(GIT_COMMIT="0123abc"), cwd=tmp_path)
+    [error] = [line for line in out.splitlines() if line.startswith("ERROR:")]
+    assert rc == 1 and "was written by another run: lr 0.003 -> 0.01, world_size 2 -> 1 (each rank's shard" in error
+    assert "epochs" not in error.split("HINT")[0] and "git_commit" not in error and "HINT" in error, error
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "ckpt").iterdir()} == before
 
 
 def test_time_limit_signal_without_scontrol_keeps_the_checkpoint(mnist_dir, tmp_path):

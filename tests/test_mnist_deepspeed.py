@@ -96,13 +96,18 @@ def test_signal_mid_epoch_then_resume_is_bit_identical(mnist_dir, tmp_path, zero
     reference = done_record(zero2[1])["param_checksums"]
     assert done_record(outs[0])["param_checksums"] == reference, "interrupted + resumed != uninterrupted"
 
+    # one process cannot take over two ranks' ZeRO shards: refused in one line that says why, before DeepSpeed loads
+    rc, out = run(cmd, env=clean_env(), cwd=tmp_path, timeout=120)
+    [error] = [line for line in out.splitlines() if line.startswith("ERROR:")]
+    assert rc == 1 and "was written by another run: world_size 2 -> 1 (each rank's shard" in error, out[-3000:]
+
     # a damaged newest checkpoint: a clear error naming it, not a fresh start over it
     latest = (tmp_path / "ckpt" / "latest").read_text().strip()
     shard = tmp_path / "ckpt" / latest / "mp_rank_00_model_states.pt"
     shard.write_bytes(shard.read_bytes()[:1000])
-    rc, out = run(cmd, env=clean_env(), cwd=tmp_path, timeout=120)
-    assert rc == 1 and f"ERROR: could not load checkpoint {tmp_path / 'ckpt' / latest}" in out, out[-3000:]
-    assert "HINT" in out, out[-3000:]
+    rcs, outs = run_srun_style(cmd, 2, cwd=tmp_path, timeout=120)
+    assert rcs[0] == 1 and f"ERROR: could not load checkpoint {tmp_path / 'ckpt' / latest}" in outs[0], outs[0][-3000:]
+    assert "HINT" in outs[0], outs[0][-3000:]
 
 
 def test_foreign_checkpoints_are_refused(tmp_path, mnist_dir):

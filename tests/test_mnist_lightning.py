@@ -63,6 +63,11 @@ def test_resume_from_last_checkpoint(mnist_dir, tmp_path, lightning_spawned):
     assert [e for _, e, _ in epoch_lines(out)] == [2], "epoch 1 must not be trained again"
     assert done_record(out)["param_checksums"] == done_record(lightning_spawned[1])["param_checksums"], \
         "1 epoch + resumed 1 epoch must equal 2 uninterrupted epochs"
+    # another run's settings: refused in one line, before anything is trained or written
+    rcs, outs = run_srun_style(base + ["--epochs=3", "--batch-size=16", "--amp"], ntasks=2, cwd=tmp_path)
+    [error] = [line for line in outs[0].splitlines() if line.startswith("ERROR:")]
+    assert rcs[0] == 1 and "was written by another run: batch_size 32 -> 16. HINT" in error, outs[0][-3000:]
+    assert epoch_lines(outs[0]) == []
 
 
 def test_signal_mid_epoch_then_resume_is_bit_identical(mnist_dir, tmp_path, lightning_spawned):
