@@ -113,7 +113,8 @@ def get_args(argv=None):
                    help="cap the training steps per epoch, for smoke tests (default: the whole epoch)")
     p.add_argument("--synthetic", action="store_true",
                    help="train on generated tensors (no data, no validation): throughput only")
-    p.add_argument("--output-dir", default="./out", help="metrics JSONL goes here (default: ./out)")
+    p.add_argument("--output-dir", default="./out",
+                   help="the metrics JSONL file and tensorboard/RUN go here (default: ./out)")
     p.add_argument("--checkpoint-dir", default=os.environ.get("CHECKPOINT_DIR"),
                    help="save every epoch and resume from the latest checkpoint here (default: $CHECKPOINT_DIR, else "
                         "no checkpoints)")
@@ -126,6 +127,9 @@ def get_args(argv=None):
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="NHWC memory format on GPU (default: on)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--profile", action="store_true",
+                   help="trace 5 training steps on rank 0 with torch.profiler (after 8 to warm up): a table of the "
+                        "slowest operators and a trace file for Perfetto or TensorBoard (default: off)")
     p.add_argument("--dist-timeout", type=positive_int, default=600,
                    help="seconds the ranks wait for each other, at start and in every collective (default: 600)")
     p.add_argument("--stage-timeout", type=positive_int, default=4 * 3600,
@@ -705,6 +709,48 @@ def save_checkpoint(ckpt_dir, name, state, scratch, keep=2):
     return path
 
 
+PROFILE_STEPS = {"wait": 5, "warmup": 3, "active": 5}  # steps skipped, traced but dropped (warm-up), traced and kept
+
+
+def profiler(args, device, name):
+    """With --profile, torch.profiler on rank 0 over a few steps (PROFILE_STEPS; the loop calls .step() after each),
+    CUDA kernels included on a GPU. The trace goes to --output-dir/profile-NAME.json (Perfetto, chrome://tracing and
+    TensorBoard's profile plugin open it) and the operators that took longest are printed as one short table. None
+    without --profile, or on other ranks: it then costs nothing."""
+    if not args.profile or RANK != 0:
+        return None
+    from torch.profiler import ProfilerActivity, profile, schedule
+    cuda = device.type == "cuda"
+    path = os.path.join(args.output_dir, f"profile-{name}.json")
+
+    def report(prof):
+        prof.export_chrome_trace(path)
+        table = prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
+                                          row_limit=8, max_name_column_width=40)
+        print_line(f"profile of {PROFILE_STEPS['active']} steps on rank 0, slowest operators first (the trace: {path}, "
+                   f"open it in https://ui.perfetto.dev):\n{table}")
+
+    prof = profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda,
+                   schedule=schedule(**PROFILE_STEPS, repeat=1), on_trace_ready=report)
+    prof.start()
+    return prof
+
+
+def tensorboard(output_dir, name, purge_step):
+    """Rank 0's TensorBoard writer into output_dir/tensorboard/name (None on other ranks). A requeued or resumed run
+    writes into its first run's folder from step `purge_step` on; TensorBoard drops what the interrupted run wrote from
+    there, so no point shows twice. Without tensorboard installed the script trains all the same."""
+    if RANK != 0:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # imported here: the script runs without tensorboard
+    except ImportError:
+        print_line("NOTE: tensorboard is not installed (pip install tensorboard): no TensorBoard curves; the metrics "
+                   "JSONL file has the same numbers")
+        return None
+    return SummaryWriter(os.path.join(output_dir, "tensorboard", name), purge_step=purge_step)
+
+
 def check_same_run(path, saved, run):
     """Refuse to resume a checkpoint that another run wrote: going on from it with other settings (`run`: what changes
     the result, and the world size) would give a mix that neither run describes. --epochs may grow. A checkpoint from
@@ -918,6 +964,7 @@ def train(args, device, data_root):
            "git_commit": os.environ.get("GIT_COMMIT")}
     start_epoch, start_step = 1, 0
     run_id = os.environ.get("SLURM_JOB_ID") or datetime.now().strftime("%Y%m%d-%H%M%S")
+    tb_name = run_id  # the TensorBoard run: this job's, or the first job's of the training it resumes
     scratch = os.path.join(local_base(args), f"run-{run_id}-{os.getpid()}")  # rank 0's outputs, on local disk first
     os.makedirs(args.output_dir, exist_ok=True)
     if RANK == 0:
@@ -943,6 +990,7 @@ def train(args, device, data_root):
             if len(ckpt["rng"]) == WORLD_SIZE:
                 set_rng_state(ckpt["rng"][RANK], device)
             start_epoch, start_step = ckpt["epoch"] + 1, ckpt["step"]
+            tb_name = ckpt.get("tensorboard", tb_name)
             steps = f" and {start_step} steps of epoch {start_epoch}" if start_step else ""
             print0(f"resumed from {path}: epoch {ckpt['epoch']} done{steps}, continuing at epoch {start_epoch}")
             if WORLD_SIZE > 1 and start_epoch <= args.epochs:
@@ -963,6 +1011,9 @@ def train(args, device, data_root):
     if RANK == 0 and os.path.exists(os.path.join(args.output_dir, metrics_name)):
         shutil.copyfile(os.path.join(args.output_dir, metrics_name), os.path.join(scratch, metrics_name))
     metrics = open(os.path.join(scratch, metrics_name), "a") if RANK == 0 else None
+    # curves: x is the optimizer step, counted over the whole training
+    tb = tensorboard(args.output_dir, tb_name, purge_step=(start_epoch - 1) * steps_per_epoch + start_step + 1)
+    prof = profiler(args, device, run_id)
 
     def copy_back():
         """Local outputs to --output-dir, atomically (at each checkpoint and at the end)."""
@@ -979,8 +1030,11 @@ def train(args, device, data_root):
                 "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                 "epoch": epoch - 1 if step else epoch, "step": step, "rng": rng, "args": vars(args), "run": run,
-                "script": "imagenet_ddp.py", "arch": args.arch, "num_classes": num_classes}, scratch)
+                "tensorboard": tb_name, "script": "imagenet_ddp.py", "arch": args.arch, "num_classes": num_classes},
+                scratch)
             copy_back()
+            if tb:
+                tb.flush()  # the curves up to the checkpoint: what a resumed run goes on from
         if WORLD_SIZE > 1:
             dist.barrier()
 
@@ -1023,9 +1077,14 @@ def train(args, device, data_root):
             scheduler.step()
             ok = (y >= 0).sum()
             stats += torch.stack([loss.detach().double() * ok, ok.double(), (len(y) - ok).double()])
+            if prof:
+                prof.step()
             if RANK == 0 and step % args.log_interval == 0:  # .item() syncs, so only now and then
-                print_line(f"  epoch {epoch} step {step}/{steps_per_epoch} loss {loss.item():.4f} lr "
-                           f"{scheduler.get_last_lr()[0]:.4g}{tag}")
+                value, lr_now = loss.item(), scheduler.get_last_lr()[0]
+                print_line(f"  epoch {epoch} step {step}/{steps_per_epoch} loss {value:.4f} lr {lr_now:.4g}{tag}")
+                if tb:
+                    tb.add_scalar("train/loss", value, (epoch - 1) * steps_per_epoch + step + 1)
+                    tb.add_scalar("train/lr", lr_now, (epoch - 1) * steps_per_epoch + step + 1)
             if (step + 1) % STOP_CHECK_EVERY == 0 and step + 1 < steps_per_epoch:
                 stop_check(device, args.checkpoint_dir and checkpoint, epoch, step + 1)
         if cuda:
@@ -1056,9 +1115,17 @@ def train(args, device, data_root):
             metrics.write(json.dumps({"event": "epoch", **result}) + "\n")
             metrics.flush()
             copy_back()
+        if tb:
+            for key in ("train_loss", "val_loss", "top1", "top5", "images_per_s"):
+                if key in result:  # no validation on synthetic data
+                    tb.add_scalar(f"epoch/{key}", result[key], epoch * steps_per_epoch)
+            tb.flush()
         if args.checkpoint_dir:
             checkpoint(epoch, 0)
         stop_check(device, args.checkpoint_dir and checkpoint, epoch, 0)
+
+    if prof:
+        prof.stop()
 
     # -----------------------------------------------------------------------------
     # summary
@@ -1077,6 +1144,8 @@ def train(args, device, data_root):
         metrics.close()
         copy_back()
         shutil.rmtree(scratch, ignore_errors=True)
+    if tb:
+        tb.close()
 
 
 if __name__ == "__main__":

@@ -89,7 +89,8 @@ def get_args(argv=None):
                    help="holds MNIST/raw (default: $DATA_DIR, else ./data)")
     p.add_argument("--download-only", action="store_true",
                    help="download MNIST into --data-dir and exit (run on a login node)")
-    p.add_argument("--output-dir", default="./out", help="metrics JSONL goes here (default: ./out)")
+    p.add_argument("--output-dir", default="./out",
+                   help="the metrics JSONL file and tensorboard/RUN go here (default: ./out)")
     p.add_argument("--checkpoint-dir", default=os.environ.get("CHECKPOINT_DIR"),
                    help="save every epoch and resume from the latest checkpoint here (default: $CHECKPOINT_DIR, else "
                         "no checkpoints)")
@@ -99,6 +100,9 @@ def get_args(argv=None):
     p.add_argument("--amp", action="store_true",
                    help="mixed precision on GPU: the config's bf16 section, or fp16 (loss scaling) before Ampere (CPU: "
                         "float32)")
+    p.add_argument("--profile", action="store_true",
+                   help="trace 5 training steps on rank 0 with torch.profiler (after 8 to warm up): a table of the "
+                        "slowest operators and a trace file for Perfetto or TensorBoard (default: off)")
     p.add_argument("--dist-timeout", type=positive_int, default=600,
                    help="seconds the ranks wait for each other, at start and in every collective (default: 600)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None,
@@ -518,6 +522,48 @@ def evaluate(model, x, y, batch_size, device):
 # naming it: a crash mid-save leaves "latest" on the previous complete checkpoint.
 
 
+PROFILE_STEPS = {"wait": 5, "warmup": 3, "active": 5}  # steps skipped, traced but dropped (warm-up), traced and kept
+
+
+def profiler(args, device, name):
+    """With --profile, torch.profiler on rank 0 over a few steps (PROFILE_STEPS; the loop calls .step() after each),
+    CUDA kernels included on a GPU. The trace goes to --output-dir/profile-NAME.json (Perfetto, chrome://tracing and
+    TensorBoard's profile plugin open it) and the operators that took longest are printed as one short table. None
+    without --profile, or on other ranks: it then costs nothing."""
+    if not args.profile or RANK != 0:
+        return None
+    from torch.profiler import ProfilerActivity, profile, schedule
+    cuda = device.type == "cuda"
+    path = os.path.join(args.output_dir, f"profile-{name}.json")
+
+    def report(prof):
+        prof.export_chrome_trace(path)
+        table = prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
+                                          row_limit=8, max_name_column_width=40)
+        print_line(f"profile of {PROFILE_STEPS['active']} steps on rank 0, slowest operators first (the trace: {path}, "
+                   f"open it in https://ui.perfetto.dev):\n{table}")
+
+    prof = profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda,
+                   schedule=schedule(**PROFILE_STEPS, repeat=1), on_trace_ready=report)
+    prof.start()
+    return prof
+
+
+def tensorboard(output_dir, name, purge_step):
+    """Rank 0's TensorBoard writer into output_dir/tensorboard/name (None on other ranks). A requeued or resumed run
+    writes into its first run's folder from step `purge_step` on; TensorBoard drops what the interrupted run wrote from
+    there, so no point shows twice. Without tensorboard installed the script trains all the same."""
+    if RANK != 0:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # imported here: the script runs without tensorboard
+    except ImportError:
+        print_line("NOTE: tensorboard is not installed (pip install tensorboard): no TensorBoard curves; the metrics "
+                   "JSONL file has the same numbers")
+        return None
+    return SummaryWriter(os.path.join(output_dir, "tensorboard", name), purge_step=purge_step)
+
+
 def check_same_run(path, saved, run):
     """Refuse to resume a checkpoint that another run wrote: going on from it with other settings (`run`: what changes
     the result, and the world size) would give a mix that neither run describes. --epochs may grow. A checkpoint from
@@ -694,6 +740,8 @@ def train(args, config, device):
            "gradient_clipping": config.get("gradient_clipping", 0), "seed": args.seed, "precision": precision,
            "world_size": WORLD_SIZE, "git_commit": os.environ.get("GIT_COMMIT")}
     start_epoch, start_step = 1, 0
+    run_id = os.environ.get("SLURM_JOB_ID") or datetime.now().strftime("%Y%m%d-%H%M%S")
+    tb_name = run_id  # the TensorBoard run: this job's, or the first job's of the training it resumes
     if args.checkpoint_dir:
         check_writable(args.checkpoint_dir)
         if os.path.exists(os.path.join(args.checkpoint_dir, "latest")):
@@ -719,14 +767,18 @@ def train(args, config, device):
             if len(client_state["rng"]) == WORLD_SIZE:
                 set_rng_state(client_state["rng"][RANK], device)
             start_epoch, start_step = client_state["epoch"] + 1, client_state["step"]
+            tb_name = client_state.get("tensorboard", tb_name)
             steps = f" and {start_step} steps of epoch {start_epoch}" if start_step else ""
             print0(f"resumed from {path}: epoch {client_state['epoch']} done{steps}, continuing at epoch {start_epoch}")
         elif glob.glob(os.path.join(args.checkpoint_dir, "epoch_*")):  # never a silent fresh start over them
             fail(f"{args.checkpoint_dir} holds checkpoints but no DeepSpeed 'latest' file: they are not from "
                  "mnist_ddp_deepspeed.py. HINT: use a new --checkpoint-dir for a different script or model")
     os.makedirs(args.output_dir, exist_ok=True)
-    run_id = os.environ.get("SLURM_JOB_ID") or datetime.now().strftime("%Y%m%d-%H%M%S")
     metrics = open(os.path.join(args.output_dir, f"metrics-{run_id}.jsonl"), "a") if RANK == 0 else None
+    # curves: x is the optimizer step, counted over the whole training
+    steps_per_epoch = -(-len(sampler) // batch_size)
+    tb = tensorboard(args.output_dir, tb_name, purge_step=(start_epoch - 1) * steps_per_epoch + start_step + 1)
+    prof = profiler(args, device, run_id)
 
     def checkpoint(epoch, step):
         """Every rank writes its shard; RNG states come from every rank."""
@@ -734,7 +786,9 @@ def train(args, config, device):
         name = f"epoch_{epoch - 1:04d}_step_{step:07d}" if step else f"epoch_{epoch:04d}"
         save_checkpoint(engine, args.checkpoint_dir, name, {
             "epoch": epoch - 1 if step else epoch, "step": step, "rng": rng, "args": vars(args), "run": run,
-            "script": "mnist_ddp_deepspeed.py"})
+            "tensorboard": tb_name, "script": "mnist_ddp_deepspeed.py"})
+        if tb:
+            tb.flush()  # the curves up to the checkpoint: what a resumed run goes on from
 
     # -----------------------------------------------------------------------------
     # training loop
@@ -744,19 +798,23 @@ def train(args, config, device):
         engine.train()
         sampler.set_epoch(epoch)  # without this every epoch repeats the same shuffle
         order = torch.tensor(list(sampler), device=device)
-        steps = -(-len(order) // batch_size)
         skip, start_step = start_step, 0  # a mid-epoch checkpoint: continue after the steps it already holds
         loss_sum = torch.zeros((), device=device)  # accumulated on the device: no host sync per step
-        t0 = time.perf_counter()
-        for step in range(skip, steps):
+        lr, t0 = engine.get_lr()[0], time.perf_counter()
+        for step in range(skip, steps_per_epoch):
             idx = order[step * batch_size:(step + 1) * batch_size]
             loss = F.cross_entropy(engine(x_train[idx].to(dtype)).float(), y_train[idx])
             engine.backward(loss)  # instead of loss.backward(): the engine reduces gradients
             engine.step()  # instead of optimizer.step() + zero_grad(): also clips, and steps the scheduler
             loss_sum += loss.detach() * len(idx)
+            if prof:
+                prof.step()
             if RANK == 0 and step % args.log_interval == 0:  # .item() syncs, so only now and then
-                print_line(f"  epoch {epoch} step {step} loss {loss.item():.4f}")
-            if (step + 1) % STOP_CHECK_EVERY == 0 and step + 1 < steps:
+                value = loss.item()
+                print_line(f"  epoch {epoch} step {step} loss {value:.4f}")
+                if tb:
+                    tb.add_scalar("train/loss", value, (epoch - 1) * steps_per_epoch + step + 1)
+            if (step + 1) % STOP_CHECK_EVERY == 0 and step + 1 < steps_per_epoch:
                 stop_check(device, args.checkpoint_dir and checkpoint, epoch, step + 1)
         stats = torch.stack([loss_sum, torch.tensor(float(len(order) - skip * batch_size), device=device)]).double()
         if WORLD_SIZE > 1:
@@ -772,10 +830,18 @@ def train(args, config, device):
         if metrics:
             metrics.write(json.dumps({"event": "epoch", **result}) + "\n")
             metrics.flush()
+        if tb:
+            tb.add_scalar("epoch/lr", lr, epoch * steps_per_epoch)
+            for key in ("train_loss", "test_loss", "test_acc", "samples_per_s"):
+                tb.add_scalar(f"epoch/{key}", result[key], epoch * steps_per_epoch)
+            tb.flush()
 
         if args.checkpoint_dir:
             checkpoint(epoch, 0)
         stop_check(device, args.checkpoint_dir and checkpoint, epoch, 0)
+
+    if prof:
+        prof.stop()
 
     # -----------------------------------------------------------------------------
     # summary
@@ -792,6 +858,8 @@ def train(args, config, device):
     if metrics:
         metrics.write(json.dumps(done) + "\n")
         metrics.close()
+    if tb:
+        tb.close()
 
 
 if __name__ == "__main__":

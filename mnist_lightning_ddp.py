@@ -54,6 +54,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.strategies import DDPStrategy
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, TensorDataset
 
@@ -81,7 +82,8 @@ def get_args(argv=None):
                    help="holds MNIST/raw (default: $DATA_DIR, else ./data)")
     p.add_argument("--download-only", action="store_true",
                    help="download MNIST into --data-dir and exit (run on a login node)")
-    p.add_argument("--output-dir", default="./out", help="metrics JSONL goes here (default: ./out)")
+    p.add_argument("--output-dir", default="./out",
+                   help="the metrics JSONL file and tensorboard/RUN go here (default: ./out)")
     p.add_argument("--checkpoint-dir", default=os.environ.get("CHECKPOINT_DIR"),
                    help="save every epoch and resume from the latest checkpoint here (default: $CHECKPOINT_DIR, else "
                         "no checkpoints)")
@@ -91,6 +93,9 @@ def get_args(argv=None):
     p.add_argument("--amp", action="store_true",
                    help="mixed precision on GPU: bfloat16, or float16 with loss scaling before Ampere (CPU: float32)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--profile", action="store_true",
+                   help="trace 5 training steps on rank 0 with torch.profiler (after 8 to warm up): a table of the "
+                        "slowest operators and a trace file for Perfetto or TensorBoard (default: off)")
     p.add_argument("--dist-timeout", type=positive_int, default=600,
                    help="seconds the ranks wait for each other, at start and in every collective (default: 600)")
     # Lightning: how many processes. The CSC README spells them --gpus=4 --nodes=2
@@ -432,6 +437,7 @@ class LitMNIST(pl.LightningModule):
         self.net = Net()
         self.result = None  # the last epoch's metrics; saved in checkpoints for the final report
         self.stop_step, self.resume_at = 0, (-1, 0)  # a mid-epoch checkpoint's step; (epoch, step) it resumes at
+        self.tb_name = None  # the TensorBoard run, kept in checkpoints: requeues and resumes go on in it
 
     # data: local rank 0 of each node downloads if needed while the other ranks wait
     def setup(self, stage):
@@ -476,7 +482,7 @@ class LitMNIST(pl.LightningModule):
     # training loop
     def on_train_epoch_start(self):
         self.train_stats = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss sum, samples
-        self.t0 = time.perf_counter()
+        self.t0, self.lr = time.perf_counter(), self.trainer.optimizers[0].param_groups[0]["lr"]
 
     def forward(self, x):  # what the DDP wrapper runs outside the steps (Lightning calls training_step through it)
         return self.net(x)
@@ -499,7 +505,10 @@ class LitMNIST(pl.LightningModule):
         self.train_stats[0] += loss.detach() * len(y)  # stays on the device: no host sync, no copy per step
         self.train_stats[1] += len(y)
         if RANK == 0 and batch_idx % self.args.log_interval == 0:  # .item() syncs, so only now and then
-            print_line(f"  epoch {self.current_epoch + 1} step {batch_idx} loss {loss.item():.4f}")
+            value = loss.item()
+            print_line(f"  epoch {self.current_epoch + 1} step {batch_idx} loss {value:.4f}")
+            if self.logger:  # x: optimizer steps done, this one included
+                self.logger.log_metrics({"train/loss": value}, step=self.global_step + 1)
         return loss
 
     def on_validation_epoch_start(self):
@@ -528,11 +537,16 @@ class LitMNIST(pl.LightningModule):
         if self.metrics:
             self.metrics.write(json.dumps({"event": "epoch", **self.result}) + "\n")
             self.metrics.flush()
+        if self.logger:  # rank 0 writes (Lightning's loggers log from rank 0 only)
+            self.logger.log_metrics({"epoch/lr": self.lr, **{f"epoch/{key}": self.result[key] for key in (
+                "train_loss", "test_loss", "test_acc", "samples_per_s")}}, step=self.global_step)
+            self.logger.save()
 
     # checkpoints: Lightning saves weights, optimizer, scheduler, loop state; we add the last metrics and, mid-epoch,
     # the step (Lightning's "epoch" is the epoch in progress then, else the last one done, counted from 0)
     def on_save_checkpoint(self, checkpoint):
         checkpoint["result"], checkpoint["step"], checkpoint["run"] = self.result, self.stop_step, self.run
+        checkpoint["tensorboard"] = self.tb_name
 
     def on_load_checkpoint(self, checkpoint):
         check_same_run(f"{self.args.checkpoint_dir}/last.ckpt", checkpoint.get("run"), self.run)
@@ -581,6 +595,33 @@ def check_same_run(path, saved, run):
              "written with (--epochs may grow), or use a new --checkpoint-dir")
 
 
+PROFILE_STEPS = {"wait": 5, "warmup": 3, "active": 5}  # steps skipped, traced but dropped (warm-up), traced and kept
+
+
+def profiler(args, device, name):
+    """With --profile, torch.profiler on rank 0 over a few steps (PROFILE_STEPS; the loop calls .step() after each),
+    CUDA kernels included on a GPU. The trace goes to --output-dir/profile-NAME.json (Perfetto, chrome://tracing and
+    TensorBoard's profile plugin open it) and the operators that took longest are printed as one short table. None
+    without --profile, or on other ranks: it then costs nothing."""
+    if not args.profile or RANK != 0:
+        return None
+    from torch.profiler import ProfilerActivity, profile, schedule
+    cuda = device.type == "cuda"
+    path = os.path.join(args.output_dir, f"profile-{name}.json")
+
+    def report(prof):
+        prof.export_chrome_trace(path)
+        table = prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
+                                          row_limit=8, max_name_column_width=40)
+        print_line(f"profile of {PROFILE_STEPS['active']} steps on rank 0, slowest operators first (the trace: {path}, "
+                   f"open it in https://ui.perfetto.dev):\n{table}")
+
+    prof = profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda,
+                   schedule=schedule(**PROFILE_STEPS, repeat=1), on_trace_ready=report)
+    prof.start()
+    return prof
+
+
 class StopOnSignal(pl.Callback):
     """The stop-signal block's checks, where Lightning's loop has room for them: before the first batch, every
     STOP_CHECK_EVERY batches, and at the start of each epoch after the first (ModelCheckpoint wrote the last one's
@@ -614,10 +655,42 @@ class StopOnSignal(pl.Callback):
         stop_check(pl_module.device, self.args.checkpoint_dir and checkpoint, epoch, step)
 
 
+class ProfileSteps(pl.Callback):
+    """--profile: profiler() around the training steps, as mnist_ddp.py's loop does it."""
+
+    def __init__(self, args, name):
+        self.args, self.name, self.prof = args, name, None
+
+    def on_train_start(self, trainer, pl_module):
+        self.prof = profiler(self.args, pl_module.device, self.name)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.prof:
+            self.prof.step()
+
+    def on_train_end(self, trainer, pl_module):
+        if self.prof:
+            self.prof.stop()
+
+
 # -----------------------------------------------------------------------------
 # main
 
-def make_trainer(args, device, devices, num_nodes, precision, callbacks):
+def tensorboard(output_dir, name, purge_step):
+    """Lightning's TensorBoardLogger into output_dir/tensorboard/name, or False where tensorboard is not installed (the
+    script trains all the same). A requeued or resumed run writes into its first run's folder from step `purge_step`
+    on; TensorBoard drops what the interrupted run wrote from there, so no point shows twice."""
+    try:
+        import tensorboard  # noqa: F401  (what the logger writes with)
+    except ImportError:
+        print0("NOTE: tensorboard is not installed (pip install tensorboard): no TensorBoard curves; the metrics "
+               "JSONL file has the same numbers")
+        return False
+    return TensorBoardLogger(output_dir, name="tensorboard", version=name, default_hp_metric=False,
+                             purge_step=purge_step)
+
+
+def make_trainer(args, device, devices, num_nodes, precision, callbacks, logger):
     """Lightning's Trainer for `devices` processes on each of `num_nodes` nodes, this one on `device`. On GPUs, each
     process's strategy lists its own GPU for every local rank: Lightning takes parallel_devices[local_rank], which
     is then right also when srun gave each task only its own GPU (Lightning alone would take GPU local_rank)."""
@@ -629,7 +702,7 @@ def make_trainer(args, device, devices, num_nodes, precision, callbacks):
                              timeout=timedelta(seconds=args.dist_timeout)) if many else "auto",
         precision=precision, max_epochs=args.epochs, callbacks=callbacks,
         use_distributed_sampler=False,  # we shard ourselves, see train_dataloader
-        num_sanity_val_steps=0, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, logger=logger, enable_progress_bar=False, enable_model_summary=False,
         enable_checkpointing=bool(args.checkpoint_dir))
 
 
@@ -680,8 +753,15 @@ def main(args):
                                          save_last=True, save_top_k=1, every_n_epochs=1))
         last = os.path.join(args.checkpoint_dir, "last.ckpt")
         ckpt_path = last if os.path.exists(last) else None
+    # TensorBoard: one run per training, continued by its requeues and resumes (last.ckpt names it)
+    model.tb_name, purge_step = os.environ.get("SLURM_JOB_ID") or datetime.now().strftime("%Y%m%d-%H%M%S"), 1
+    if ckpt_path:
+        saved = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        model.tb_name, purge_step = saved.get("tensorboard") or model.tb_name, saved["global_step"] + 1
+    logger = tensorboard(args.output_dir, model.tb_name, purge_step)
+    callbacks.append(ProfileSteps(args, os.environ.get("SLURM_JOB_ID") or datetime.now().strftime("%Y%m%d-%H%M%S")))
     try:
-        trainer = make_trainer(args, device, devices, num_nodes, precision, callbacks)
+        trainer = make_trainer(args, device, devices, num_nodes, precision, callbacks, logger)
         # fit() would check this too, with a traceback per rank
         if getattr(trainer.strategy, "cluster_environment", None):
             trainer.strategy.cluster_environment.validate_settings(num_devices=devices, num_nodes=num_nodes)

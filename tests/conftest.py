@@ -256,6 +256,23 @@ def check_signal_stop(cmd, workdir, expect_checkpoint, to="all", sig=signal.SIGU
     return outs
 
 
+def check_profile(out, out_dir):
+    """--profile ran: one trace that parses as JSON with the traced steps' events, and the table of operators."""
+    [trace] = out_dir.glob("profile-*.json")
+    events = json.loads(trace.read_text())["traceEvents"]
+    assert sum(e.get("name", "").startswith("ProfilerStep#") for e in events) == 5, "the 5 active steps"
+    assert any(e.get("name") == "aten::convolution" for e in events)
+    assert "profile of 5 steps on rank 0, slowest operators first" in out and "Self CPU" in out, out[-3000:]
+
+
+def tensorboard_scalars(run_dir):
+    """{tag: [(step, value), ...]} as TensorBoard shows a run (its own reader, which drops purged points)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
 def run_torchrun(args, cwd, nproc=2, timeout=300):
     """torchrun --standalone with each worker's output in its own file (--redirects=3 --log-dir), so we know who printed
     what (torchrun's --tee can split a line that is being written while it reads). Returns (returncode, each rank's

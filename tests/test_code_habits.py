@@ -30,6 +30,7 @@ COPIES = {
     "stop_check": WITH_SIGNALS, "NEAR_END": WITH_SIGNALS, "stop_clock": WITH_SIGNALS, "slurm_seconds": WITH_SIGNALS,
     "job_end_time": WITH_SIGNALS, "near_end": WITH_SIGNALS, "ignore_stop_signals": [IMAGENET, LIGHTNING],
     "check_writable": [DDP, DEEPSPEED, IMAGENET], "load_latest_checkpoint": [DDP, IMAGENET], "check_same_run": ALL,
+    "tensorboard": [DDP, DEEPSPEED, IMAGENET], "PROFILE_STEPS": ALL, "profiler": ALL,
     "MNIST_FILES": MNIST, "download_mnist": MNIST, "read_idx": MNIST, "Net": MNIST, "param_checksum": ALL,
 }
 

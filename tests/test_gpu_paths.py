@@ -92,7 +92,7 @@ def test_lightning_with_one_gpu_per_task_uses_that_gpu(precision, monkeypatch, t
     index = mnist_lightning_ddp.gpu_index(3)
     assert index == 0
     args = mnist_lightning_ddp.get_args([f"--checkpoint-dir={tmp_path}"])
-    trainer = mnist_lightning_ddp.make_trainer(args, torch.device("cuda", index), 4, 1, precision, [])
+    trainer = mnist_lightning_ddp.make_trainer(args, torch.device("cuda", index), 4, 1, precision, [], False)
     assert trainer.strategy.root_device == torch.device("cuda", 0)
     assert (trainer.local_rank, trainer.global_rank, trainer.world_size) == (3, 3, 4)
     assert trainer.precision == precision
@@ -110,7 +110,7 @@ def test_lightning_with_every_gpu_visible_uses_its_local_rank(devices, local_ran
     fake_gpus(monkeypatch, devices)
     index = mnist_lightning_ddp.gpu_index(local_rank)
     trainer = mnist_lightning_ddp.make_trainer(mnist_lightning_ddp.get_args([]), torch.device("cuda", index), devices,
-                                               1, "bf16-mixed", [])
+                                               1, "bf16-mixed", [], False)
     assert trainer.strategy.root_device == torch.device("cuda", local_rank) and trainer.world_size == devices
 
 

@@ -9,7 +9,8 @@ import time
 import pytest
 
 from conftest import (PYTHON, REPO, TORCHRUN, check_signal_stop, check_srun_style, check_training, clean_env,
-                      done_record, epoch_lines, run, run_srun_style, run_torchrun, start)
+                      check_profile, done_record, epoch_lines, run, run_srun_style, run_torchrun, start,
+                      tensorboard_scalars)
 
 sys.path.insert(0, str(REPO))
 import mnist_ddp  # noqa: E402  (only its pure functions are used here)
@@ -157,11 +158,15 @@ def test_the_end_time_near_stops_like_the_time_limit_signal(monkeypatch, tmp_pat
 
 @pytest.fixture(scope="module")
 def single(mnist_dir, tmp_path_factory):
-    """One process, run as a user who copied the script alone into an empty directory (data from $DATA_DIR)."""
+    """One process, run as a user who copied the script alone into an empty directory (data from $DATA_DIR), in an
+    environment without tensorboard (a package of that name that fails to import stands first on the path)."""
     alone = tmp_path_factory.mktemp("single")
     shutil.copy(SCRIPT, alone / "mnist_ddp.py")
-    rc, out = run([PYTHON, "mnist_ddp.py", "--epochs=2", "--batch-size=64", "--amp"], env=clean_env(DATA_DIR=mnist_dir),
-                  cwd=alone)
+    no_tensorboard = tmp_path_factory.mktemp("no-tensorboard")
+    (no_tensorboard / "tensorboard").mkdir()
+    (no_tensorboard / "tensorboard" / "__init__.py").write_text("raise ImportError('No module named tensorboard')\n")
+    rc, out = run([PYTHON, "mnist_ddp.py", "--epochs=2", "--batch-size=64", "--amp", "--profile"],
+                  env=clean_env(DATA_DIR=mnist_dir, PYTHONPATH=no_tensorboard), cwd=alone)
     return rc, out, alone
 
 
@@ -177,6 +182,8 @@ def test_single_process(single):
     done = check_training(rc, out, world_size=1)
     assert "--amp is mixed precision on GPU only" in out and "| fp32 on cpu" in out
     assert sorted(p.name for p in out_dir.iterdir()) == ["mnist_ddp.py", "out"], "nothing else needed, outputs in ./out"
+    assert out.count("NOTE: tensorboard is not installed") == 1 and not (out_dir / "out" / "tensorboard").exists()
+    check_profile(out, out_dir / "out")
     metrics = list((out_dir / "out").glob("metrics-*.jsonl"))
     assert len(metrics) == 1
     events = [line for line in metrics[0].read_text().splitlines()]
@@ -207,18 +214,27 @@ def test_srun_style_two_processes(mnist_dir, tmp_path, torchrun2):
 
 def test_signal_mid_epoch_then_resume_is_bit_identical(mnist_dir, tmp_path, torchrun2):
     """SIGTERM to rank 1 only: both ranks stop at the same step, rank 0 writes a mid-epoch checkpoint, both exit 75.
-    The rerun continues at that step and ends bit-identical to 2 uninterrupted epochs."""
+    The rerun (under torchrun: another job) continues at that step and ends bit-identical to 2 uninterrupted epochs,
+    and its TensorBoard curves continue the first run's, in its folder, with no point twice."""
     cmd = [PYTHON, SCRIPT, "--epochs=2", "--batch-size=32", f"--data-dir={mnist_dir}", f"--output-dir={tmp_path}",
            f"--checkpoint-dir={tmp_path / 'ckpt'}"]
     check_signal_stop(cmd, tmp_path, expect_checkpoint="epoch_000[01]_step_*.pt", to=1, sig=signal.SIGTERM)
-    rcs, outs = run_srun_style(cmd, 2, cwd=tmp_path)
-    assert rcs == [0, 0], outs[0][-3000:]
-    assert re.search(r"resumed from .*_step_\d+\.pt: epoch [01] done and \d+ steps of epoch [12]",
-                     outs[0]), outs[0][-3000:]
-    done = done_record(outs[0])
+    rc, out, ranks = run_torchrun(cmd[1:], cwd=tmp_path)
+    assert rc == 0, out[-3000:]
+    stop = re.search(r"resumed from .*_step_\d+\.pt: epoch ([01]) done and (\d+) steps of epoch [12]", ranks[0])
+    assert stop, out[-3000:]
+    done = done_record(ranks[0])
     reference = done_record(torchrun2[1])["param_checksums"]
     assert done["param_checksums"] == reference, "interrupted + resumed != uninterrupted"
     assert done["test_count"] == 10000
+
+    [run_dir] = (tmp_path / "tensorboard").iterdir()  # the first (srun-style) job's, continued
+    curves = tensorboard_scalars(run_dir)
+    steps = 79  # 2,500 digits per rank in batches of 32
+    assert [s for s, _ in curves["train/loss"]] == [e * steps + s + 1 for e in range(2) for s in range(0, steps, 20)]
+    assert [s for s, _ in curves["epoch/test_acc"]] == [steps, 2 * steps]
+    assert curves["epoch/test_acc"][-1][1] == pytest.approx(done["test_acc"], rel=1e-6)
+    assert {"epoch/lr", "epoch/train_loss", "epoch/test_loss", "epoch/samples_per_s"} <= set(curves)
 
     # asking again for 2 epochs trains nothing and still reports the model's accuracy
     rcs, outs = run_srun_style(cmd, 2, cwd=tmp_path)

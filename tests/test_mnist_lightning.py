@@ -4,8 +4,8 @@ import signal
 
 import pytest
 
-from conftest import (PYTHON, REPO, check_signal_stop, check_srun_style, check_training, clean_env, done_record,
-                      epoch_lines, run, run_srun_style, run_torchrun)
+from conftest import (PYTHON, REPO, check_profile, check_signal_stop, check_srun_style, check_training, clean_env,
+                      done_record, epoch_lines, run, run_srun_style, run_torchrun, tensorboard_scalars)
 
 SCRIPT = str(REPO / "mnist_lightning_ddp.py")
 
@@ -42,11 +42,13 @@ def test_srun_tasks_per_node_differs_from_gpus_fails_fast_with_hint(mnist_dir, t
 
 def test_torchrun_two_processes(mnist_dir, tmp_path, lightning_spawned):
     rc, out, ranks = run_torchrun([SCRIPT, "--epochs=1", "--batch-size=32", f"--data-dir={mnist_dir}",
-                                   f"--output-dir={tmp_path}"], cwd=tmp_path)
+                                   f"--output-dir={tmp_path}", "--profile"], cwd=tmp_path)
     check_training(rc, out, world_size=2, epochs=1, min_acc=90.0)  # --gpus comes from torchrun's LOCAL_WORLD_SIZE
     assert epoch_lines(ranks[1]) == [], "only rank 0 prints epochs"
     # the same first epoch as Lightning's own 2 processes (1 epoch here, to keep CI under 20 minutes)
     assert epoch_lines(out)[0][2] == epoch_lines(lightning_spawned[1])[0][2]
+    check_profile(ranks[0], tmp_path)
+    assert "profile of" not in ranks[1], "rank 0 profiles"
 
 
 def test_resume_from_last_checkpoint(mnist_dir, tmp_path, lightning_spawned):
@@ -85,5 +87,14 @@ def test_signal_mid_epoch_then_resume_is_bit_identical(mnist_dir, tmp_path, ligh
     assert re.search(r"resumed from .*last\.ckpt: epoch 0 done and \d+ steps of epoch 1, continuing at epoch 1",
                      outs[0]), outs[0][-3000:]
     assert "not resumable" not in outs[0], "ResumedBatches goes on at the step: no warning that it starts over"
-    assert done_record(outs[0])["param_checksums"] == done_record(lightning_spawned[1])["param_checksums"], \
+    done = done_record(outs[0])
+    assert done["param_checksums"] == done_record(lightning_spawned[1])["param_checksums"], \
         "interrupted + resumed != uninterrupted"
+
+    # Lightning's TensorBoardLogger: one run, continued by the rerun, each point once
+    [run_dir] = (tmp_path / "tensorboard").iterdir()
+    curves = tensorboard_scalars(run_dir)
+    steps = 79  # 2,500 digits per rank in batches of 32
+    assert [s for s, _ in curves["train/loss"]] == [e * steps + s + 1 for e in range(2) for s in range(0, steps, 20)]
+    assert [s for s, _ in curves["epoch/test_acc"]] == [steps, 2 * steps]
+    assert curves["epoch/test_acc"][-1][1] == pytest.approx(done["test_acc"], rel=1e-6)

@@ -363,17 +363,37 @@ def reference_run(cluster, tmp_path_factory, mnist_dir, command):
     return RESULTS[command]
 
 
-def test_time_limit_signal_through_torchrun_checkpoints_requeues_and_resumes_exactly(
+def test_time_limit_signal_then_the_end_time_alone_through_torchrun_checkpoint_requeue_and_resume_exactly(
         cluster, tmp_path_factory, mnist_dir, tmp_path):
-    """Through the torchrun wrapper. The 2-node wrapper runs on one node here (--nodes=1: 1 x 4 GPUs, the node count
-    comes from the allocation), so the reference is the 1-node seed run."""
+    """Through the torchrun wrapper, one job, three runs. The 2-node wrapper runs on one node here (--nodes=1: 1 x 4
+    GPUs, the node count comes from the allocation), so the reference is the 1-node seed run.
+    1. scancel --signal=USR1 mid-epoch, to every process of the step: torchrun passes it on, the workers checkpoint,
+       the job requeues itself.
+    2. No signal at all: the job script's --signal line is removed and the job has --time=1 (Slurm's shortest). Rank 0
+       reads the end time (squeue: Slurm 22.05 sets no SLURM_JOB_END_TIME), finds it nearer than STOP_MARGIN at its
+       first step check (the site set-up gives this run a margin longer than the job), and the ranks checkpoint and
+       requeue.
+    3. The last run (margin 5 s) finishes, with the uninterrupted run's parameters."""
     reference = reference_run(cluster, tmp_path_factory, mnist_dir, "run-gpu4-dist.sh mnist_ddp.py --epochs=100")
-    proj = project(tmp_path_factory, "run-gpu8-dist.sh", "mnist_ddp.py")
-    out = preempt_and_requeue(cluster, proj, mnist_dir, ["--nodes=1", "run-gpu8-dist.sh", "mnist_ddp.py"] + FAST,
-                              "ddp-gpu8", tmp_path)
+    proj = project(tmp_path_factory, "mnist_ddp.py")
+    wrapper = (REPO / "run-gpu8-dist.sh").read_text()
+    assert "#SBATCH --signal=" in wrapper
+    (proj / "run-gpu8-dist.sh").write_text("\n".join(line for line in wrapper.splitlines()
+                                                     if not line.startswith("#SBATCH --signal=")) + "\n")
+    (proj / "slurm").mkdir()
+    (proj / "slurm" / "site.sh").write_text(
+        'if [ "${SLURM_RESTART_COUNT:-0}" -eq 1 ]; then export STOP_MARGIN=100; else export STOP_MARGIN=5; fi\n')
+    out = preempt_and_requeue(cluster, proj, mnist_dir, ["--time=1", "--nodes=1", "run-gpu8-dist.sh", "mnist_ddp.py"]
+                              + FAST, "ddp-gpu8", tmp_path)
+    job_id = re.search(r"== job (\d+) \(restart 0\)", out)[1]
+    signalled = re.search(r"^stopped on SIGUSR1: checkpoint at epoch 1 step (\d+); requeued", out, re.M)
+    timed = re.search(r"^stopped (\d+) s before the time limit, with no signal: checkpoint at epoch 1 step (\d+); "
+                      rf"requeued job {job_id}$", out, re.M)
+    assert timed and int(timed[1]) >= 30 and int(timed[2]) == int(signalled[1]) + 10, out[-5000:]
+    assert f"== job {job_id} (restart 2)" in out and out.count("resumed from") == 2, out[-5000:]
     done = done_record(out)
     assert done["world_size"] == 4 and hosts(out) == {"n1"}
-    assert done["param_checksums"] == reference["param_checksums"], "interrupted + requeued != uninterrupted"
+    assert done["param_checksums"] == reference["param_checksums"], "interrupted twice + requeued != uninterrupted"
 
 
 def test_time_limit_signal_through_deepspeeds_launcher_checkpoints_requeues_and_resumes_exactly(
@@ -402,32 +422,3 @@ def test_time_limit_signal_to_every_lightning_rank_checkpoints_requeues_and_resu
     done = done_record(out)
     assert done["world_size"] == 4 and hosts(out) == {"n1"}
     assert done["param_checksums"] == reference["param_checksums"], "interrupted + requeued != uninterrupted"
-
-
-def test_a_job_without_a_signal_stops_before_its_time_limit_requeues_and_resumes_exactly(
-        cluster, tmp_path_factory, mnist_dir, tmp_path):
-    """run-gpu4-dist.sh without its --signal line, submitted with --time=1 (Slurm's shortest): no signal ever comes.
-    Rank 0 reads the job's end time (squeue: Slurm 22.05 sets no SLURM_JOB_END_TIME) and the ranks stop when it is
-    nearer than STOP_MARGIN plus the longest gap between two checks: a checkpoint, a requeue, a rerun that resumes and
-    ends with the uninterrupted run's parameters. A one-minute job cannot both stop early and finish on its rerun under
-    one margin, so the site set-up gives the first run a margin longer than the job (it stops at its first step check,
-    step 10) and the rerun 5 s."""
-    command = "run-gpu4-dist.sh mnist_ddp.py --epochs=100"
-    reference = reference_run(cluster, tmp_path_factory, mnist_dir, command)
-    proj = project(tmp_path_factory, "mnist_ddp.py")
-    wrapper = (REPO / "run-gpu4-dist.sh").read_text()
-    assert "#SBATCH --signal=" in wrapper
-    (proj / "run-gpu4-dist.sh").write_text("\n".join(line for line in wrapper.splitlines()
-                                                     if not line.startswith("#SBATCH --signal=")) + "\n")
-    (proj / "slurm").mkdir()
-    (proj / "slurm" / "site.sh").write_text(
-        'if [ "${SLURM_RESTART_COUNT:-0}" -eq 0 ]; then export STOP_MARGIN=100; else export STOP_MARGIN=5; fi\n')
-    state, exit_code, out = submit(cluster, proj, mnist_dir, ["--time=1"] + command.split() + FAST
-                                   + [f"--checkpoint-dir={tmp_path / 'ckpt'}"], timeout=300)
-    assert (state, exit_code) == ("COMPLETED", "0:0"), out[-5000:]
-    job_id = re.search(r"== job (\d+) \(restart 0\)", out)[1]
-    stopped = re.search(r"^stopped (\d+) s before the time limit, with no signal: checkpoint at epoch 1 step 10; "
-                        rf"requeued job {job_id}$", out, re.M)
-    assert stopped and int(stopped[1]) >= 30, out[-5000:]
-    assert f"== job {job_id} (restart 1)" in out and "steps of epoch 1, continuing at epoch 1" in out, out[-5000:]
-    assert done_record(out)["param_checksums"] == reference["param_checksums"], "stopped + requeued != uninterrupted"
