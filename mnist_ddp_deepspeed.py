@@ -427,6 +427,8 @@ def stop_check(device, checkpoint, epoch, step):
              else f"{stop_clock.get('left', 0):.0f} s before the time limit, with no signal")
     print0(f"stopped {cause}: {message}")
     all_ranks_ok(True, device)  # the others wait for the requeue: an early exit could make the launcher end rank 0
+    for signum in STOP_SIGNALS:  # from here a SIGTERM (srun --kill-on-bad-exit ending the other tasks once one has
+        signal.signal(signum, signal.SIG_IGN)  # exited 75) must not turn an exit 75 into a death by signal (143)
     raise SystemExit(EXIT_RESUMABLE)
 
 
@@ -543,7 +545,7 @@ def profiler(args, device, name):
         print_line(f"profile of {PROFILE_STEPS['active']} steps on rank 0, slowest operators first (the trace: {path}, "
                    f"open it in https://ui.perfetto.dev):\n{table}")
 
-    prof = profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda,
+    prof = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []),
                    schedule=schedule(**PROFILE_STEPS, repeat=1), on_trace_ready=report)
     prof.start()
     return prof
