@@ -802,7 +802,7 @@ def train(args, config, device):
         order = torch.tensor(list(sampler), device=device)
         skip, start_step = start_step, 0  # a mid-epoch checkpoint: continue after the steps it already holds
         loss_sum = torch.zeros((), device=device)  # accumulated on the device: no host sync per step
-        lr, t0 = engine.get_lr()[0], time.perf_counter()
+        lr, t0 = optimizer.param_groups[0]["lr"], time.perf_counter()
         for step in range(skip, steps_per_epoch):
             idx = order[step * batch_size:(step + 1) * batch_size]
             loss = F.cross_entropy(engine(x_train[idx].to(dtype)).float(), y_train[idx])

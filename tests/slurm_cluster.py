@@ -144,6 +144,8 @@ SlurmdTimeout=30
 InactiveLimit=0
 KillWait=5
 MinJobAge=300
+# a requeued job is eligible again after cred_expire, then waits for the main scheduling loop (60 s by default)
+SchedulerParameters=sched_interval=2
 {nodes}
 PartitionName=debug Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=UP
 """)

@@ -59,6 +59,8 @@ def harness(mnist_dir, out, device):
 
 
 def test_the_gpu_harness_runs_every_check_on_cpu(mnist_dir, tmp_path):
+    """Every check at smoke sizes, but ImageNet's preemption: on a CPU it is the same harness code as mnist_ddp's, and
+    tests/test_imagenet_ddp.py checks ImageNet's exact resume."""
     res, summary, log = harness(mnist_dir, tmp_path, "cpu")
     trainings = res["trainings"]
     assert set(trainings) == TRAININGS, sorted(trainings)
@@ -73,7 +75,8 @@ def test_the_gpu_harness_runs_every_check_on_cpu(mnist_dir, tmp_path):
     assert loss == loss and loss < 1e4, "a finite loss"
 
     checks = res["checks"]
-    for name in ("preemption mnist_ddp", "preemption imagenet_ddp"):
+    assert "preemption imagenet_ddp" not in checks
+    for name in ("preemption mnist_ddp",):
         c = checks[name]
         assert c["stopped"]["signalled"] and c["stopped_with_75"] and c["resumed_mid_epoch"], name
         assert c["bit_identical"] and c["max_abs_diff"] == 0.0, f"{name}: on CPU a resumed run is bit-identical"
@@ -82,7 +85,7 @@ def test_the_gpu_harness_runs_every_check_on_cpu(mnist_dir, tmp_path):
     assert all(v and v > 0 for v in checks["P7"].values()) and len(checks["P7"]) == 2
     assert checks["P8"]["dataloader_img_s"] > 0 and checks["P8"]["decode_jpeg_img_s"] > 0
     assert 0 < checks["P9"]["fraction"]
-    for figure in ("P6", "P7", "P8", "P9", "preemption mnist_ddp", "preemption imagenet_ddp"):
+    for figure in ("P6", "P7", "P8", "P9", "preemption mnist_ddp"):
         assert figure in summary, summary
     assert "bench_gpu.py on CPU (--device=cpu) (smoke sizes)" in summary and "FAILED" not in summary
 
