@@ -365,6 +365,7 @@ def stop_check(device, checkpoint, epoch, step):
                else "no --checkpoint-dir, nothing saved")
     job_id, restarts = os.environ.get("SLURM_JOB_ID"), int(os.environ.get("SLURM_RESTART_COUNT") or 0)
     cap = int(os.environ.get("MAX_REQUEUES") or 20)
+    requeued = False
     if RANK == 0 and job_id and signum != signal.SIGTERM:
         if restarts >= cap:
             message += f"; not requeued: job {job_id} has restarted {restarts} times (MAX_REQUEUES={cap})"
@@ -374,11 +375,12 @@ def stop_check(device, checkpoint, epoch, step):
             try:
                 r = subprocess.run(["scontrol", "requeue", job_id], stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, text=True)
-                message += f"; requeued job {job_id}" if r.returncode == 0 else \
-                    f"; could not requeue job {job_id}: {r.stdout.strip()}"
+                why = None if r.returncode == 0 else r.stdout.strip()
             except OSError as e:  # no scontrol here, e.g. in a container without Slurm's client
-                message += f"; could not requeue job {job_id}: scontrol: {e.strerror}"
-        if "; requeued" not in message:
+                why = f"scontrol: {e.strerror}"
+            requeued = why is None
+            message += f"; requeued job {job_id}" if requeued else f"; could not requeue job {job_id}: {why}"
+        if not requeued:
             message += ". Resubmit the same command to resume"
     cause = (f"on {STOP_SIGNALS[signum]}" if signum in STOP_SIGNALS
              else f"{stop_clock.get('left', 0):.0f} s before the time limit, with no signal")

@@ -314,6 +314,7 @@ def stop_check(device, checkpoint, epoch, step):
                else "no --checkpoint-dir, nothing saved")
     job_id, restarts = os.environ.get("SLURM_JOB_ID"), int(os.environ.get("SLURM_RESTART_COUNT") or 0)
     cap = int(os.environ.get("MAX_REQUEUES") or 20)
+    requeued = False
     if RANK == 0 and job_id and signum != signal.SIGTERM:
         if restarts >= cap:
             message += f"; not requeued: job {job_id} has restarted {restarts} times (MAX_REQUEUES={cap})"
@@ -323,11 +324,12 @@ def stop_check(device, checkpoint, epoch, step):
             try:
                 r = subprocess.run(["scontrol", "requeue", job_id], stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, text=True)
-                message += f"; requeued job {job_id}" if r.returncode == 0 else \
-                    f"; could not requeue job {job_id}: {r.stdout.strip()}"
+                why = None if r.returncode == 0 else r.stdout.strip()
             except OSError as e:  # no scontrol here, e.g. in a container without Slurm's client
-                message += f"; could not requeue job {job_id}: scontrol: {e.strerror}"
-        if "; requeued" not in message:
+                why = f"scontrol: {e.strerror}"
+            requeued = why is None
+            message += f"; requeued job {job_id}" if requeued else f"; could not requeue job {job_id}: {why}"
+        if not requeued:
             message += ". Resubmit the same command to resume"
     cause = (f"on {STOP_SIGNALS[signum]}" if signum in STOP_SIGNALS
              else f"{stop_clock.get('left', 0):.0f} s before the time limit, with no signal")
@@ -439,7 +441,8 @@ class LitMNIST(pl.LightningModule):
         self.net = Net()
         self.result = None  # the last epoch's metrics; saved in checkpoints for the final report
         self.stop_step, self.resume_at = 0, (-1, 0)  # a mid-epoch checkpoint's step; (epoch, step) it resumes at
-        self.tb_name = None  # the TensorBoard run, kept in checkpoints: requeues and resumes go on in it
+        self.run_id = os.environ.get("SLURM_JOB_ID") or datetime.now().strftime("%Y%m%d-%H%M%S")  # names outputs
+        self.tb_name = self.run_id  # the TensorBoard run, kept in checkpoints: requeues and resumes go on in it
 
     # data: local rank 0 of each node downloads if needed while the other ranks wait
     def setup(self, stage):
@@ -561,8 +564,8 @@ class LitMNIST(pl.LightningModule):
 
     def on_fit_start(self):
         os.makedirs(self.args.output_dir, exist_ok=True)
-        run_id = os.environ.get("SLURM_JOB_ID") or datetime.now().strftime("%Y%m%d-%H%M%S")
-        self.metrics = open(os.path.join(self.args.output_dir, f"metrics-{run_id}.jsonl"), "a") if RANK == 0 else None
+        self.metrics = (open(os.path.join(self.args.output_dir, f"metrics-{self.run_id}.jsonl"), "a") if RANK == 0
+                        else None)
         self.t_start, self.trained, self.train_seconds = time.perf_counter(), 0, 0.0
 
     # summary
@@ -756,12 +759,12 @@ def main(args):
         last = os.path.join(args.checkpoint_dir, "last.ckpt")
         ckpt_path = last if os.path.exists(last) else None
     # TensorBoard: one run per training, continued by its requeues and resumes (last.ckpt names it)
-    model.tb_name, purge_step = os.environ.get("SLURM_JOB_ID") or datetime.now().strftime("%Y%m%d-%H%M%S"), 1
-    if ckpt_path:
-        saved = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    purge_step = 1
+    if ckpt_path:  # mmap: only the two small entries are read, not the weights (Lightning loads those in fit)
+        saved = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
         model.tb_name, purge_step = saved.get("tensorboard") or model.tb_name, saved["global_step"] + 1
     logger = tensorboard(args.output_dir, model.tb_name, purge_step)
-    callbacks.append(ProfileSteps(args, os.environ.get("SLURM_JOB_ID") or datetime.now().strftime("%Y%m%d-%H%M%S")))
+    callbacks.append(ProfileSteps(args, model.run_id))
     try:
         trainer = make_trainer(args, device, devices, num_nodes, precision, callbacks, logger)
         # fit() would check this too, with a traceback per rank
