@@ -346,6 +346,57 @@ def stop_check(device, checkpoint, epoch, step):
     raise SystemExit(EXIT_RESUMABLE)
 
 
+# Where the time went: TIMES is a stopwatch whose laps name what the time since the previous lap was spent on, so the
+# parts add up to the wall time from this process's start to its last lap. Host clocks only: on a GPU the host runs
+# ahead of the kernels it queues, and the GPU's time shows where the host waits for it (a loss .item(), an all-reduce,
+# a full launch queue), in "compute". No lap syncs the GPU.
+TIME_PARTS = {"startup": "start-up", "staging": "staging", "data": "data wait", "compute": "compute",
+              "eval": "evaluation", "checkpoint": "checkpoints"}
+DATA_WAIT_HINT = 0.1  # a HINT when a rank waits for its batches longer than this share of its training steps' time
+
+
+def process_start():
+    """This process's start on time.perf_counter()'s clock, as Linux records it (/proc/self/stat: clock ticks after
+    boot); elsewhere now, and the imports before go uncounted."""
+    try:
+        with open("/proc/self/stat") as f:  # field 22, after the name in parentheses (which may hold spaces)
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        age = 0.0
+    return time.perf_counter() - max(age, 0.0)
+
+
+class TimeSplit:
+    def __init__(self):
+        self.seconds, self.last = dict.fromkeys(TIME_PARTS, 0.0), process_start()
+
+    def lap(self, part):
+        """The time since the previous lap went to `part`."""
+        now = time.perf_counter()
+        self.seconds[part] += now - self.last
+        self.last = now
+
+    def report(self, loader):
+        """At the end: rank 0's split in one line of words, and in seconds for the done line. A HINT when a rank
+        waited for data longer than DATA_WAIT_HINT of its training steps' time (`loader`: how its batches are made)."""
+        total = sum(self.seconds.values())
+        print0(f"time on rank 0, {total:.1f} s: " + ", ".join(
+            f"{TIME_PARTS[part]} {100 * s / total:.0f}%" for part, s in self.seconds.items() if s))
+        waits = all_gather(self.seconds["data"] / max(self.seconds["data"] + self.seconds["compute"], 1e-9))
+        worst = max(range(len(waits)), key=waits.__getitem__)
+        if waits[worst] > DATA_WAIT_HINT:
+            usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+            print0(f"HINT: rank {worst} waited for data {100 * waits[worst]:.0f}% of its training steps' time: the "
+                   f"input, not the model, sets the pace. Make batches in more DataLoader worker processes (--workers; "
+                   f"now {loader}), up to the CPUs per task (SLURM_CPUS_PER_TASK="
+                   f"{os.environ.get('SLURM_CPUS_PER_TASK', 'unset')}, {usable} usable here; sbatch --cpus-per-task)")
+        return {part: round(s, 3) for part, s in self.seconds.items()}
+
+
+TIMES = TimeSplit()
+
+
 # -----------------------------------------------------------------------------
 # data
 
@@ -465,6 +516,22 @@ def save_checkpoint(ckpt_dir, name, state, keep=2):
     return path
 
 
+def run_name(env=os.environ):
+    """What names this run's outputs (metrics file, TensorBoard run, profile): ARRAYJOB_TASK in a task of a Slurm job
+    array (a sweep, sbatch --array), else the job id, else the start time. A requeued job keeps its name."""
+    if env.get("SLURM_ARRAY_TASK_ID"):
+        return f"{env.get('SLURM_ARRAY_JOB_ID')}_{env['SLURM_ARRAY_TASK_ID']}"
+    return env.get("SLURM_JOB_ID") or datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def task_checkpoint_dir(checkpoint_dir, env=os.environ):
+    """The tasks of a job array share their command line, but none may resume another's checkpoints: each keeps its
+    own in --checkpoint-dir/ARRAYJOB_TASK, where its requeues find them."""
+    if checkpoint_dir and env.get("SLURM_ARRAY_TASK_ID"):
+        return os.path.join(checkpoint_dir, run_name(env))
+    return checkpoint_dir
+
+
 PROFILE_STEPS = {"wait": 5, "warmup": 3, "active": 5}  # steps skipped, traced but dropped (warm-up), traced and kept
 
 
@@ -555,6 +622,7 @@ RANK, LOCAL_RANK, WORLD_SIZE = 0, 0, 1
 @record  # under torchrun, a crash is written to its error file and the summary names the failing rank
 def main(args):
     global RANK, LOCAL_RANK, WORLD_SIZE
+    args.checkpoint_dir = task_checkpoint_dir(args.checkpoint_dir)  # in a job array: a folder per task
     RANK, LOCAL_RANK, WORLD_SIZE, addr, port = launch_env()
     if RANK != 0:  # only rank 0 speaks: other ranks' warnings would repeat it WORLD_SIZE times
         warnings.filterwarnings("ignore")
@@ -641,7 +709,7 @@ def train(args, device):
            "batch_size": args.batch_size, "lr": args.lr, "gamma": args.gamma, "seed": args.seed, "precision": precision,
            "world_size": WORLD_SIZE, "git_commit": os.environ.get("GIT_COMMIT")}
     start_epoch, start_step = 1, 0
-    run_id = os.environ.get("SLURM_JOB_ID") or datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_id = run_name()
     tb_name = run_id  # the TensorBoard run: this job's, or the first job's of the training it resumes
     if args.checkpoint_dir:
         check_writable(args.checkpoint_dir)
@@ -677,6 +745,7 @@ def train(args, device):
 
     def checkpoint(epoch, step):
         """Rank 0 writes while the others wait; RNG states come from every rank."""
+        TIMES.lap("compute")
         rng = all_gather(rng_state(device))
         if RANK == 0:
             name = f"epoch_{epoch - 1:04d}_step_{step:07d}" if step else f"epoch_{epoch:04d}"
@@ -689,6 +758,7 @@ def train(args, device):
                 tb.flush()  # the curves up to the checkpoint: what a resumed run goes on from
         if WORLD_SIZE > 1:
             dist.barrier()
+        TIMES.lap("checkpoint")
 
     print0(f"Net, {len(x_train)} training / {len(x_test)} test digits | {WORLD_SIZE} processes x {args.batch_size} "
            f"samples, lr {args.lr:g} | {precision}{', compiled' if args.compile else ''} on {device.type}")
@@ -696,6 +766,7 @@ def train(args, device):
     # -----------------------------------------------------------------------------
     # training loop
     stop_check(device, None, 0, 0)  # a signal in start-up (staging, loading), or the end already near
+    TIMES.lap("startup")
     t_start, trained, train_seconds, result = time.perf_counter(), 0, 0.0, None
     for epoch in range(start_epoch, args.epochs + 1):
         model.train()
@@ -706,6 +777,7 @@ def train(args, device):
         lr, t0 = scheduler.get_last_lr()[0], time.perf_counter()
         for step in range(skip, steps_per_epoch):
             idx = order[step * args.batch_size:(step + 1) * args.batch_size]
+            TIMES.lap("data")  # with a DataLoader: right after next(), the wait for a batch
             with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
                 loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
             optimizer.zero_grad(set_to_none=True)
@@ -722,6 +794,7 @@ def train(args, device):
                     tb.add_scalar("train/loss", value, (epoch - 1) * steps_per_epoch + step + 1)
             if (step + 1) % STOP_CHECK_EVERY == 0 and step + 1 < steps_per_epoch:
                 stop_check(device, args.checkpoint_dir and checkpoint, epoch, step + 1)
+            TIMES.lap("compute")
         scheduler.step()
         stats = torch.stack([loss_sum,
                              torch.tensor(float(len(order) - skip * args.batch_size), device=device)]).double()
@@ -729,6 +802,7 @@ def train(args, device):
             dist.all_reduce(stats)  # the mean over all ranks' samples, not just rank 0's
         seconds = time.perf_counter() - t0
         train_loss, samples = (stats[0] / stats[1]).item(), int(stats[1].item())
+        TIMES.lap("compute")
         test_loss, test_acc, n_test = evaluate(raw_model, x_test, y_test, args.test_batch_size, device)
         trained, train_seconds = trained + samples, train_seconds + seconds
         result = dict(epoch=epoch, train_loss=train_loss, test_loss=test_loss, test_acc=test_acc,
@@ -743,6 +817,7 @@ def train(args, device):
             for key in ("train_loss", "test_loss", "test_acc", "samples_per_s"):
                 tb.add_scalar(f"epoch/{key}", result[key], epoch * steps_per_epoch)
             tb.flush()
+        TIMES.lap("eval")
 
         if args.checkpoint_dir:
             checkpoint(epoch, 0)
@@ -757,11 +832,13 @@ def train(args, device):
         test_loss, test_acc, n_test = evaluate(raw_model, x_test, y_test, args.test_batch_size, device)
         result = dict(epoch=start_epoch - 1, test_loss=test_loss, test_acc=test_acc, test_count=n_test)
         print0(f"nothing to train: the checkpoint already has {start_epoch - 1} epochs (--epochs={args.epochs})")
+    TIMES.lap("eval")
     checksums = all_gather(param_checksum(raw_model))  # each rank's own hash: the test compares them
     done = {"event": "done", "test_acc": result["test_acc"], "test_loss": result["test_loss"],
             "test_count": result["test_count"], "epoch": result["epoch"], "world_size": WORLD_SIZE,
             "seconds": time.perf_counter() - t_start,
-            "samples_per_s": trained / train_seconds if train_seconds else None, "param_checksums": checksums}
+            "samples_per_s": trained / train_seconds if train_seconds else None, "param_checksums": checksums,
+            "time_split": TIMES.report("no DataLoader: MNIST sits on the device")}
     print0(json.dumps(done))
     if metrics:
         metrics.write(json.dumps(done) + "\n")

@@ -340,6 +340,57 @@ def stop_check(device, checkpoint, epoch, step):
     raise SystemExit(EXIT_RESUMABLE)
 
 
+# Where the time went: TIMES is a stopwatch whose laps name what the time since the previous lap was spent on, so the
+# parts add up to the wall time from this process's start to its last lap. Host clocks only: on a GPU the host runs
+# ahead of the kernels it queues, and the GPU's time shows where the host waits for it (a loss .item(), an all-reduce,
+# a full launch queue), in "compute". No lap syncs the GPU.
+TIME_PARTS = {"startup": "start-up", "staging": "staging", "data": "data wait", "compute": "compute",
+              "eval": "evaluation", "checkpoint": "checkpoints"}
+DATA_WAIT_HINT = 0.1  # a HINT when a rank waits for its batches longer than this share of its training steps' time
+
+
+def process_start():
+    """This process's start on time.perf_counter()'s clock, as Linux records it (/proc/self/stat: clock ticks after
+    boot); elsewhere now, and the imports before go uncounted."""
+    try:
+        with open("/proc/self/stat") as f:  # field 22, after the name in parentheses (which may hold spaces)
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        age = 0.0
+    return time.perf_counter() - max(age, 0.0)
+
+
+class TimeSplit:
+    def __init__(self):
+        self.seconds, self.last = dict.fromkeys(TIME_PARTS, 0.0), process_start()
+
+    def lap(self, part):
+        """The time since the previous lap went to `part`."""
+        now = time.perf_counter()
+        self.seconds[part] += now - self.last
+        self.last = now
+
+    def report(self, loader):
+        """At the end: rank 0's split in one line of words, and in seconds for the done line. A HINT when a rank
+        waited for data longer than DATA_WAIT_HINT of its training steps' time (`loader`: how its batches are made)."""
+        total = sum(self.seconds.values())
+        print0(f"time on rank 0, {total:.1f} s: " + ", ".join(
+            f"{TIME_PARTS[part]} {100 * s / total:.0f}%" for part, s in self.seconds.items() if s))
+        waits = all_gather(self.seconds["data"] / max(self.seconds["data"] + self.seconds["compute"], 1e-9))
+        worst = max(range(len(waits)), key=waits.__getitem__)
+        if waits[worst] > DATA_WAIT_HINT:
+            usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+            print0(f"HINT: rank {worst} waited for data {100 * waits[worst]:.0f}% of its training steps' time: the "
+                   f"input, not the model, sets the pace. Make batches in more DataLoader worker processes (--workers; "
+                   f"now {loader}), up to the CPUs per task (SLURM_CPUS_PER_TASK="
+                   f"{os.environ.get('SLURM_CPUS_PER_TASK', 'unset')}, {usable} usable here; sbatch --cpus-per-task)")
+        return {part: round(s, 3) for part, s in self.seconds.items()}
+
+
+TIMES = TimeSplit()
+
+
 # -----------------------------------------------------------------------------
 # data
 
@@ -441,7 +492,7 @@ class LitMNIST(pl.LightningModule):
         self.net = Net()
         self.result = None  # the last epoch's metrics; saved in checkpoints for the final report
         self.stop_step, self.resume_at = 0, (-1, 0)  # a mid-epoch checkpoint's step; (epoch, step) it resumes at
-        self.run_id = os.environ.get("SLURM_JOB_ID") or datetime.now().strftime("%Y%m%d-%H%M%S")  # names outputs
+        self.run_id = run_name()  # names outputs
         self.tb_name = self.run_id  # the TensorBoard run, kept in checkpoints: requeues and resumes go on in it
 
     # data: local rank 0 of each node downloads if needed while the other ranks wait
@@ -573,12 +624,13 @@ class LitMNIST(pl.LightningModule):
         if not self.trained:  # nothing left to train (resumed a finished run): report the checkpoint's metrics
             print0(f"nothing to train: the checkpoint already has {self.current_epoch} epochs "
                    f"(--epochs={self.args.epochs})")
+        TIMES.lap("compute")  # Lightning's teardown
         checksums = all_gather(param_checksum(self.net))  # each rank's own hash: the test compares them
         done = {"event": "done", "test_acc": self.result["test_acc"], "test_loss": self.result["test_loss"],
                 "test_count": self.result["test_count"], "epoch": self.result["epoch"], "world_size": WORLD_SIZE,
                 "seconds": time.perf_counter() - self.t_start,
                 "samples_per_s": self.trained / self.train_seconds if self.train_seconds else None,
-                "param_checksums": checksums}
+                "param_checksums": checksums, "time_split": TIMES.report("num_workers=0 in train_dataloader()")}
         print0(json.dumps(done))
         if self.metrics:
             self.metrics.write(json.dumps(done) + "\n")
@@ -598,6 +650,22 @@ def check_same_run(path, saved, run):
                if "world_size" in saved and saved["world_size"] != run.get("world_size") else "")
         fail(f"{path} was written by another run: {', '.join(changed)}{why}. HINT: rerun with the settings it was "
              "written with (--epochs may grow), or use a new --checkpoint-dir")
+
+
+def run_name(env=os.environ):
+    """What names this run's outputs (metrics file, TensorBoard run, profile): ARRAYJOB_TASK in a task of a Slurm job
+    array (a sweep, sbatch --array), else the job id, else the start time. A requeued job keeps its name."""
+    if env.get("SLURM_ARRAY_TASK_ID"):
+        return f"{env.get('SLURM_ARRAY_JOB_ID')}_{env['SLURM_ARRAY_TASK_ID']}"
+    return env.get("SLURM_JOB_ID") or datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def task_checkpoint_dir(checkpoint_dir, env=os.environ):
+    """The tasks of a job array share their command line, but none may resume another's checkpoints: each keeps its
+    own in --checkpoint-dir/ARRAYJOB_TASK, where its requeues find them."""
+    if checkpoint_dir and env.get("SLURM_ARRAY_TASK_ID"):
+        return os.path.join(checkpoint_dir, run_name(env))
+    return checkpoint_dir
 
 
 PROFILE_STEPS = {"wait": 5, "warmup": 3, "active": 5}  # steps skipped, traced but dropped (warm-up), traced and kept
@@ -653,11 +721,50 @@ class StopOnSignal(pl.Callback):
     def check(self, trainer, pl_module, epoch, step):
         def checkpoint(epoch, step):
             """A mid-epoch last.ckpt, from every rank: rank 0 writes, the others wait (Trainer.save_checkpoint)."""
+            TIMES.lap("compute")
             pl_module.stop_step = step
             trainer.save_checkpoint(os.path.join(self.args.checkpoint_dir, "last.ckpt"))
             pl_module.stop_step = 0
+            TIMES.lap("checkpoint")
 
         stop_check(pl_module.device, self.args.checkpoint_dir and checkpoint, epoch, step)
+
+
+class TimeLaps(pl.Callback):
+    """TIMES's laps at the hooks around what mnist_ddp.py's loop times: the gap before a batch starts is the wait for
+    it (the DataLoader's next()), a batch's hooks enclose its step, validation is the evaluation; ModelCheckpoint
+    saves as the last hook of an epoch, so what follows the epoch's end is checkpointing (with --checkpoint-dir). After
+    StopOnSignal in the callbacks: its stop check after a batch (an all-reduce; on a GPU also the wait for the queued
+    steps) counts with the step, not as the wait for the next batch."""
+
+    def __init__(self, args):
+        self.after_epoch = "checkpoint" if args.checkpoint_dir else "compute"
+        self.before_epoch = "startup"  # what the time before the next epoch starts was spent on
+
+    def on_train_start(self, trainer, pl_module):
+        TIMES.lap("startup")
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        TIMES.lap(self.before_epoch)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        TIMES.lap("data")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        TIMES.lap("compute")
+
+    def on_validation_start(self, trainer, pl_module):
+        TIMES.lap("compute")
+
+    def on_validation_end(self, trainer, pl_module):
+        TIMES.lap("eval")
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        TIMES.lap("compute")
+        self.before_epoch = self.after_epoch
+
+    def on_train_end(self, trainer, pl_module):
+        TIMES.lap(self.before_epoch)
 
 
 class ProfileSteps(pl.Callback):
@@ -716,6 +823,7 @@ RANK, LOCAL_RANK, WORLD_SIZE = 0, 0, 1
 
 def main(args):
     global RANK, LOCAL_RANK
+    args.checkpoint_dir = task_checkpoint_dir(args.checkpoint_dir)  # in a job array: a folder per task
     # what Lightning will find (torchrun's variables, or srun's), so that print0 and gpu_index work before it knows
     RANK = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
     LOCAL_RANK = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
@@ -764,7 +872,7 @@ def main(args):
         saved = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
         model.tb_name, purge_step = saved.get("tensorboard") or model.tb_name, saved["global_step"] + 1
     logger = tensorboard(args.output_dir, model.tb_name, purge_step)
-    callbacks.append(ProfileSteps(args, model.run_id))
+    callbacks += [ProfileSteps(args, model.run_id), TimeLaps(args)]
     try:
         trainer = make_trainer(args, device, devices, num_nodes, precision, callbacks, logger)
         # fit() would check this too, with a traceback per rank

@@ -14,6 +14,7 @@
 # 2 nodes x 4 GPUs, one srun task per GPU.
 #   usage: sbatch run-gpu8.sh SCRIPT.py [ARGS...]
 #   e.g.   sbatch run-gpu8.sh mnist_ddp_deepspeed.py --deepspeed --deepspeed_config ds_config.json
+#   sweep: SWEEP=lines.txt sbatch --array=0-N --output=%x-%A_%a.out run-gpu8.sh SCRIPT.py [ARGS...]
 # No account or partition is set here: add them when you submit (sbatch --account=ACC --partition=PART ...) or
 # export SBATCH_ACCOUNT / SBATCH_PARTITION once. PYTHON may be a command with arguments, e.g. a container:
 #   PYTHON="apptainer exec --nv image.sif python" sbatch run-gpu8.sh ...
@@ -25,6 +26,26 @@ script=$1
 shift
 if [ ! -f "$script" ]; then echo "ERROR: training script '$script' not found in $PWD. $usage" >&2; exit 2; fi
 : "${SLURM_JOB_ID:?submit this file with sbatch. $usage}"
+
+# A sweep, N runs that differ in a few arguments: a job array whose task K appends line K of the file $SWEEP
+# (counted from 0; blank and # lines skipped) to the arguments above, e.g. with a 3-line lrs.txt
+#   SWEEP=lrs.txt sbatch --array=0-2 --output=%x-%A_%a.out run-gpu4.sh mnist_ddp.py --epochs=10
+# Each task names its metrics, TensorBoard run and checkpoint folder ARRAYJOB_TASK (the log: %A_%a); a requeued task
+# resumes its own checkpoints. The file is read when each task starts: leave it as it is until the array ends.
+if [ -n "${SWEEP:-}" ]; then
+  if [ -z "${SLURM_ARRAY_TASK_ID:-}" ]; then
+    echo "ERROR: SWEEP=$SWEEP is set, but this job is not an array. HINT: sbatch --array=0-N $wrapper ..." >&2; exit 2
+  fi
+  if [ ! -f "$SWEEP" ]; then echo "ERROR: sweep file '$SWEEP' (\$SWEEP) not found in $PWD" >&2; exit 2; fi
+  mapfile -t sweep < <(grep -Ev '^[[:space:]]*(#|$)' "$SWEEP")
+  if [ "$SLURM_ARRAY_TASK_ID" -ge "${#sweep[@]}" ]; then
+    echo "ERROR: this is array task $SLURM_ARRAY_TASK_ID, but $SWEEP has ${#sweep[@]} lines (tasks 0 to" \
+      "$((${#sweep[@]} - 1))). HINT: sbatch --array=0-$((${#sweep[@]} - 1)) ..." >&2; exit 2
+  fi
+  mapfile -t line < <(xargs printf '%s\n' <<< "${sweep[$SLURM_ARRAY_TASK_ID]}")  # words, quotes as in a shell
+  set -- "$@" "${line[@]}"
+  echo "== sweep $SWEEP, task $SLURM_ARRAY_TASK_ID of ${#sweep[@]} (array job $SLURM_ARRAY_JOB_ID): ${line[*]} =="
+fi
 
 # Site set-up (module loads, venv or conda activation): sourced if the file is there; every task inherits it
 site=${SITE_SETUP:-slurm/site.sh}

@@ -45,6 +45,13 @@ def run(cmd, timeout=300, **kwargs):
     return p.returncode, p.stdout
 
 
+def timed(fn, *args, **kwargs):
+    """(what fn returns, the seconds it took)"""
+    t0 = time.monotonic()
+    result = fn(*args, **kwargs)
+    return result, time.monotonic() - t0
+
+
 def start(cmd, **kwargs):
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
 
@@ -78,6 +85,26 @@ def startup_ranks(out):
     return sorted(int(m.group(1)) for m in STARTUP_LINE.finditer(out))
 
 
+TIME_PARTS = ["startup", "staging", "data", "compute", "eval", "checkpoint"]
+TIME_LINE = re.compile(r"^time on rank 0, ([\d.]+) s: start-up \d+%.*, data wait \d+%, compute \d+%, evaluation \d+%",
+                       re.M)
+
+
+def check_time_split(out, wall=None, staged=False, checkpointed=None):
+    """Where rank 0's time went: the words line and the done line's time_split, every part in seconds, those this run
+    had above 0 and the others exactly 0 (staging: ImageNet's; checkpoints: unless None, not known). With `wall`, the
+    run's wall time from outside (from before its process started to after it exited), the parts add up to it but
+    for the exit after the done line."""
+    split, total = done_record(out)["time_split"], float(TIME_LINE.search(out).group(1))
+    assert list(split) == TIME_PARTS, split
+    assert all(split[part] > 0 for part in ("startup", "data", "compute", "eval")), split
+    assert (split["staging"] > 0) == staged and (checkpointed is None or (split["checkpoint"] > 0) == checkpointed)
+    assert sum(split.values()) == pytest.approx(total, abs=0.1)
+    if wall is not None:  # a short run's exit (freeing torch, the process group) is a second or two of it
+        assert total <= wall + 0.05 and wall - total <= 0.05 * wall + 2.5, (split, wall)
+    return split
+
+
 def check_training(rc, out, world_size, epochs=2, min_acc=MIN_ACC_2_EPOCHS):
     assert rc == 0, out[-3000:]
     done = done_record(out)
@@ -90,6 +117,7 @@ def check_training(rc, out, world_size, epochs=2, min_acc=MIN_ACC_2_EPOCHS):
     lines = epoch_lines(out)
     assert [e for _, e, _ in lines] == list(range(1, epochs + 1)), "one epoch line per epoch, from rank 0 only"
     assert lines[-1][2] == pytest.approx(done["test_acc"] * 100, abs=0.01)
+    check_time_split(out)
     return done
 
 

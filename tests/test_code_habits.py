@@ -31,6 +31,9 @@ COPIES = {
     "job_end_time": WITH_SIGNALS, "near_end": WITH_SIGNALS, "ignore_stop_signals": [IMAGENET, LIGHTNING],
     "check_writable": [DDP, DEEPSPEED, IMAGENET], "load_latest_checkpoint": [DDP, IMAGENET], "check_same_run": ALL,
     "tensorboard": [DDP, DEEPSPEED, IMAGENET], "PROFILE_STEPS": ALL, "profiler": ALL,
+    "run_name": ALL, "task_checkpoint_dir": ALL,
+    # where the time went
+    "TIME_PARTS": ALL, "DATA_WAIT_HINT": ALL, "process_start": ALL, "TimeSplit": ALL, "TIMES": ALL,
     "MNIST_FILES": MNIST, "download_mnist": MNIST, "read_idx": MNIST, "Net": MNIST, "param_checksum": ALL,
 }
 

