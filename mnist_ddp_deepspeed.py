@@ -418,7 +418,7 @@ def stop_check(device, checkpoint, epoch, step):
             try:
                 r = subprocess.run(["scontrol", "requeue", job_id], stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, text=True)
-                why = None if r.returncode == 0 else r.stdout.strip()
+                why = None if r.returncode == 0 else " ".join(r.stdout.split())[:300]  # one line for the log
             except OSError as e:  # no scontrol here, e.g. in a container without Slurm's client
                 why = f"scontrol: {e.strerror}"
             requeued = why is None
@@ -427,7 +427,9 @@ def stop_check(device, checkpoint, epoch, step):
             message += ". Resubmit the same command to resume"
     cause = (f"on {STOP_SIGNALS[signum]}" if signum in STOP_SIGNALS
              else f"{stop_clock.get('left', 0):.0f} s before the time limit, with no signal")
+    TIMES.lap("compute")
     print0(f"stopped {cause}: {message}")
+    print0(TIMES.words())  # this run's, as the done line has it: each requeued run of a long job has its own
     all_ranks_ok(True, device)  # the others wait for the requeue: an early exit could make the launcher end rank 0
     for signum in STOP_SIGNALS:  # from here a SIGTERM (srun --kill-on-bad-exit ending the other tasks once one has
         signal.signal(signum, signal.SIG_IGN)  # exited 75) must not turn an exit 75 into a death by signal (143)
@@ -465,12 +467,15 @@ class TimeSplit:
         self.seconds[part] += now - self.last
         self.last = now
 
+    def words(self):
+        total = sum(self.seconds.values())
+        return f"time on rank 0, {total:.1f} s: " + ", ".join(
+            f"{TIME_PARTS[part]} {100 * s / total:.0f}%" for part, s in self.seconds.items() if s)
+
     def report(self, loader):
         """At the end: rank 0's split in one line of words, and in seconds for the done line. A HINT when a rank
         waited for data longer than DATA_WAIT_HINT of its training steps' time (`loader`: how its batches are made)."""
-        total = sum(self.seconds.values())
-        print0(f"time on rank 0, {total:.1f} s: " + ", ".join(
-            f"{TIME_PARTS[part]} {100 * s / total:.0f}%" for part, s in self.seconds.items() if s))
+        print0(self.words())
         waits = all_gather(self.seconds["data"] / max(self.seconds["data"] + self.seconds["compute"], 1e-9))
         worst = max(range(len(waits)), key=waits.__getitem__)
         if waits[worst] > DATA_WAIT_HINT:
@@ -479,7 +484,7 @@ class TimeSplit:
                    f"input, not the model, sets the pace. Make batches in more DataLoader worker processes (--workers; "
                    f"now {loader}), up to the CPUs per task (SLURM_CPUS_PER_TASK="
                    f"{os.environ.get('SLURM_CPUS_PER_TASK', 'unset')}, {usable} usable here; sbatch --cpus-per-task)")
-        return {part: round(s, 3) for part, s in self.seconds.items()}
+        return {part: round(s, 4) for part, s in self.seconds.items()}
 
 
 TIMES = TimeSplit()

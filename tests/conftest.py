@@ -279,6 +279,8 @@ def check_signal_stop(cmd, workdir, expect_checkpoint, to="all", sig=signal.SIGU
     outs = [(workdir / f"rank{r}.log").read_text() for r in range(2)]
     assert rcs == [75, 75], outs[0][-3000:] + outs[1][-3000:]
     assert f"stopped on {sig.name}" in outs[0] and "stopped on" not in outs[1], outs[0][-2000:]
+    assert re.search(rf"^stopped on {sig.name}: [^\n]*\ntime on rank 0, [\d.]+ s: start-up \d+%(, staging \d+%)?, "
+                     "data wait", outs[0], re.M), "one stop line, then the stopped run's time split"
     assert list(workdir.glob(f"ckpt/{expect_checkpoint}")), sorted(p.name for p in (workdir / "ckpt").iterdir())
     assert '"event": "done"' not in outs[0]
     return outs

@@ -93,7 +93,7 @@ def test_slurm_time_left_in_seconds(text, seconds):
 
 def stop(monkeypatch, tmp_path, signals=(), epoch=1, step=10, squeue=None, **env):
     """mnist_ddp.stop_check in this process, one rank on the CPU, with no scontrol on PATH (and a squeue printing
-    `squeue`, if given). Returns (exit code or None, what rank 0 printed, the checkpoints it wrote)."""
+    `squeue`, if given). Returns (exit code or None, rank 0's stop line, the checkpoints it wrote)."""
     monkeypatch.setattr(mnist_ddp, "received_signals", list(signals))
     monkeypatch.setattr(mnist_ddp, "stop_clock", {})
     for var in ("SLURM_JOB_ID", "SLURM_RESTART_COUNT", "SLURM_JOB_END_TIME", "MAX_REQUEUES", "STOP_MARGIN"):
@@ -110,7 +110,8 @@ def stop(monkeypatch, tmp_path, signals=(), epoch=1, step=10, squeue=None, **env
         mnist_ddp.stop_check(mnist_ddp.torch.device("cpu"), lambda e, s: saved.append((e, s)), epoch, step)
     except SystemExit as e:
         code = e.code
-    return code, "\n".join(printed), saved
+        assert len(printed) == 2 and printed[1].startswith("time on rank 0, "), printed  # this run's split
+    return code, "\n".join(printed[:1]), saved
 
 
 def test_requeues_are_bounded_and_a_restart_that_trained_nothing_is_not_requeued(monkeypatch, tmp_path):
