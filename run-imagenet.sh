@@ -42,7 +42,10 @@ if [ -n "${SWEEP:-}" ]; then
     echo "ERROR: this is array task $SLURM_ARRAY_TASK_ID, but $SWEEP has ${#sweep[@]} lines (tasks 0 to" \
       "$((${#sweep[@]} - 1))). HINT: sbatch --array=0-$((${#sweep[@]} - 1)) ..." >&2; exit 2
   fi
-  mapfile -t line < <(xargs printf '%s\n' <<< "${sweep[$SLURM_ARRAY_TASK_ID]}")  # words, quotes as in a shell
+  if ! words=$(xargs printf '%s\n' <<< "${sweep[$SLURM_ARRAY_TASK_ID]}" 2>&1); then  # words, quotes as in a shell
+    echo "ERROR: line $SLURM_ARRAY_TASK_ID of $SWEEP: $words" >&2; exit 2
+  fi
+  mapfile -t line <<< "$words"
   set -- "$@" "${line[@]}"
   echo "== sweep $SWEEP, task $SLURM_ARRAY_TASK_ID of ${#sweep[@]} (array job $SLURM_ARRAY_JOB_ID): ${line[*]} =="
 fi

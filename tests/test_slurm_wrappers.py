@@ -426,8 +426,9 @@ def test_time_limit_signal_to_every_lightning_rank_checkpoints_requeues_and_resu
 
 def test_a_sweep_file_gives_each_array_task_its_line_and_bad_sweeps_fail_fast(tmp_path):
     """The wrappers' sweep block alone, with a fake srun and scontrol first on PATH: array task K appends line K of
-    $SWEEP to the arguments (comments and blank lines skipped, quotes as in a shell); a task past the file's end, or
-    SWEEP without an array, is one ERROR line and exit 2, before anything starts."""
+    $SWEEP to the arguments (comments and blank lines skipped, quotes as in a shell); a task past the file's end, a line
+    with an unmatched quote, SWEEP without an array or a missing file is one ERROR line and exit 2, before anything
+    starts."""
     fake = tmp_path / "bin"
     fake.mkdir()
     (fake / "srun").write_text('#!/bin/sh\nprintf "%s\\n" "$@" > srun-args.txt\n')
@@ -436,7 +437,7 @@ def test_a_sweep_file_gives_each_array_task_its_line_and_bad_sweeps_fail_fast(tm
         (fake / tool).chmod(0o755)
     shutil.copy(REPO / "run-gpu4.sh", tmp_path)
     (tmp_path / "train.py").write_text("")
-    (tmp_path / "lrs.txt").write_text("# learning rates\n--lr=0.1\n\n  --lr=0.01 --note='a b'\n")
+    (tmp_path / "lrs.txt").write_text("# learning rates\n--lr=0.1\n\n  --lr=0.01 --note='a b'\n--note='cut off\n")
 
     def wrapper(**env):
         return subprocess.run(["bash", "run-gpu4.sh", "train.py", "--epochs=3"], cwd=tmp_path, text=True, timeout=30,
@@ -445,13 +446,15 @@ def test_a_sweep_file_gives_each_array_task_its_line_and_bad_sweeps_fail_fast(tm
                                             SLURM_JOB_NODELIST="n1", **env))
 
     r = wrapper(SWEEP="lrs.txt", SLURM_ARRAY_JOB_ID=8, SLURM_ARRAY_TASK_ID=1)
-    assert r.returncode == 0 and "== sweep lrs.txt, task 1 of 2 (array job 8): --lr=0.01 --note=a b ==" in r.stdout
+    assert r.returncode == 0 and "== sweep lrs.txt, task 1 of 3 (array job 8): --lr=0.01 --note=a b ==" in r.stdout
     assert (tmp_path / "srun-args.txt").read_text().splitlines()[-4:] == ["train.py", "--epochs=3", "--lr=0.01",
                                                                           "--note=a b"]
     (tmp_path / "srun-args.txt").unlink()
     for env, message in [
+            (dict(SWEEP="lrs.txt", SLURM_ARRAY_JOB_ID=8, SLURM_ARRAY_TASK_ID=3),
+             "ERROR: this is array task 3, but lrs.txt has 3 lines (tasks 0 to 2). HINT: sbatch --array=0-2 ..."),
             (dict(SWEEP="lrs.txt", SLURM_ARRAY_JOB_ID=8, SLURM_ARRAY_TASK_ID=2),
-             "ERROR: this is array task 2, but lrs.txt has 2 lines (tasks 0 to 1). HINT: sbatch --array=0-1 ..."),
+             "ERROR: line 2 of lrs.txt: xargs: unmatched single quote"),
             (dict(SWEEP="lrs.txt"), "ERROR: SWEEP=lrs.txt is set, but this job is not an array. HINT: sbatch --array"),
             (dict(SWEEP="nope.txt", SLURM_ARRAY_JOB_ID=8, SLURM_ARRAY_TASK_ID=0), "ERROR: sweep file 'nope.txt'")]:
         r = wrapper(**env)
