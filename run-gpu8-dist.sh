@@ -38,6 +38,7 @@ if [ -n "${SWEEP:-}" ]; then
   fi
   if [ ! -f "$SWEEP" ]; then echo "ERROR: sweep file '$SWEEP' (\$SWEEP) not found in $PWD" >&2; exit 2; fi
   mapfile -t sweep < <(grep -Ev '^[[:space:]]*(#|$)' "$SWEEP")
+  if [ ${#sweep[@]} -eq 0 ]; then echo "ERROR: sweep file '$SWEEP' has no lines of arguments" >&2; exit 2; fi
   if [ "$SLURM_ARRAY_TASK_ID" -ge "${#sweep[@]}" ]; then
     echo "ERROR: this is array task $SLURM_ARRAY_TASK_ID, but $SWEEP has ${#sweep[@]} lines (tasks 0 to" \
       "$((${#sweep[@]} - 1))). HINT: sbatch --array=0-$((${#sweep[@]} - 1)) ..." >&2; exit 2

@@ -427,8 +427,8 @@ def test_time_limit_signal_to_every_lightning_rank_checkpoints_requeues_and_resu
 def test_a_sweep_file_gives_each_array_task_its_line_and_bad_sweeps_fail_fast(tmp_path):
     """The wrappers' sweep block alone, with a fake srun and scontrol first on PATH: array task K appends line K of
     $SWEEP to the arguments (comments and blank lines skipped, quotes as in a shell); a task past the file's end, a line
-    with an unmatched quote, SWEEP without an array or a missing file is one ERROR line and exit 2, before anything
-    starts."""
+    with an unmatched quote, SWEEP without an array, a missing file or one without arguments is one ERROR line and exit
+    2, before anything starts."""
     fake = tmp_path / "bin"
     fake.mkdir()
     (fake / "srun").write_text('#!/bin/sh\nprintf "%s\\n" "$@" > srun-args.txt\n')
@@ -437,6 +437,7 @@ def test_a_sweep_file_gives_each_array_task_its_line_and_bad_sweeps_fail_fast(tm
         (fake / tool).chmod(0o755)
     shutil.copy(REPO / "run-gpu4.sh", tmp_path)
     (tmp_path / "train.py").write_text("")
+    (tmp_path / "empty.txt").write_text("# nothing yet\n\n")
     (tmp_path / "lrs.txt").write_text("# learning rates\n--lr=0.1\n\n  --lr=0.01 --note='a b'\n--note='cut off\n")
 
     def wrapper(**env):
@@ -456,7 +457,9 @@ def test_a_sweep_file_gives_each_array_task_its_line_and_bad_sweeps_fail_fast(tm
             (dict(SWEEP="lrs.txt", SLURM_ARRAY_JOB_ID=8, SLURM_ARRAY_TASK_ID=2),
              "ERROR: line 2 of lrs.txt: xargs: unmatched single quote"),
             (dict(SWEEP="lrs.txt"), "ERROR: SWEEP=lrs.txt is set, but this job is not an array. HINT: sbatch --array"),
-            (dict(SWEEP="nope.txt", SLURM_ARRAY_JOB_ID=8, SLURM_ARRAY_TASK_ID=0), "ERROR: sweep file 'nope.txt'")]:
+            (dict(SWEEP="nope.txt", SLURM_ARRAY_JOB_ID=8, SLURM_ARRAY_TASK_ID=0), "ERROR: sweep file 'nope.txt'"),
+            (dict(SWEEP="empty.txt", SLURM_ARRAY_JOB_ID=8, SLURM_ARRAY_TASK_ID=0),
+             "ERROR: sweep file 'empty.txt' has no lines of arguments")]:
         r = wrapper(**env)
         assert r.returncode == 2 and message in r.stdout, r.stdout
         assert not (tmp_path / "srun-args.txt").exists(), "nothing may be launched"
