@@ -1225,11 +1225,12 @@ def train(args, device, data_root):
                   **({} if args.synthetic else evaluate(eval_model, val_loader, device, args, amp_dtype))}
     TIMES.lap("eval")
     checksums = all_gather(param_checksum(raw_model))  # each rank's own hash: the test compares them
+    time_split = TIMES.report(f"--workers={args.workers}")  # prints its line (and a HINT)
     done = {"event": "done",
             **{k: result.get(k) for k in ("epoch", "top1", "top5", "val_loss", "val_count", "val_skipped")},
             "world_size": WORLD_SIZE, "synthetic": args.synthetic, "seconds": time.perf_counter() - t_start,
             "images_per_s": meter_images / meter_seconds if meter_seconds else None, "param_checksums": checksums,
-            "time_split": TIMES.report(f"--workers={args.workers}")}
+            "time_split": time_split}
     print0(json.dumps(done))
     if metrics:
         metrics.write(json.dumps(done) + "\n")

@@ -839,11 +839,12 @@ def train(args, device):
         print0(f"nothing to train: the checkpoint already has {start_epoch - 1} epochs (--epochs={args.epochs})")
     TIMES.lap("eval")
     checksums = all_gather(param_checksum(raw_model))  # each rank's own hash: the test compares them
+    time_split = TIMES.report("no DataLoader: MNIST sits on the device")  # prints its line (and a HINT)
     done = {"event": "done", "test_acc": result["test_acc"], "test_loss": result["test_loss"],
             "test_count": result["test_count"], "epoch": result["epoch"], "world_size": WORLD_SIZE,
             "seconds": time.perf_counter() - t_start,
             "samples_per_s": trained / train_seconds if train_seconds else None, "param_checksums": checksums,
-            "time_split": TIMES.report("no DataLoader: MNIST sits on the device")}
+            "time_split": time_split}
     print0(json.dumps(done))
     if metrics:
         metrics.write(json.dumps(done) + "\n")

@@ -299,6 +299,16 @@ def test_imagenet_wrapper_stages_once_per_node_then_trains_on_two_nodes(cluster,
     RESULTS["imagenet"] = done
 
 
+def signal_once_logged(log, text, job, sig, env):
+    """Wait until the job's log shows `text` (up to 3 minutes), then scancel --signal=SIG the job: Slurm signals every
+    process of its steps (launchers, ranks, their workers)."""
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and not (log.exists() and text in log.read_text()):
+        time.sleep(0.1)
+    assert log.exists() and text in log.read_text(), log.read_text() if log.exists() else "no log"
+    subprocess.run(["scancel", f"--signal={sig}", job], env=env, check=True)
+
+
 def test_sigterm_to_every_process_of_an_imagenet_job_with_workers_checkpoints_and_resumes_exactly(
         cluster, imagenet_job, tmp_path):
     """scancel --signal=TERM reaches every process of the step: both ranks and their 2 DataLoader workers each. The
@@ -314,11 +324,7 @@ def test_sigterm_to_every_process_of_an_imagenet_job_with_workers_checkpoints_an
     assert r.returncode == 0, r.stdout
     job_id = r.stdout.strip()
     log = workdir / f"imagenet-{job_id}.out"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and not (log.exists() and "epoch 1 step 0/" in log.read_text()):
-        time.sleep(0.1)  # the ranks train: their DataLoader workers are up
-    assert log.exists() and "epoch 1 step 0/" in log.read_text(), log.read_text() if log.exists() else "no log"
-    subprocess.run(["scancel", "--signal=TERM", job_id], env=env, check=True)
+    signal_once_logged(log, "epoch 1 step 0/", job_id, "TERM", env)  # the ranks train: their DataLoader workers are up
     state, exit_code, out = wait_for_job(cluster, job_id, workdir, timeout=120)
     assert (state, exit_code) == ("FAILED", "75:0"), out[-5000:]
     assert "stopped on SIGTERM: checkpoint at epoch 1 step 10" in out, out[-5000:]
@@ -342,11 +348,7 @@ def preempt_and_requeue(cluster, proj, mnist_dir, args, log_prefix, tmp_path):
     assert r.returncode == 0, r.stdout
     job_id = r.stdout.strip()
     log = proj / f"{log_prefix}-{job_id}.out"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and not (log.exists() and "epoch 1 step 20 " in log.read_text()):
-        time.sleep(0.2)
-    assert log.exists() and "epoch 1 step 20 " in log.read_text(), log.read_text() if log.exists() else "no log"
-    subprocess.run(["scancel", "--signal=USR1", job_id], env=env, check=True)  # to every process of the job's steps
+    signal_once_logged(log, "epoch 1 step 20 ", job_id, "USR1", env)
     state, exit_code, out = wait_for_job(cluster, job_id, proj, timeout=300)
     assert (state, exit_code) == ("COMPLETED", "0:0"), out[-5000:]
     assert f"== job {job_id} (restart 0)" in out and f"== job {job_id} (restart 1)" in out
@@ -483,11 +485,7 @@ def test_a_sweep_as_a_job_array_gives_each_task_its_own_outputs_and_requeues_res
     assert r.returncode == 0, r.stdout
     array = r.stdout.strip()
     log = proj / f"srun-gpu4-{array}_1.out"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and not (log.exists() and "epoch 1 step 20 " in log.read_text()):
-        time.sleep(0.2)
-    assert log.exists() and "epoch 1 step 20 " in log.read_text(), log.read_text() if log.exists() else "no log"
-    subprocess.run(["scancel", "--signal=USR1", f"{array}_1"], env=env, check=True)
+    signal_once_logged(log, "epoch 1 step 20 ", f"{array}_1", "USR1", env)
     for task, line in enumerate(lines):
         name = f"{array}_{task}"
         state, exit_code, out = wait_for_job(cluster, name, proj, timeout=300)
