@@ -47,12 +47,16 @@ import subprocess
 import sys
 import tarfile
 import time
+import traceback
 import warnings
 from datetime import datetime, timedelta
 
 import numpy as np
 import torch
 import torch.distributed as dist
+# imported before any process group exists: imported later (DDP does), its functions' default arguments keep
+# the default group, and with it gloo's threads, alive into interpreter shutdown
+import torch.distributed.nn  # noqa: F401
 import torch.nn.functional as F
 import torchvision
 from torch.distributed.elastic.multiprocessing.errors import record
@@ -922,11 +926,14 @@ def main(args):
             data_root = find_data(args)
             TIMES.lap("staging")  # this node's copy, then the wait for the slowest node's
         train(args, device, data_root)
+    except BaseException as e:  # a stop or an error: the frames it left hold the model, and the model its group
+        traceback.clear_frames(e.__traceback__)
+        raise
     finally:
         if dist.is_initialized():
-            # free what still holds the process group (DDP's reducer sits in reference cycles) while Python is
-            # fully alive: freed during interpreter shutdown instead, gloo's worker threads can abort the process
-            gc.collect()
+            # nothing may hold the process group past its destroy_process_group: one that outlives it keeps gloo's
+            # and the store's threads running into interpreter shutdown, which now and then aborts a finished run
+            gc.collect()  # DDP's reducer sits in reference cycles
             dist.destroy_process_group()
 
 

@@ -39,11 +39,15 @@ import struct
 import subprocess
 import sys
 import time
+import traceback
 import warnings
 from datetime import datetime, timedelta
 
 import torch
 import torch.distributed as dist
+# imported before any process group exists: imported later (DDP does), its functions' default arguments keep
+# the default group, and with it gloo's threads, alive into interpreter shutdown
+import torch.distributed.nn  # noqa: F401
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.elastic.multiprocessing.errors import record
@@ -665,11 +669,14 @@ def main(args):
     print_line(f"[rank {RANK}/{WORLD_SIZE}] local_rank {LOCAL_RANK} host {socket.gethostname()} device {device}")
     try:
         train(args, device)
+    except BaseException as e:  # a stop or an error: the frames it left hold the model, and the model its group
+        traceback.clear_frames(e.__traceback__)
+        raise
     finally:
         if dist.is_initialized():
-            # free what still holds the process group (DDP's reducer sits in reference cycles) while Python is
-            # fully alive: freed during interpreter shutdown instead, gloo's worker threads can abort the process
-            gc.collect()
+            # nothing may hold the process group past its destroy_process_group: one that outlives it keeps gloo's
+            # and the store's threads running into interpreter shutdown, which now and then aborts a finished run
+            gc.collect()  # DDP's reducer sits in reference cycles
             dist.destroy_process_group()
 
 

@@ -47,11 +47,15 @@ import struct
 import subprocess
 import sys
 import time
+import traceback
 import warnings
 from datetime import datetime, timedelta
 
 import torch
 import torch.distributed as dist
+# imported before any process group exists: imported later (DDP does), its functions' default arguments keep
+# the default group, and with it gloo's threads, alive into interpreter shutdown
+import torch.distributed.nn  # noqa: F401
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.elastic.multiprocessing.errors import record
@@ -694,6 +698,7 @@ def check_writable(ckpt_dir):
 # main
 
 RANK, LOCAL_RANK, WORLD_SIZE = 0, 0, 1
+ENGINES = contextlib.ExitStack()  # main() destroys the DeepSpeed engines before their process group
 
 
 @record  # under torchrun, a crash is written to its error file and the summary names the failing rank
@@ -753,12 +758,16 @@ def main(args):
     print_line(f"[rank {RANK}/{WORLD_SIZE}] local_rank {LOCAL_RANK} host {socket.gethostname()} device {device}")
     try:
         train(args, config, device)
+    except BaseException as e:  # a stop or an error: the frames it left hold the engine, and the engine its groups
+        traceback.clear_frames(e.__traceback__)
+        raise
     finally:
         if dist.is_initialized():
-            # free what still holds the process group (DDP's reducer sits in reference cycles) while Python is
-            # fully alive: freed during interpreter shutdown instead, gloo's worker threads can abort the process
-            gc.collect()
-            dist.destroy_process_group()
+            # nothing may hold the process group past its destroy_process_group: one that outlives it keeps gloo's
+            # and the store's threads running into interpreter shutdown, which now and then aborts a finished run
+            ENGINES.close()  # engine.destroy(): the engine's gradient hooks hold it, and it its process groups
+            gc.collect()  # the engine sits in reference cycles
+            deepspeed.comm.destroy_process_group()  # also DeepSpeed's own references to its groups
 
 
 def free_port():
@@ -799,6 +808,7 @@ def train(args, config, device):
             model_parameters=raw_model.parameters(), config=config)
     except (AssertionError, ValueError, KeyError) as e:  # DeepSpeed's config checks
         fail(f"DeepSpeed rejected the config {args.deepspeed_config or '(built-in)'}: {type(e).__name__}: {e}")
+    ENGINES.callback(engine.destroy)  # at the end, however train() ends (main)
     torch.manual_seed(args.seed + RANK)  # the weights are made: from here on each rank draws its own random numbers
     # the engine keeps the model in the config's dtype (its fp16 or bf16 section, also spelled bfloat16): feed it that
     dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else torch.float32

@@ -51,6 +51,9 @@ from datetime import datetime, timedelta
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
+# imported before any process group exists: imported later (DDP does), its functions' default arguments keep
+# the default group, and with it gloo's threads, alive into interpreter shutdown
+import torch.distributed.nn  # noqa: F401
 import torch.nn as nn
 import torch.nn.functional as F
 from pytorch_lightning.callbacks import ModelCheckpoint
@@ -896,9 +899,9 @@ def main(args):
         init_failed(e, args.dist_timeout)
     finally:
         if dist.is_initialized():
-            # free what still holds the process group (DDP's reducer sits in reference cycles) while Python is
-            # fully alive: freed during interpreter shutdown instead, gloo's worker threads can abort the process
-            gc.collect()
+            # nothing may hold the process group past its destroy_process_group: one that outlives it keeps gloo's
+            # and the store's threads running into interpreter shutdown, which now and then aborts a finished run
+            gc.collect()  # DDP's reducer sits in reference cycles
             dist.destroy_process_group()
 
 

@@ -14,6 +14,9 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
 PYTHON = sys.executable
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
+# on PYTHONPATH of every run: its sitecustomize.py names the native threads a training script leaves running at exit
+EXIT_PROBE = REPO / "tests" / "exit_probe"
+EXIT_PROBE_LINE = "EXIT PROBE: native threads alive at exit:"
 
 # variables that would change how a script decides who it is; tests set them explicitly
 LAUNCH_VARS = re.compile(r"^(RANK|LOCAL_RANK|WORLD_SIZE|LOCAL_WORLD_SIZE|GROUP_RANK|MASTER_ADDR|MASTER_PORT"
@@ -26,7 +29,7 @@ def clean_env(**extra):
     # whenever a different ninja version looks at it)
     # CUDA_VISIBLE_DEVICES empty: the runs are CPU runs on a machine with GPUs too (bit-identity and gloo are CPU
     # facts); a test that means GPUs sets it
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="",
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(EXIT_PROBE),
                PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
     env.update({k: str(v) for k, v in extra.items()})
     return env
@@ -118,7 +121,14 @@ def check_training(rc, out, world_size, epochs=2, min_acc=MIN_ACC_2_EPOCHS):
     assert [e for _, e, _ in lines] == list(range(1, epochs + 1)), "one epoch line per epoch, from rank 0 only"
     assert lines[-1][2] == pytest.approx(done["test_acc"] * 100, abs=0.01)
     check_time_split(out)
+    check_clean_exit(out)
     return done
+
+
+def check_clean_exit(out):
+    """No rank left a native thread running into interpreter shutdown (tests/exit_probe): every process group was
+    destroyed for real. One that outlives the script aborts a finished run now and then (exit code -6)."""
+    assert EXIT_PROBE_LINE not in out, [line for line in out.splitlines() if EXIT_PROBE_LINE in line]
 
 
 def slurm_job_id_with_free_port():
@@ -283,6 +293,7 @@ def check_signal_stop(cmd, workdir, expect_checkpoint, to="all", sig=signal.SIGU
                      "data wait", outs[0], re.M), "one stop line, then the stopped run's time split"
     assert list(workdir.glob(f"ckpt/{expect_checkpoint}")), sorted(p.name for p in (workdir / "ckpt").iterdir())
     assert '"event": "done"' not in outs[0]
+    check_clean_exit(outs[0] + outs[1])
     return outs
 
 

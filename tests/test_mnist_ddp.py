@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from conftest import (PYTHON, REPO, TORCHRUN, check_signal_stop, check_srun_style, check_training, clean_env,
-                      check_profile, check_time_split, done_record, epoch_lines, run, run_srun_style, run_torchrun,
-                      start, tensorboard_scalars, timed)
+from conftest import (EXIT_PROBE_LINE, PYTHON, REPO, TORCHRUN, check_signal_stop, check_srun_style, check_training,
+                      clean_env, check_profile, check_time_split, done_record, epoch_lines, run, run_srun_style,
+                      run_torchrun, start, tensorboard_scalars, timed)
 
 sys.path.insert(0, str(REPO))
 import mnist_ddp  # noqa: E402  (only its pure functions are used here)
@@ -77,6 +77,21 @@ def test_launch_env_refuses_the_batch_script_of_a_multi_task_job():
 
 def test_launch_env_single_process():
     assert mnist_ddp.launch_env({}) == (0, 0, 1, None, None)
+
+
+# ---------------------------------------------------------------------------- unit: the exit probe
+
+def test_the_exit_probe_names_a_process_group_left_running(tmp_path):
+    """check_clean_exit relies on tests/exit_probe: it must load in a script's run and see gloo's threads when a
+    process group is never destroyed (here a named copy of a script that forgets it), and see none when it is."""
+    (tmp_path / "mnist_ddp.py").write_text(
+        "import sys\nimport torch.distributed as dist\n"
+        f"dist.init_process_group('gloo', init_method='file://{tmp_path}/store' + sys.argv[1], rank=0, world_size=1)\n"
+        "if sys.argv[1] == 'destroy':\n    dist.destroy_process_group()\n")
+    _, out = run([PYTHON, "mnist_ddp.py", "leak"], env=clean_env(), cwd=tmp_path, timeout=60)
+    assert re.search(rf"^{re.escape(EXIT_PROBE_LINE)} .*pt_gloo_runloop", out, re.M), out[-2000:]
+    rc, out = run([PYTHON, "mnist_ddp.py", "destroy"], env=clean_env(), cwd=tmp_path, timeout=60)
+    assert rc == 0 and EXIT_PROBE_LINE not in out, out[-2000:]
 
 
 # ---------------------------------------------------------------------------- real trainings

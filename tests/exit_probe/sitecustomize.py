@@ -1,0 +1,40 @@
+"""Loaded by every Python process the tests start (conftest puts this folder on PYTHONPATH). In a run of one of the
+training scripts it names, at exit, after the script's own code and its atexit handlers, the native threads still
+running that their library named (torch's pt_*, gloo's): Python's own threads and unnamed ones (which carry the
+process's name, as MPI's progress thread does: MPI_Finalize ends it after Python's shutdown) aside.
+
+A process group that outlives the script (something still holds it after destroy_process_group) keeps gloo's and
+the TCPStore's threads running into interpreter shutdown, where tearing them down now and then aborts a run that
+finished ("terminate called without an active exception", exit code -6). A test that asserts this line is absent
+finds that on every run, not once in a few dozen."""
+import atexit
+import os
+import sys
+import threading
+
+PROBE_LINE = "EXIT PROBE: native threads alive at exit:"
+# the training scripts: the .py files beside tests/ (a test may run a copy of one from elsewhere)
+SCRIPTS = {name for name in os.listdir(os.path.join(os.path.dirname(__file__), "..", "..")) if name.endswith(".py")}
+
+
+def native_threads_left():
+    python_threads = {str(t.native_id) for t in threading.enumerate()}  # the main thread among them
+    with open("/proc/self/comm") as f:
+        unnamed = f.read().strip()
+    names = []
+    for tid in os.listdir("/proc/self/task"):
+        if tid in python_threads:
+            continue
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                name = f.read().strip()
+        except OSError:  # it ended meanwhile
+            continue
+        if name != unnamed:
+            names.append(name)
+    if names:
+        print(f"{PROBE_LINE} {', '.join(sorted(names))}", file=sys.stderr, flush=True)
+
+
+if os.path.isdir("/proc/self/task") and sys.argv and os.path.basename(sys.argv[0]) in SCRIPTS:
+    atexit.register(native_threads_left)
