@@ -10,13 +10,14 @@ from pathlib import Path
 
 import pytest
 
+from exit_probe.sitecustomize import PROBE_LINE as EXIT_PROBE_LINE
+
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
 PYTHON = sys.executable
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 # on PYTHONPATH of every run: its sitecustomize.py names the native threads a training script leaves running at exit
 EXIT_PROBE = REPO / "tests" / "exit_probe"
-EXIT_PROBE_LINE = "EXIT PROBE: native threads alive at exit:"
 
 # variables that would change how a script decides who it is; tests set them explicitly
 LAUNCH_VARS = re.compile(r"^(RANK|LOCAL_RANK|WORLD_SIZE|LOCAL_WORLD_SIZE|GROUP_RANK|MASTER_ADDR|MASTER_PORT"
