@@ -1,417 +1,70 @@
 """
-Train a small CNN on MNIST with PyTorch DistributedDataParallel (DDP), on one process or many.
-
-The same file runs under every launcher, unchanged:
+Train a small CNN on MNIST with PyTorch DistributedDataParallel (DDP), on one process or many:
 
     python mnist_ddp.py --epochs=1                           # one process (a GPU if there is one, else CPU)
     torchrun --standalone --nproc_per_node=2 mnist_ddp.py    # 2 processes on this machine
-    torchrun --nnodes=2 --nproc_per_node=4 --rdzv_backend=c10d \
-        --rdzv_endpoint=FIRST_NODE:PORT --rdzv_id=JOB_ID mnist_ddp.py   # one torchrun per node
     srun python mnist_ddp.py                                 # inside a Slurm job, one task per GPU
-    sbatch run-gpu4-dist.sh mnist_ddp.py --epochs=100        # the wrapper does the above for you
+    sbatch run-gpu4-dist.sh mnist_ddp.py --epochs=100        # the job script does the above for you
 
-Data: --data-dir (default $DATA_DIR, else ./data) must hold MNIST/raw/ in torchvision's layout; local rank 0
-of each node downloads it if it is missing. Compute nodes are often offline: download on the login node with
-    python mnist_ddp.py --download-only --data-dir /path/to/data
+Copy three files: this script, cluster.py (the plumbing it calls) and a job script.
+--data-dir (default $DATA_DIR, else ./data) holds MNIST/raw/; local rank 0 of each node downloads it if missing. Compute
+nodes are often offline: download on the login node with `python mnist_ddp.py --download-only --data-dir DIR`.
 
 Expected (2 CPU processes, gloo, the 5,000-digit training sample; full MNIST reaches higher):
     torchrun --standalone --nproc_per_node=2 mnist_ddp.py --epochs=2 --data-dir ../shared/data
     -> test accuracy 95.4% on the 10,000 official test digits, about 2 s per epoch (2 vCPUs).
 
-Make it yours: replace the data section (MNIST is tiny, so it sits on the device whole and a batch is an index
-gather; real data needs a Dataset, DistributedSampler and DataLoader with workers: see imagenet_ddp.py), Net, and
-evaluate()'s metrics. Keep the distributed setup, the loop's set_epoch and stop_check calls, the checkpoint and
-resume blocks and the finally teardown: they make the launchers, preemption and exact resume work. --batch-size is
-per process: the global batch is world size times larger.
+Make it yours: the data section (MNIST sits on the device whole; real data needs a Dataset, DistributedSampler and
+DataLoader with workers, as in imagenet_ddp.py), Net, evaluate(), the optimizer. Keep the cluster.* calls, set_epoch
+and the resume block: they make the launchers, preemption and exact resume work. --batch-size is per process.
 """
 import argparse
-import contextlib
-import gc
-import glob
-import hashlib
 import io
-import json
 import os
-import re
-import signal
-import socket
 import struct
-import subprocess
-import sys
 import time
-import traceback
-import warnings
-from datetime import datetime, timedelta
+from contextlib import redirect_stderr, redirect_stdout
 
 import torch
-import torch.distributed as dist
-# imported before any process group exists: imported later (DDP does), its functions' default arguments keep
-# the default group, and with it gloo's threads, alive into interpreter shutdown
-import torch.distributed.nn  # noqa: F401
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DistributedSampler
 
+try:
+    import cluster  # the plumbing every script here shares: each line that calls it is one to keep
+except ModuleNotFoundError as e:  # copied without it
+    raise SystemExit(f"ERROR: {__file__} needs cluster.py beside it: copy cluster.py from the same repository") \
+        if e.name == "cluster" else e from None
+
 # -----------------------------------------------------------------------------
-# config
-
-
-def positive_int(text):
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+# options
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="MNIST with DistributedDataParallel")
-    p.add_argument("--epochs", type=positive_int, default=2, help="number of epochs to train (default: 2)")
-    p.add_argument("--batch-size", type=positive_int, default=64, help="training batch size per process (default: 64)")
-    p.add_argument("--test-batch-size", type=positive_int, default=1000,
-                   help="evaluation batch size per process (default: 1000)")
+    positive = cluster.positive_int  # sizes and counts
+    p.add_argument("--epochs", type=positive, default=2, help="number of epochs to train (default: 2)")
+    p.add_argument("--batch-size", type=positive, default=64, help="training batch size per process (default: 64)")
+    p.add_argument("--test-batch-size", type=positive, default=1000, help="test batch size per process (default: 1000)")
     p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (default: 3e-3)")
     p.add_argument("--gamma", type=float, default=0.7, help="learning-rate decay per epoch (default: 0.7)")
     p.add_argument("--seed", type=int, default=1, help="random seed (default: 1)")
     p.add_argument("--data-dir", default=os.environ.get("DATA_DIR", "./data"),
                    help="holds MNIST/raw (default: $DATA_DIR, else ./data)")
-    p.add_argument("--download-only", action="store_true",
-                   help="download MNIST into --data-dir and exit (run on a login node)")
-    p.add_argument("--output-dir", default="./out",
-                   help="the metrics JSONL file and tensorboard/RUN go here (default: ./out)")
-    p.add_argument("--checkpoint-dir", default=os.environ.get("CHECKPOINT_DIR"),
-                   help="save every epoch and resume from the latest checkpoint here (default: $CHECKPOINT_DIR, else "
-                        "no checkpoints)")
-    p.add_argument("--log-interval", type=positive_int, default=20, help="steps between loss prints (default: 20)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                   help="auto: a GPU if there is one (default: auto)")
+    p.add_argument("--download-only", action="store_true", help="download MNIST into --data-dir and exit")
     p.add_argument("--amp", action="store_true",
                    help="mixed precision on GPU: bfloat16, or float16 with loss scaling before Ampere (CPU: float32)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--profile", action="store_true",
-                   help="trace 5 training steps on rank 0 with torch.profiler (after 8 to warm up): a table of the "
-                        "slowest operators and a trace file for Perfetto or TensorBoard (default: off)")
-    p.add_argument("--dist-timeout", type=positive_int, default=600,
-                   help="seconds the ranks wait for each other, at start and in every collective (default: 600)")
-    return p.parse_args(argv)
-
-
-# -----------------------------------------------------------------------------
-# distributed setup
-
-
-def first_host(nodelist):
-    """First host of a Slurm nodelist: 'n[1-2]' -> 'n1', 'gpu-[001-004,010],cpu1' -> 'gpu-001'."""
-    depth, end = 0, len(nodelist)
-    for i, ch in enumerate(nodelist):  # the first comma outside brackets ends the first group
-        depth += {"[": 1, "]": -1}.get(ch, 0)
-        if ch == "," and depth == 0:
-            end = i
-            break
-    return re.sub(r"\[([^\]]*)\]", lambda m: re.split(r"[-,]", m.group(1))[0], nodelist[:end])
-
-
-def launch_env(env=os.environ):
-    """Who am I? torchrun's variables first, else srun's, else a single process.
-    Returns rank, local_rank, world_size, and the MASTER_ADDR/PORT to use (None when already set)."""
-    if "RANK" in env and "WORLD_SIZE" in env:  # torchrun (or set by hand): it also sets MASTER_ADDR/PORT
-        return int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"]), None, None
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:  # srun: one task per GPU
-        world_size = int(env.get("SLURM_STEP_NUM_TASKS", env["SLURM_NTASKS"]))
-        if world_size > 1 and "SLURM_STEP_ID" not in env:  # the job's batch script itself: the other ranks never come
-            raise SystemExit(f"ERROR: this job has {world_size} tasks, but this process was not started by srun, so it "
-                             f"would wait for {world_size - 1} ranks that never start. HINT: srun python "
-                             f"{os.path.basename(__file__)} ..., "
-                             "or submit with one of the run-gpu*.sh wrappers")
-        # every rank computes the same address and port: rank 0 runs on the first node of the job,
-        # and the port comes from the job id so that two jobs sharing a node do not collide
-        addr = env.get("MASTER_ADDR") or first_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1"))
-        port = env.get("MASTER_PORT") or str(10000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
-        return int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), world_size, addr, port
-    return 0, 0, 1, None, None
-
-
-def print0(message, file=sys.stdout):
-    if RANK == 0:
-        print_line(message, file)
-
-
-def print_line(message, file=sys.stdout):
-    """One write per line, so that lines from several ranks sharing a log never interleave mid-line."""
-    file.write(f"{message}\n")
-    file.flush()
-
-
-def fail(message, speak=None):
-    """One clear line, from rank 0 unless `speak` says whether this rank prints it, then a non-zero exit on every
-    rank (the finally block tears down). The other ranks exit a moment later: torchrun and srun --kill-on-bad-exit
-    end every rank once one fails, and the rank that speaks may not have printed yet."""
-    if RANK == 0 if speak is None else speak:
-        print_line(f"ERROR: {message}", sys.stderr)
-    if RANK != 0:
-        time.sleep(3)
-    raise SystemExit(1)
-
-
-def all_ranks_ok(ok, device):
-    """Agree on a flag across ranks; doubles as a barrier. False if any rank reported a failure."""
-    if WORLD_SIZE == 1:
-        return ok
-    flag = torch.tensor([1 if ok else 0], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
-
-
-def all_gather(obj):
-    """Every rank's obj, in rank order."""
-    if WORLD_SIZE == 1:
-        return [obj]
-    out = [None] * WORLD_SIZE
-    dist.all_gather_object(out, obj)
-    return out
-
-# the oldest NVIDIA driver each CUDA major version runs on (CUDA's minor-version compatibility)
-CUDA_DRIVER_FLOOR = {"13": 580, "12": 525, "11": 450}
-
-
-def unusable_gpus(env=os.environ):
-    """None, or the error when the job was given GPUs (CUDA_VISIBLE_DEVICES, else Slurm's SLURM_JOB_GPUS or
-    SLURM_GPUS_ON_NODE) that torch cannot use, e.g. behind a driver older than torch's CUDA build: without this check
-    a 4-GPU job would train on the CPU and look fine."""
-    if torch.cuda.is_available():
-        return None
-    for var in ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_GPUS", "SLURM_GPUS_ON_NODE"):
-        value = env.get(var, "").strip()
-        if value in ("", "-1", "NoDevFiles") or (var == "SLURM_GPUS_ON_NODE" and value == "0"):
-            continue  # no GPU given this way
-        cuda = torch.version.cuda
-        if cuda is None:
-            needs = "it is a CPU-only build"
-        else:
-            needs = (f"it is a build for CUDA {cuda}, which needs an NVIDIA driver >= "
-                     f"{CUDA_DRIVER_FLOOR.get(cuda.split('.')[0])} (nvidia-smi shows yours)")
-            if cuda.startswith("13"):  # CUDA 13 builds have no kernels for GPUs before Turing
-                needs += " and a GPU of compute capability >= 7.5"
-        return (f"this job was given GPUs ({var}={value}), but torch {torch.__version__} cannot use them: {needs}. "
-                "HINT: install the torch build that matches the cluster's driver, or pass --device=cpu to train on "
-                "CPU anyway")
-    return None
-
-
-def gpu_index(local_rank, env=os.environ):
-    """Which of the GPUs this process sees (torch.cuda.device_count()) it trains on: one process per GPU. Raises
-    ValueError when this node runs more processes than they see GPUs (two ranks on one GPU fail in NCCL).
-    - Each process sees all of the node's GPUs (torchrun; srun with --gres=gpu:N or --gpus-per-node): GPU local_rank.
-    - Each srun task sees only its own (--gpus-per-task=1, --gpu-bind, --ntasks-per-gpu, a site default): fewer than
-      Slurm gave the step on this node (SLURM_GPUS_ON_NODE). It takes the first."""
-    visible = torch.cuda.device_count()
-    launcher = next((v for v in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE") if v in env), None)
-    if launcher:  # torchrun, DeepSpeed's launcher or mpirun started this node's processes: they see the same GPUs
-        local_size = int(env[launcher])
-    elif "SLURM_STEP_ID" in env and "SLURM_STEP_TASKS_PER_NODE" in env:  # srun: "4", or "2(x3),1" (2 on 3 nodes, 1)
-        if 0 < visible < int(env.get("SLURM_GPUS_ON_NODE") or 0):
-            return 0  # this task was given its own GPU(s)
-        per_node = [int(n) for n, times in re.findall(r"(\d+)(?:\(x(\d+)\))?", env["SLURM_STEP_TASKS_PER_NODE"])
-                    for _ in range(int(times or 1))]
-        local_size = per_node[min(int(env.get("SLURM_NODEID", 0)), len(per_node) - 1)]
-    else:
-        local_size = 1
-    local_size = max(local_size, local_rank + 1)  # a launcher that says nothing: at least this many
-    if local_size > visible:
-        raise ValueError(f"{local_size} processes on {socket.gethostname()} share {visible} "
-                         f"visible GPU(s) (CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', 'unset')}); two ranks "
-                         "on one GPU fail in NCCL. HINT: one process per GPU: as many tasks per node (srun) or "
-                         "--nproc-per-node (torchrun) as GPUs per node, or --gpus-per-task=1")
-    return local_rank
-
-
-def autocast_dtype(device):
-    """The GPU's mixed-precision type: bfloat16 where it computes it natively (compute capability 8.0 and later: A100,
-    H100, L4, RTX 30xx and newer), else float16, which needs loss scaling (a GradScaler). torch.cuda.is_bf16_supported()
-    also says yes on 7.5 (T4, RTX 20xx), where bfloat16 is emulated, slowly."""
-    return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
-
-
-def init_failed(error, timeout):
-    """The ranks could not form their process group: each rank says why, from where it stands."""
-    reason = str(error).splitlines()[0][:200]
-    where = f"MASTER_ADDR:MASTER_PORT = {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
-    if "EADDRINUSE" in reason:  # rank 0 cannot listen: another program, or another job, holds the port
-        fail(f"rank 0 cannot listen on {where} ({reason}). HINT: the port is in use; unset MASTER_PORT to derive one "
-             "from the job id, or pick a free one", speak=True)
-    fail(f"rank {RANK} on {socket.gethostname()} did not meet the other ranks at {where} within {timeout:g} s "
-         f"({reason}). HINT: a rank that could not start says why in this log; else check that MASTER_ADDR is the "
-         "job's first node and reachable from here", speak=True)
-
-
-# Preemption: Slurm sends SIGUSR1 before the time limit (the wrappers ask for it with --signal) and SIGTERM when it
-# cancels or preempts. The handler only notes the signal; the training loop checks it at step boundaries, all ranks
-# agree, rank 0 writes a mid-epoch checkpoint, and the job requeues itself (on SIGUSR1) and exits with EXIT_RESUMABLE.
-# Without a signal (no --signal, a container that swallows it, a grace time too short), rank 0 stops the same way
-# when the job's end is near (NEAR_END). MAX_REQUEUES (default 20) bounds the requeues.
-STOP_SIGNALS = {signal.SIGUSR1: "SIGUSR1", signal.SIGTERM: "SIGTERM"}
-NEAR_END = 1           # not a signal we handle: the ranks' agreed "stop" when rank 0 finds the end time near
-STOP_CHECK_EVERY = 10  # steps between the (tiny) all-reduces that agree on stopping
-EXIT_RESUMABLE = 75    # "try again": stopped on a signal with a checkpoint; run the same command to resume
-received_signals = []
-stop_clock = {}        # rank 0: the job's end time, the last check's time, the longest gap between two checks
-
-
-def on_stop_signal(signum, frame):
-    received_signals.append(signum)
-
-
-def slurm_seconds(text):
-    """Seconds in Slurm's [days-][hours:]minutes:seconds ('1-02:03:04', '59:30'); None for UNLIMITED and the like."""
-    m = re.fullmatch(r"(?:(\d+)-)?(?:(\d+):)?(\d+):(\d+)", text.strip())
-    return None if m is None else ((int(m[1] or 0) * 24 + int(m[2] or 0)) * 60 + int(m[3])) * 60 + int(m[4])
-
-
-def job_end_time(env=os.environ):
-    """When Slurm ends this job (time.time() seconds), or None: SLURM_JOB_END_TIME where Slurm sets it (23.02 and
-    later), else the time left that squeue reports. Rank 0 asks once: a thousand ranks asking would load slurmctld."""
-    if env.get("SLURM_JOB_END_TIME", "").isdigit():
-        return float(env["SLURM_JOB_END_TIME"])
-    if not env.get("SLURM_JOB_ID"):
-        return None
-    try:
-        r = subprocess.run(["squeue", "-h", "-j", env["SLURM_JOB_ID"], "-o", "%L"], stdout=subprocess.PIPE,
-                           stderr=subprocess.DEVNULL, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):  # no Slurm client here, or slurmctld not answering
-        return None
-    left = slurm_seconds(r.stdout) if r.returncode == 0 else None
-    return None if left is None else time.time() + left
-
-
-def near_end():
-    """Rank 0, at each stop check: is the job's end nearer than STOP_MARGIN seconds (default 60) plus the longest this
-    run has taken from one check to the next (10 steps, or an epoch's end with its evaluation and checkpoint)? Then
-    the next check might come too late to save."""
-    now = time.time()
-    if not stop_clock:  # the first check of this run
-        stop_clock.update(end=job_end_time(), last=now, gap=0.0)
-    stop_clock["gap"], stop_clock["last"] = max(stop_clock["gap"], now - stop_clock["last"]), now
-    if stop_clock["end"] is None:
-        return False
-    stop_clock["left"] = stop_clock["end"] - now
-    return stop_clock["left"] < float(os.environ.get("STOP_MARGIN") or 60) + stop_clock["gap"]
-
-
-def stop_signal(device, watch_end=True):
-    """The stop signal any rank received (NEAR_END: rank 0 found the end near, if `watch_end`; 0: none), the same on
-    every rank at the same step."""
-    near = watch_end and RANK == 0 and near_end()
-    signum = torch.tensor([max(received_signals + [NEAR_END if near else 0])], device=device)
-    if WORLD_SIZE > 1:
-        dist.all_reduce(signum, op=dist.ReduceOp.MAX)
-    return int(signum.item())
-
-
-def stop_check(device, checkpoint, epoch, step):
-    """Called at the same steps on every rank, and once before the first step (epoch 0: signals only; the end time is
-    first read at the next check). If any rank received a stop signal or the end is near: write a checkpoint at
-    `step` of `epoch` (step 0: the end of the epoch, already written; checkpoint None: no --checkpoint-dir), requeue
-    the Slurm job unless it is being cancelled (SIGTERM), restarted MAX_REQUEUES times already, or stopped again before
-    training a step, then exit EXIT_RESUMABLE on every rank."""
-    signum = stop_signal(device, watch_end=epoch > 0)
-    if not signum:
-        return
-    if checkpoint and step:
-        checkpoint(epoch, step)
-    where = f"epoch {epoch} step {step}" if step else f"the end of epoch {epoch}"
-    message = ("nothing trained yet in this run" if not epoch else f"checkpoint at {where}" if checkpoint
-               else "no --checkpoint-dir, nothing saved")
-    job_id, restarts = os.environ.get("SLURM_JOB_ID"), int(os.environ.get("SLURM_RESTART_COUNT") or 0)
-    cap = int(os.environ.get("MAX_REQUEUES") or 20)
-    requeued = False
-    if RANK == 0 and job_id and signum != signal.SIGTERM:
-        if restarts >= cap:
-            message += f"; not requeued: job {job_id} has restarted {restarts} times (MAX_REQUEUES={cap})"
-        elif restarts and not epoch:  # a requeue would only repeat this: start-up alone outlasts the time left
-            message += f"; not requeued: this restart of job {job_id} stopped before its first step, as the next would"
-        else:
-            try:
-                r = subprocess.run(["scontrol", "requeue", job_id], stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, text=True)
-                why = None if r.returncode == 0 else " ".join(r.stdout.split())[:300]  # one line for the log
-            except OSError as e:  # no scontrol here, e.g. in a container without Slurm's client
-                why = f"scontrol: {e.strerror}"
-            requeued = why is None
-            message += f"; requeued job {job_id}" if requeued else f"; could not requeue job {job_id}: {why}"
-        if not requeued:
-            message += ". Resubmit the same command to resume"
-    cause = (f"on {STOP_SIGNALS[signum]}" if signum in STOP_SIGNALS
-             else f"{stop_clock.get('left', 0):.0f} s before the time limit, with no signal")
-    TIMES.lap("compute")
-    print0(f"stopped {cause}: {message}")
-    print0(TIMES.words())  # this run's, as the done line has it: each requeued run of a long job has its own
-    all_ranks_ok(True, device)  # the others wait for the requeue: an early exit could make the launcher end rank 0
-    for signum in STOP_SIGNALS:  # from here a SIGTERM (srun --kill-on-bad-exit ending the other tasks once one has
-        signal.signal(signum, signal.SIG_IGN)  # exited 75) must not turn an exit 75 into a death by signal (143)
-    raise SystemExit(EXIT_RESUMABLE)
-
-
-# Where the time went: TIMES is a stopwatch whose laps name what the time since the previous lap was spent on, so the
-# parts add up to the wall time from this process's start to its last lap. Host clocks only: on a GPU the host runs
-# ahead of the kernels it queues, and the GPU's time shows where the host waits for it (a loss .item(), an all-reduce,
-# a full launch queue), in "compute". No lap syncs the GPU.
-TIME_PARTS = {"startup": "start-up", "staging": "staging", "data": "data wait", "compute": "compute",
-              "eval": "evaluation", "checkpoint": "checkpoints"}
-DATA_WAIT_HINT = 0.1  # a HINT when a rank waits for its batches longer than this share of its training steps' time
-
-
-def process_start():
-    """This process's start on time.perf_counter()'s clock, as Linux records it (/proc/self/stat: clock ticks after
-    boot); elsewhere now, and the imports before go uncounted."""
-    try:
-        with open("/proc/self/stat") as f:  # field 22, after the name in parentheses (which may hold spaces)
-            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
-        age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, AttributeError):
-        age = 0.0
-    return time.perf_counter() - max(age, 0.0)
-
-
-class TimeSplit:
-    def __init__(self):
-        self.seconds, self.last = dict.fromkeys(TIME_PARTS, 0.0), process_start()
-
-    def lap(self, part):
-        """The time since the previous lap went to `part`."""
-        now = time.perf_counter()
-        self.seconds[part] += now - self.last
-        self.last = now
-
-    def words(self):
-        total = sum(self.seconds.values())
-        return f"time on rank 0, {total:.1f} s: " + ", ".join(
-            f"{TIME_PARTS[part]} {100 * s / total:.0f}%" for part, s in self.seconds.items() if s)
-
-    def report(self, loader):
-        """At the end: rank 0's split in one line of words, and in seconds for the done line. A HINT when a rank
-        waited for data longer than DATA_WAIT_HINT of its training steps' time (`loader`: how its batches are made)."""
-        print0(self.words())
-        waits = all_gather(self.seconds["data"] / max(self.seconds["data"] + self.seconds["compute"], 1e-9))
-        worst = max(range(len(waits)), key=waits.__getitem__)
-        if waits[worst] > DATA_WAIT_HINT:
-            usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-            print0(f"HINT: rank {worst} waited for data {100 * waits[worst]:.0f}% of its training steps' time: the "
-                   f"input, not the model, sets the pace. Make batches in more DataLoader worker processes (--workers; "
-                   f"now {loader}), up to the CPUs per task (SLURM_CPUS_PER_TASK="
-                   f"{os.environ.get('SLURM_CPUS_PER_TASK', 'unset')}, {usable} usable here; sbatch --cpus-per-task)")
-        return {part: round(s, 4) for part, s in self.seconds.items()}
-
-
-TIMES = TimeSplit()
+    # --log-interval, --output-dir, --checkpoint-dir, --device, --profile, --dist-timeout; in a job array, this
+    # task's line of $SWEEP is appended to the command line
+    return cluster.parse_args(p, argv, log_interval=20)
 
 
 # -----------------------------------------------------------------------------
 # data
 
 MEAN, STD = 0.1307, 0.3081  # MNIST training-set pixel statistics
-
-
 MNIST_FILES = {True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
                False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 
@@ -422,9 +75,8 @@ def download_mnist(data_dir):
     if all(os.path.exists(os.path.join(raw, name)) for names in MNIST_FILES.values() for name in names):
         return None
     from torchvision import datasets  # imported only to download: it adds seconds to every process's start
-    quiet = io.StringIO()  # torchvision prints one line per mirror tried; keep the log short
     try:
-        with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+        with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):  # a line per mirror tried: keep it short
             for train in (True, False):
                 datasets.MNIST(data_dir, train=train, download=True)
         return None
@@ -432,21 +84,17 @@ def download_mnist(data_dir):
         return " ".join(f"{type(e).__name__}: {e}".split())[:300]  # one line for the log
 
 
-def read_idx(path):
-    """An MNIST idx file as a uint8 tensor: 4 magic bytes (the last one: the number of dimensions), each dimension's
-    size as a big-endian int32, then the data."""
-    with open(path, "rb") as f:
-        data = f.read()
-    ndim = data[3]
-    shape = struct.unpack(f">{ndim}i", data[4:4 + 4 * ndim])
-    return torch.frombuffer(bytearray(data[4 + 4 * ndim:]), dtype=torch.uint8).view(shape)
-
-
 def load_mnist(data_dir, train, device):
-    """The whole split as one normalized tensor: MNIST is tiny, so no DataLoader, no per-sample transforms."""
-    images, labels = (read_idx(os.path.join(data_dir, "MNIST", "raw", name)) for name in MNIST_FILES[train])
-    x = images.to(device=device, dtype=torch.float32).div_(255).sub_(MEAN).div_(STD).unsqueeze_(1)
-    return x, labels.long().to(device)
+    """The whole split as one normalized tensor: MNIST is tiny, so no DataLoader, no per-sample transforms. An idx
+    file: 4 magic bytes (the last: the number of dimensions), each dimension's size as a big-endian int32, the data."""
+    tensors = []
+    for name in MNIST_FILES[train]:
+        with open(os.path.join(data_dir, "MNIST", "raw", name), "rb") as f:
+            data = f.read()
+        shape = struct.unpack(f">{data[3]}i", data[4:4 + 4 * data[3]])
+        tensors.append(torch.frombuffer(bytearray(data[4 + 4 * data[3]:]), dtype=torch.uint8).view(shape))
+    x = tensors[0].to(device=device, dtype=torch.float32).div_(255).sub_(MEAN).div_(STD).unsqueeze_(1)
+    return x, tensors[1].long().to(device)
 
 
 # -----------------------------------------------------------------------------
@@ -467,319 +115,95 @@ class Net(nn.Module):
         return self.fc2(F.relu(self.fc1(x.flatten(1))))
 
 
-def param_checksum(model):
-    """A hash of every parameter's bytes: equal on all ranks iff the replicas are bit-identical."""
-    h = hashlib.sha256()
-    for p in model.state_dict().values():
-        h.update(p.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())  # bytes: also for bfloat16
-    return h.hexdigest()[:16]
-
-
 @torch.no_grad()
 def evaluate(model, x, y, batch_size, device):
     """Exact test metrics: rank r scores digits r, r+W, r+2W, ... (no padding, no digit twice), then sums."""
     model.eval()
-    xs, ys = x[RANK::WORLD_SIZE], y[RANK::WORLD_SIZE]
+    xs, ys = x[cluster.RANK::cluster.WORLD_SIZE], y[cluster.RANK::cluster.WORLD_SIZE]
     stats = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
     for i in range(0, len(xs), batch_size):
         out = model(xs[i:i + batch_size]).float()
         stats[0] += F.cross_entropy(out, ys[i:i + batch_size], reduction="sum")
         stats[1] += (out.argmax(1) == ys[i:i + batch_size]).sum()
     stats[2] = len(xs)
-    if WORLD_SIZE > 1:
-        dist.all_reduce(stats)
+    if cluster.WORLD_SIZE > 1:
+        torch.distributed.all_reduce(stats)
     loss_sum, correct, count = stats.tolist()
     return loss_sum / count, correct / count, int(count)
 
 
 # -----------------------------------------------------------------------------
-# checkpoints
-
-
-def rng_state(device):
-    """This rank's random state: the CPU generator's and, on a GPU, the GPU's (dropout and the like draw from it)."""
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state, device):
-    state = state if isinstance(state, dict) else {"cpu": state}  # a checkpoint from before the GPU's was saved
-    torch.set_rng_state(state["cpu"].cpu())
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
-
-
-def save_checkpoint(ckpt_dir, name, state, keep=2):
-    """Atomic: write a temporary file, fsync, rename. A crash mid-save leaves the previous checkpoint intact.
-    Names sort in training order: epoch_0003.pt, then epoch_0003_step_0000120.pt (3 epochs and 120 steps done)."""
-    path = os.path.join(ckpt_dir, f"{name}.pt")
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(state, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    for old in sorted(glob.glob(os.path.join(ckpt_dir, "epoch_*.pt")))[:-keep]:
-        os.remove(old)
-    return path
-
-
-def run_name(env=os.environ):
-    """What names this run's outputs (metrics file, TensorBoard run, profile): ARRAYJOB_TASK in a task of a Slurm job
-    array (a sweep, sbatch --array), else the job id, else the start time. A requeued job keeps its name."""
-    if env.get("SLURM_ARRAY_TASK_ID"):
-        return f"{env.get('SLURM_ARRAY_JOB_ID')}_{env['SLURM_ARRAY_TASK_ID']}"
-    return env.get("SLURM_JOB_ID") or datetime.now().strftime("%Y%m%d-%H%M%S")
-
-
-def task_checkpoint_dir(checkpoint_dir, env=os.environ):
-    """The tasks of a job array share their command line, but none may resume another's checkpoints: each keeps its
-    own in --checkpoint-dir/ARRAYJOB_TASK, where its requeues find them."""
-    if checkpoint_dir and env.get("SLURM_ARRAY_TASK_ID"):
-        return os.path.join(checkpoint_dir, run_name(env))
-    return checkpoint_dir
-
-
-PROFILE_STEPS = {"wait": 5, "warmup": 3, "active": 5}  # steps skipped, traced but dropped (warm-up), traced and kept
-
-
-def profiler(args, device, name):
-    """With --profile, torch.profiler on rank 0 over a few steps (PROFILE_STEPS; the loop calls .step() after each),
-    CUDA kernels included on a GPU. The trace goes to --output-dir/profile-NAME.json (Perfetto, chrome://tracing and
-    TensorBoard's profile plugin open it) and the operators that took longest are printed as one short table. None
-    without --profile, or on other ranks: it then costs nothing."""
-    if not args.profile or RANK != 0:
-        return None
-    from torch.profiler import ProfilerActivity, profile, schedule
-    cuda = device.type == "cuda"
-    path = os.path.join(args.output_dir, f"profile-{name}.json")
-
-    def report(prof):
-        prof.export_chrome_trace(path)
-        table = prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
-                                          row_limit=8, max_name_column_width=40)
-        print_line(f"profile of {PROFILE_STEPS['active']} steps on rank 0, slowest operators first (the trace: {path}, "
-                   f"open it in https://ui.perfetto.dev):\n{table}")
-
-    prof = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []),
-                   schedule=schedule(**PROFILE_STEPS, repeat=1), on_trace_ready=report)
-    prof.start()
-    return prof
-
-
-def tensorboard(output_dir, name, purge_step):
-    """Rank 0's TensorBoard writer into output_dir/tensorboard/name (None on other ranks). A requeued or resumed run
-    writes into its first run's folder from step `purge_step` on; TensorBoard drops what the interrupted run wrote from
-    there, so no point shows twice. Without tensorboard installed the script trains all the same."""
-    if RANK != 0:
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter  # imported here: the script runs without tensorboard
-    except ImportError:
-        print_line("NOTE: tensorboard is not installed (pip install tensorboard): no TensorBoard curves; the metrics "
-                   "JSONL file has the same numbers")
-        return None
-    return SummaryWriter(os.path.join(output_dir, "tensorboard", name), purge_step=purge_step)
-
-
-def check_same_run(path, saved, run):
-    """Refuse to resume a checkpoint that another run wrote: going on from it with other settings (`run`: what changes
-    the result, and the world size) would give a mix that neither run describes. --epochs may grow. A checkpoint from
-    before runs were recorded (saved None) is taken as it is; a commit counts where both runs know theirs."""
-    if saved is None:
-        return
-    changed = [f"{key} {saved[key]} -> {value}" for key, value in run.items() if key in saved and saved[key] != value
-               and not (key == "git_commit" and None in (saved[key], value))]
-    if changed:
-        why = (" (each rank's shard of the data, and the global batch, depend on the number of processes)"
-               if "world_size" in saved and saved["world_size"] != run.get("world_size") else "")
-        fail(f"{path} was written by another run: {', '.join(changed)}{why}. HINT: rerun with the settings it was "
-             "written with (--epochs may grow), or use a new --checkpoint-dir")
-
-
-def check_writable(ckpt_dir):
-    """Fail now, with the reason, rather than after the first epoch."""
-    probe = os.path.join(ckpt_dir, f".write-test-{socket.gethostname()}-{os.getpid()}")
-    try:
-        os.makedirs(ckpt_dir, exist_ok=True)
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as e:
-        fail(f"cannot write checkpoints to {os.path.abspath(ckpt_dir)} ({e.strerror}). HINT: choose a --checkpoint-dir "
-             "you can write to")
-
-
-def load_latest_checkpoint(ckpt_dir):
-    """Newest loadable checkpoint, or (None, None). A corrupt newest file is reported, never silently skipped to a
-    fresh start. Loaded to the CPU: load_state_dict puts each tensor where it belongs, and keeps the optimizer's step
-    counts on the CPU (on the GPU, AdamW would sync the host for each parameter on every step)."""
-    for path in sorted(glob.glob(os.path.join(ckpt_dir, "epoch_*.pt")), reverse=True):
-        try:
-            return path, torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            print0(f"WARNING: cannot load {path} ({type(e).__name__}: {e}); trying the previous checkpoint")
-    return None, None
-
-
-# -----------------------------------------------------------------------------
-# main
-
-RANK, LOCAL_RANK, WORLD_SIZE = 0, 0, 1
-
-
-@record  # under torchrun, a crash is written to its error file and the summary names the failing rank
-def main(args):
-    global RANK, LOCAL_RANK, WORLD_SIZE
-    args.checkpoint_dir = task_checkpoint_dir(args.checkpoint_dir)  # in a job array: a folder per task
-    RANK, LOCAL_RANK, WORLD_SIZE, addr, port = launch_env()
-    if RANK != 0:  # only rank 0 speaks: other ranks' warnings would repeat it WORLD_SIZE times
-        warnings.filterwarnings("ignore")
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, on_stop_signal)
-    if args.download_only:
-        reason = download_mnist(args.data_dir)
-        if reason:
-            fail(f"could not download MNIST into {os.path.abspath(args.data_dir)} ({reason})")
-        print0(f"MNIST is ready in {os.path.abspath(args.data_dir)}")
-        return
-
-    # one process per device: a GPU of its own with NCCL (gpu_index), else CPU with gloo
-    if args.device != "cpu" and (error := unusable_gpus()):
-        fail(error)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda was given, but no CUDA device is visible here. HINT: request a GPU (e.g. --gres=gpu:1) or "
-             "use --device cpu")
-    use_cuda = args.device != "cpu" and torch.cuda.is_available()
-    device = torch.device("cpu")
-    if use_cuda:
-        try:
-            device = torch.device("cuda", gpu_index(LOCAL_RANK))
-        except ValueError as e:  # every process of that node knows; its local rank 0 says it
-            fail(str(e), speak=LOCAL_RANK == 0)
-        torch.cuda.set_device(device)
-    if WORLD_SIZE > 1:
-        if addr:  # launched by srun: tell init_process_group where rank 0 listens
-            os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = addr, port
-        try:  # the timeout bounds every collective: a hung rank ends the job instead of holding it until the time limit
-            dist.init_process_group("nccl" if use_cuda else "gloo", rank=RANK, world_size=WORLD_SIZE,
-                                    timeout=timedelta(seconds=args.dist_timeout))
-        except (dist.DistNetworkError, dist.DistStoreError) as e:
-            init_failed(e, args.dist_timeout)
-    print_line(f"[rank {RANK}/{WORLD_SIZE}] local_rank {LOCAL_RANK} host {socket.gethostname()} device {device}")
-    try:
-        train(args, device)
-    except BaseException as e:  # a stop or an error: the frames it left hold the model, and the model its group
-        traceback.clear_frames(e.__traceback__)
-        raise
-    finally:
-        if dist.is_initialized():
-            # nothing may hold the process group past its destroy_process_group: one that outlives it keeps gloo's
-            # and the store's threads running into interpreter shutdown, which now and then aborts a finished run
-            gc.collect()  # DDP's reducer sits in reference cycles
-            dist.destroy_process_group()
+# training
 
 
 def train(args, device):
+    rank, world_size = cluster.RANK, cluster.WORLD_SIZE
     torch.manual_seed(args.seed)  # same initial weights everywhere (DDP also broadcasts rank 0's)
     if args.amp and device.type != "cuda":
-        print0("NOTE: --amp is mixed precision on GPU only; training in float32 on CPU")
-    amp_dtype = autocast_dtype(device) if args.amp and device.type == "cuda" else None
+        cluster.print0("NOTE: --amp is mixed precision on GPU only; training in float32 on CPU")
+    amp_dtype = cluster.autocast_dtype(device) if args.amp and device.type == "cuda" else None
     precision = {torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast + GradScaler", None: "fp32"}[amp_dtype]
 
-    # -----------------------------------------------------------------------------
     # data: local rank 0 of each node downloads if needed while the other ranks wait
-    reason = download_mnist(args.data_dir) if LOCAL_RANK == 0 else None
-    if not all_ranks_ok(reason is None, device):
-        fail(f"MNIST is not in {os.path.abspath(args.data_dir)} and could not be downloaded "
-             f"({reason or 'on another node'}). "
-             f"HINT: compute nodes are often offline; on the login node run: python {os.path.basename(__file__)} "
-             f"--download-only --data-dir {args.data_dir}")
+    reason = download_mnist(args.data_dir) if cluster.LOCAL_RANK == 0 else None
+    if not cluster.all_ranks_ok(reason is None, device):
+        cluster.fail(f"MNIST is not in {os.path.abspath(args.data_dir)} and could not be downloaded "
+                     f"({reason or 'on another node'}). HINT: compute nodes are often offline; on the login node run: "
+                     f"python {os.path.basename(__file__)} --download-only --data-dir {args.data_dir}")
     x_train, y_train = load_mnist(args.data_dir, True, device)
     x_test, y_test = load_mnist(args.data_dir, False, device)
-    # each rank sees a disjoint 1/WORLD_SIZE of the training set, reshuffled every epoch by set_epoch();
+    # each rank sees a disjoint 1/world_size of the training set, reshuffled every epoch by set_epoch();
     # drop_last keeps the shards equal, so every rank takes the same number of steps
-    sampler = DistributedSampler(range(len(x_train)), num_replicas=WORLD_SIZE, rank=RANK, shuffle=True, seed=args.seed,
+    sampler = DistributedSampler(range(len(x_train)), num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed,
                                  drop_last=True)
 
-    # -----------------------------------------------------------------------------
     # model and optimizer
     raw_model = Net().to(device)
     model = torch.compile(raw_model) if args.compile else raw_model
-    if WORLD_SIZE > 1:  # averages gradients across ranks during backward()
+    if world_size > 1:  # averages gradients across ranks during backward()
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.AdamW(raw_model.parameters(), lr=args.lr)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=args.gamma)
     # float16 gradients underflow without loss scaling; the scaler's overflow check syncs the host once per step
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    torch.manual_seed(args.seed + RANK)  # the weights are made: from here on each rank draws its own random numbers
+    torch.manual_seed(args.seed + rank)  # the weights are made: from here on each rank draws its own random numbers
 
-    # -----------------------------------------------------------------------------
+    batch_size = args.batch_size  # per process: the global batch is world_size times larger
+    steps_per_epoch = -(-len(sampler) // batch_size)
+
     # resume: every rank loads the same checkpoint, so the replicas start equal; mid-epoch checkpoints resume at
-    # their step. Only a checkpoint of this run: what defines it is saved with it and compared (check_same_run)
+    # their step. Only a checkpoint of this run: what defines it (`run`) is saved with it and compared
     run = {"script": "mnist_ddp.py", "model": "Net", "data": f"MNIST, {len(x_train)} training digits",
-           "batch_size": args.batch_size, "lr": args.lr, "gamma": args.gamma, "seed": args.seed, "precision": precision,
-           "world_size": WORLD_SIZE, "git_commit": os.environ.get("GIT_COMMIT")}
+           "batch_size": batch_size, "lr": args.lr, "gamma": args.gamma, "seed": args.seed, "precision": precision,
+           "world_size": world_size, "git_commit": os.environ.get("GIT_COMMIT")}
     start_epoch, start_step = 1, 0
-    run_id = run_name()
-    tb_name = run_id  # the TensorBoard run: this job's, or the first job's of the training it resumes
-    if args.checkpoint_dir:
-        check_writable(args.checkpoint_dir)
-        path, ckpt = load_latest_checkpoint(args.checkpoint_dir)
-        if ckpt is not None:
-            if ckpt.get("script") != "mnist_ddp.py":
-                fail(f"{path} was not written by mnist_ddp.py (it is from {ckpt.get('script', 'another script')}). "
-                     "HINT: use a new --checkpoint-dir for a different script or model")
-            check_same_run(path, ckpt.get("run"), run)
-            raw_model.load_state_dict(ckpt["model"])  # the raw module's keys: no "module." or "_orig_mod." prefix
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-            if ckpt.get("scaler") and scaler.is_enabled():
-                scaler.load_state_dict(ckpt["scaler"])
-            if len(ckpt["rng"]) == WORLD_SIZE:
-                set_rng_state(ckpt["rng"][RANK], device)
-            start_epoch, start_step = ckpt["epoch"] + 1, ckpt["step"]
-            tb_name = ckpt.get("tensorboard", tb_name)
-            steps = f" and {start_step} steps of epoch {start_epoch}" if start_step else ""
-            print0(f"resumed from {path}: epoch {ckpt['epoch']} done{steps}, continuing at epoch {start_epoch}")
-            if WORLD_SIZE > 1 and start_epoch <= args.epochs:
-                # DDP lays out its gradient buckets in the order the first backward pass fills them; with more than
-                # 2 ranks that layout changes the float summation order. Replay that first pass (no update), so that
-                # a resumed run sums exactly as the uninterrupted one did. A full batch: no extra graph under --compile
-                F.cross_entropy(model(x_train[:args.batch_size]), y_train[:args.batch_size]).backward()
-                optimizer.zero_grad(set_to_none=True)
-    os.makedirs(args.output_dir, exist_ok=True)
-    metrics = open(os.path.join(args.output_dir, f"metrics-{run_id}.jsonl"), "a") if RANK == 0 else None
-    # curves: x is the optimizer step, counted over the whole training
-    steps_per_epoch = -(-len(sampler) // args.batch_size)
-    tb = tensorboard(args.output_dir, tb_name, purge_step=(start_epoch - 1) * steps_per_epoch + start_step + 1)
-    prof = profiler(args, device, run_id)
+    ckpt = cluster.load_checkpoint(args.checkpoint_dir, run, device)
+    if ckpt:
+        raw_model.load_state_dict(ckpt["model"])  # the raw module's keys: no "module." or "_orig_mod." prefix
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if ckpt.get("scaler") and scaler.is_enabled():
+            scaler.load_state_dict(ckpt["scaler"])
+        start_epoch, start_step = ckpt["epoch"] + 1, ckpt["step"]
+        if world_size > 1 and start_epoch <= args.epochs:  # DDP's gradient buckets laid out as in the first run
+            cluster.replay_first_backward(raw_model, lambda: F.cross_entropy(
+                model(x_train[:batch_size]), y_train[:batch_size]), amp_dtype)
+    # rank 0's metrics file, TensorBoard curves (x: optimizer steps over the whole training) and --profile
+    outputs = cluster.Outputs(args, device, ckpt, purge_step=(start_epoch - 1) * steps_per_epoch + start_step + 1)
 
     def checkpoint(epoch, step):
-        """Rank 0 writes while the others wait; RNG states come from every rank."""
-        TIMES.lap("compute")
-        rng = all_gather(rng_state(device))
-        if RANK == 0:
-            name = f"epoch_{epoch - 1:04d}_step_{step:07d}" if step else f"epoch_{epoch:04d}"
-            save_checkpoint(args.checkpoint_dir, name, {
-                "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                "epoch": epoch - 1 if step else epoch, "step": step, "rng": rng, "args": vars(args), "run": run,
-                "tensorboard": tb_name, "script": "mnist_ddp.py"})
-            if tb:
-                tb.flush()  # the curves up to the checkpoint: what a resumed run goes on from
-        if WORLD_SIZE > 1:
-            dist.barrier()
-        TIMES.lap("checkpoint")
+        cluster.save_checkpoint(args.checkpoint_dir, epoch, step, device, outputs, {
+            "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(), "args": vars(args), "run": run})
 
-    print0(f"Net, {len(x_train)} training / {len(x_test)} test digits | {WORLD_SIZE} processes x {args.batch_size} "
-           f"samples, lr {args.lr:g} | {precision}{', compiled' if args.compile else ''} on {device.type}")
+    cluster.print0(f"Net, {len(x_train)} training / {len(x_test)} test digits | {world_size} processes x "
+                   f"{batch_size} samples, lr {args.lr:g} | {precision}{', compiled' * args.compile} on "
+                   f"{device.type}")
 
-    # -----------------------------------------------------------------------------
     # training loop
-    stop_check(device, None, 0, 0)  # a signal in start-up (staging, loading), or the end already near
-    TIMES.lap("startup")
-    t_start, trained, train_seconds, result = time.perf_counter(), 0, 0.0, None
+    cluster.stop_check(device, None, 0, 0)  # a signal in start-up, or the end already near
+    cluster.TIMES.lap("startup")
+    trained, train_seconds, result = 0, 0.0, None
     for epoch in range(start_epoch, args.epochs + 1):
         model.train()
         sampler.set_epoch(epoch)  # without this every epoch repeats the same shuffle
@@ -788,8 +212,8 @@ def train(args, device):
         loss_sum = torch.zeros((), device=device)  # accumulated on the device: no host sync per step
         lr, t0 = scheduler.get_last_lr()[0], time.perf_counter()
         for step in range(skip, steps_per_epoch):
-            idx = order[step * args.batch_size:(step + 1) * args.batch_size]
-            TIMES.lap("data")  # with a DataLoader: right after next(), the wait for a batch
+            idx = order[step * batch_size:(step + 1) * batch_size]
+            cluster.TIMES.lap("data")  # with a DataLoader: right after next(), the wait for a batch
             with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
                 loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
             optimizer.zero_grad(set_to_none=True)
@@ -797,67 +221,56 @@ def train(args, device):
             scaler.step(optimizer)
             scaler.update()
             loss_sum += loss.detach() * len(idx)
-            if prof:
-                prof.step()
-            if RANK == 0 and step % args.log_interval == 0:  # .item() syncs, so only now and then
+            outputs.step()  # the profiler's step, with --profile
+            if rank == 0 and step % args.log_interval == 0:  # .item() syncs, so only now and then
                 value = loss.item()
-                print_line(f"  epoch {epoch} step {step} loss {value:.4f}")
-                if tb:
-                    tb.add_scalar("train/loss", value, (epoch - 1) * steps_per_epoch + step + 1)
-            if (step + 1) % STOP_CHECK_EVERY == 0 and step + 1 < steps_per_epoch:
-                stop_check(device, args.checkpoint_dir and checkpoint, epoch, step + 1)
-            TIMES.lap("compute")
+                cluster.print_line(f"  epoch {epoch} step {step} loss {value:.4f}")
+                outputs.scalar("train/loss", value, (epoch - 1) * steps_per_epoch + step + 1)
+            if (step + 1) % cluster.STOP_CHECK_EVERY == 0 and step + 1 < steps_per_epoch:
+                cluster.stop_check(device, args.checkpoint_dir and checkpoint, epoch, step + 1)
+            cluster.TIMES.lap("compute")
         scheduler.step()
-        stats = torch.stack([loss_sum,
-                             torch.tensor(float(len(order) - skip * args.batch_size), device=device)]).double()
-        if WORLD_SIZE > 1:
-            dist.all_reduce(stats)  # the mean over all ranks' samples, not just rank 0's
+        stats = torch.stack([loss_sum, loss_sum.new_tensor(len(order) - skip * batch_size)]).double()
+        if world_size > 1:
+            torch.distributed.all_reduce(stats)  # the mean over all ranks' samples, not just rank 0's
         seconds = time.perf_counter() - t0
         train_loss, samples = (stats[0] / stats[1]).item(), int(stats[1].item())
-        TIMES.lap("compute")
+        cluster.TIMES.lap("compute")
         test_loss, test_acc, n_test = evaluate(raw_model, x_test, y_test, args.test_batch_size, device)
         trained, train_seconds = trained + samples, train_seconds + seconds
         result = dict(epoch=epoch, train_loss=train_loss, test_loss=test_loss, test_acc=test_acc,
                       test_count=n_test, seconds=seconds, samples_per_s=samples / seconds)
-        print0(f"epoch {epoch}/{args.epochs} | train loss {train_loss:.4f} | test loss {test_loss:.4f} | "
-               f"test acc {100 * test_acc:.2f}% | {seconds:.1f} s | {samples / seconds:.0f} samples/s")
-        if metrics:
-            metrics.write(json.dumps({"event": "epoch", **result}) + "\n")
-            metrics.flush()
-        if tb:
-            tb.add_scalar("epoch/lr", lr, epoch * steps_per_epoch)
-            for key in ("train_loss", "test_loss", "test_acc", "samples_per_s"):
-                tb.add_scalar(f"epoch/{key}", result[key], epoch * steps_per_epoch)
-            tb.flush()
-        TIMES.lap("eval")
-
+        cluster.print0(f"epoch {epoch}/{args.epochs} | train loss {train_loss:.4f} | test loss {test_loss:.4f} | "
+                       f"test acc {100 * test_acc:.2f}% | {seconds:.1f} s | {samples / seconds:.0f} samples/s")
+        outputs.scalar("epoch/lr", lr, epoch * steps_per_epoch)
+        outputs.epoch(result, epoch * steps_per_epoch)
+        cluster.TIMES.lap("eval")
         if args.checkpoint_dir:
             checkpoint(epoch, 0)
-        stop_check(device, args.checkpoint_dir and checkpoint, epoch, 0)
+        cluster.stop_check(device, args.checkpoint_dir and checkpoint, epoch, 0)
 
-    if prof:
-        prof.stop()
-
-    # -----------------------------------------------------------------------------
     # summary
     if result is None:  # nothing left to train (resumed a finished run): still report the model's accuracy
+        cluster.print0(f"nothing to train: the checkpoint has {start_epoch - 1} epochs (--epochs={args.epochs})")
         test_loss, test_acc, n_test = evaluate(raw_model, x_test, y_test, args.test_batch_size, device)
         result = dict(epoch=start_epoch - 1, test_loss=test_loss, test_acc=test_acc, test_count=n_test)
-        print0(f"nothing to train: the checkpoint already has {start_epoch - 1} epochs (--epochs={args.epochs})")
-    TIMES.lap("eval")
-    checksums = all_gather(param_checksum(raw_model))  # each rank's own hash: the test compares them
-    time_split = TIMES.report("no DataLoader: MNIST sits on the device")  # prints its line (and a HINT)
-    done = {"event": "done", "test_acc": result["test_acc"], "test_loss": result["test_loss"],
-            "test_count": result["test_count"], "epoch": result["epoch"], "world_size": WORLD_SIZE,
-            "seconds": time.perf_counter() - t_start,
-            "samples_per_s": trained / train_seconds if train_seconds else None, "param_checksums": checksums,
-            "time_split": time_split}
-    print0(json.dumps(done))
-    if metrics:
-        metrics.write(json.dumps(done) + "\n")
-        metrics.close()
-    if tb:
-        tb.close()
+    cluster.TIMES.lap("eval")
+    outputs.done(raw_model, "no DataLoader: MNIST sits on the device", **{k: result[k] for k in (
+        "test_acc", "test_loss", "test_count", "epoch")}, samples_per_s=trained / train_seconds if trained else None)
+
+
+# -----------------------------------------------------------------------------
+# main
+
+
+def main(args):
+    if args.download_only:
+        if reason := download_mnist(args.data_dir):
+            cluster.fail(f"could not download MNIST into {os.path.abspath(args.data_dir)} ({reason})")
+        cluster.print0(f"MNIST is ready in {os.path.abspath(args.data_dir)}")
+        return
+    with cluster.process_group(args) as device:  # one process per GPU, else CPU; the group ends with the block
+        train(args, device)
 
 
 if __name__ == "__main__":

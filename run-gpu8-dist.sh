@@ -12,67 +12,39 @@
 #SBATCH --open-mode=append                 # a requeued run appends to the same log
 #
 # 2 nodes x 4 GPUs, one torchrun per node, each starting one process per GPU.
-#   usage: sbatch run-gpu8-dist.sh SCRIPT.py [ARGS...]
 #   e.g.   sbatch run-gpu8-dist.sh mnist_ddp.py --epochs=100
 #   sweep: SWEEP=lines.txt sbatch --array=0-N --output=%x-%A_%a.out run-gpu8-dist.sh SCRIPT.py [ARGS...]
-# No account or partition is set here: add them when you submit (sbatch --account=ACC --partition=PART ...) or
-# export SBATCH_ACCOUNT / SBATCH_PARTITION once. PYTHON may be a command with arguments, e.g. a container:
-#   PYTHON="apptainer exec --nv image.sif python" sbatch run-gpu8-dist.sh ...
+# No account or partition here: add them when you submit (sbatch --account=ACC --partition=PART ...). PYTHON may
+# be a command with arguments, e.g. a container's: PYTHON="apptainer exec --nv image.sif python" sbatch ...
 set -euo pipefail
 wrapper=run-gpu8-dist.sh  # sbatch runs a copy of this file under another name
 usage="usage: sbatch $wrapper SCRIPT.py [ARGS...]"
-if [ $# -eq 0 ]; then echo "ERROR: no training script given. $usage" >&2; exit 2; fi
-script=$1
-shift
-if [ ! -f "$script" ]; then echo "ERROR: training script '$script' not found in $PWD. $usage" >&2; exit 2; fi
+[ $# -gt 0 ] || { echo "ERROR: no training script given. $usage" >&2; exit 2; }
+script=$1 && shift
+[ -f "$script" ] || { echo "ERROR: training script '$script' not found in $PWD. $usage" >&2; exit 2; }
 : "${SLURM_JOB_ID:?submit this file with sbatch. $usage}"
-
-# A sweep, N runs that differ in a few arguments: a job array whose task K appends line K of the file $SWEEP
-# (counted from 0; blank and # lines skipped) to the arguments above, e.g. with a 3-line lrs.txt
-#   SWEEP=lrs.txt sbatch --array=0-2 --output=%x-%A_%a.out run-gpu4.sh mnist_ddp.py --epochs=10
-# Each task names its metrics, TensorBoard run and checkpoint folder ARRAYJOB_TASK (the log: %A_%a); a requeued task
-# resumes its own checkpoints. The file is read when each task starts: leave it as it is until the array ends.
-if [ -n "${SWEEP:-}" ]; then
-  if [ -z "${SLURM_ARRAY_TASK_ID:-}" ]; then
-    echo "ERROR: SWEEP=$SWEEP is set, but this job is not an array. HINT: sbatch --array=0-N $wrapper ..." >&2; exit 2
-  fi
-  if [ ! -f "$SWEEP" ]; then echo "ERROR: sweep file '$SWEEP' (\$SWEEP) not found in $PWD" >&2; exit 2; fi
-  mapfile -t sweep < <(grep -Ev '^[[:space:]]*(#|$)' "$SWEEP")
-  if [ ${#sweep[@]} -eq 0 ]; then echo "ERROR: sweep file '$SWEEP' has no lines of arguments" >&2; exit 2; fi
-  if [ "$SLURM_ARRAY_TASK_ID" -ge "${#sweep[@]}" ]; then
-    echo "ERROR: this is array task $SLURM_ARRAY_TASK_ID, but $SWEEP has ${#sweep[@]} lines (tasks 0 to" \
-      "$((${#sweep[@]} - 1))). HINT: sbatch --array=0-$((${#sweep[@]} - 1)) ..." >&2; exit 2
-  fi
-  if ! words=$(xargs printf '%s\n' <<< "${sweep[$SLURM_ARRAY_TASK_ID]}" 2>&1); then  # words, quotes as in a shell
-    echo "ERROR: line $SLURM_ARRAY_TASK_ID of $SWEEP: $words" >&2; exit 2
-  fi
-  mapfile -t line <<< "$words"
-  set -- "$@" "${line[@]}"
-  echo "== sweep $SWEEP, task $SLURM_ARRAY_TASK_ID of ${#sweep[@]} (array job $SLURM_ARRAY_JOB_ID): ${line[*]} =="
-fi
-
 # Site set-up (module loads, venv or conda activation): sourced if the file is there; every task inherits it
 site=${SITE_SETUP:-slurm/site.sh}
 # shellcheck source=/dev/null
 if [ -f "$site" ]; then echo "== site set-up: $site =="; source "$site"; fi
-
-# Every rank must agree where rank 0 listens: the job's first node, on a port derived from the job id
-MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-MASTER_PORT=$((10000 + SLURM_JOB_ID % 20000))
-export MASTER_ADDR MASTER_PORT
-export PYTHONUNBUFFERED=1  # log lines appear as they are printed, not at exit
+# Every rank must agree where rank 0 listens: the job's first node, on a port derived from the job id. A training
+# process that cannot run scontrol (a container without Slurm's client) asks for its requeue in REQUEUE_REQUEST.
+MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1) MASTER_PORT=$((10000 + SLURM_JOB_ID % 20000))
+REQUEUE_REQUEST=$PWD/.requeue-$SLURM_JOB_ID && rm -f "$REQUEUE_REQUEST"
+export MASTER_ADDR MASTER_PORT REQUEUE_REQUEST PYTHONUNBUFFERED=1  # log lines appear as they are printed
 read -ra python <<< "${PYTHON:-python}"  # a command with arguments is split into words
-nodes=$SLURM_JOB_NUM_NODES
-gpus=${SLURM_GPUS_ON_NODE:-1}  # GPUs allocated on each node
-cpus=${SLURM_CPUS_PER_TASK:-1}
+nodes=$SLURM_JOB_NUM_NODES gpus=${SLURM_GPUS_ON_NODE:-1} cpus=${SLURM_CPUS_PER_TASK:-1}
 echo "== job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST: $nodes node(s) x $gpus GPU(s) =="
 echo "== rank 0 at $MASTER_ADDR:$MASTER_PORT; ${python[*]} $script $* =="
 
-# Launch: one torchrun per node (python -m torch.distributed.run), each starting one process per GPU; they meet at
-# a c10d rendezvous on rank 0's node. Slurm signals every process of the step: torchrun passes SIGUSR1 (the time
-# limit warning) and SIGTERM on to its workers and waits up to --shutdown-timeout seconds for their checkpoint.
+# Launch: one torchrun per node starts a process per GPU; they meet at rank 0's node. Slurm signals every process of
+# the step: torchrun passes the stop signals on and waits up to --shutdown-timeout s for the workers' checkpoint.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cpus / gpus > 0 ? cpus / gpus : 1 ))}
 srun --nodes="$nodes" --ntasks="$nodes" --ntasks-per-node=1 --cpus-per-task="$cpus" --kill-on-bad-exit=1 \
   "${python[@]}" -m torch.distributed.run --nnodes="$nodes" --nproc-per-node="$gpus" \
   --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv-id="$SLURM_JOB_ID" \
-  --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout=100 "$script" "$@"
+  --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2 --shutdown-timeout=100 \
+  "$script" "$@" && rc=0 || rc=$?
+# The step stopped with a checkpoint and asked for a requeue that it could not make itself: once
+[ -f "$REQUEUE_REQUEST" ] && rm "$REQUEUE_REQUEST" && scontrol requeue "$SLURM_JOB_ID" && echo "== requeued =="
+exit "$rc"

@@ -13,29 +13,13 @@ from conftest import REPO
 DDP, LIGHTNING = "mnist_ddp.py", "mnist_lightning_ddp.py"
 DEEPSPEED, IMAGENET = "mnist_ddp_deepspeed.py", "imagenet_ddp.py"
 ALL = [DDP, LIGHTNING, DEEPSPEED, IMAGENET]
-WITH_SIGNALS = [DDP, DEEPSPEED, IMAGENET, LIGHTNING]
 MNIST = [DDP, LIGHTNING, DEEPSPEED]
 
-# Each helper, and the scripts that carry a copy of it. mnist_ddp.py's copies are the unit-tested ones; a copy that
-# drifts from them is untested code. Renaming or dropping a helper in one script fails here too.
-COPIES = {
-    "positive_int": ALL, "first_host": [DDP, DEEPSPEED, IMAGENET], "launch_env": [DDP, DEEPSPEED, IMAGENET],
-    "print0": ALL, "print_line": ALL, "fail": ALL, "CUDA_DRIVER_FLOOR": ALL, "unusable_gpus": ALL,
-    "gpu_index": ALL, "autocast_dtype": ALL, "init_failed": ALL, "rng_state": [DDP, DEEPSPEED, IMAGENET],
-    "set_rng_state": [DDP, DEEPSPEED, IMAGENET],
-    "all_ranks_ok": ALL, "all_gather": ALL,
-    # the signal block
-    "STOP_SIGNALS": WITH_SIGNALS, "STOP_CHECK_EVERY": WITH_SIGNALS, "EXIT_RESUMABLE": WITH_SIGNALS,
-    "received_signals": WITH_SIGNALS, "on_stop_signal": WITH_SIGNALS, "stop_signal": WITH_SIGNALS,
-    "stop_check": WITH_SIGNALS, "NEAR_END": WITH_SIGNALS, "stop_clock": WITH_SIGNALS, "slurm_seconds": WITH_SIGNALS,
-    "job_end_time": WITH_SIGNALS, "near_end": WITH_SIGNALS, "ignore_stop_signals": [IMAGENET, LIGHTNING],
-    "check_writable": [DDP, DEEPSPEED, IMAGENET], "load_latest_checkpoint": [DDP, IMAGENET], "check_same_run": ALL,
-    "tensorboard": [DDP, DEEPSPEED, IMAGENET], "PROFILE_STEPS": ALL, "profiler": ALL,
-    "run_name": ALL, "task_checkpoint_dir": ALL,
-    # where the time went
-    "TIME_PARTS": ALL, "DATA_WAIT_HINT": ALL, "process_start": ALL, "TimeSplit": ALL, "TIMES": ALL,
-    "MNIST_FILES": MNIST, "download_mnist": MNIST, "read_idx": MNIST, "Net": MNIST, "param_checksum": ALL,
-}
+# What is still copied between the training scripts: the MNIST siblings share their data and model (a user changes
+# them per script), mnist_ddp.py and its DeepSpeed sibling their evaluation and main(). Everything else they share is
+# one call into cluster.py. Renaming or dropping one of these in one script fails here too.
+COPIES = {"MNIST_FILES": MNIST, "download_mnist": MNIST, "load_mnist": MNIST, "Net": MNIST,
+          "evaluate": [DDP, DEEPSPEED]}
 
 
 def top_level_definitions(path):
@@ -64,20 +48,55 @@ def test_copied_helpers_stay_identical(name):
     assert not differ, f"{name} in {differ} differs from the copy in {scripts[0]}: keep the copies byte for byte equal"
 
 
+def test_scripts_share_no_plumbing_and_fail_in_one_line_without_cluster_py(tmp_path):
+    """No training script defines what cluster.py has (a copy would be untested code), each imports cluster the same
+    way, and each, copied without cluster.py, says in one line to copy it beside the script."""
+    plumbing = {name for name in top_level_definitions(REPO / "cluster.py") if not name.startswith("_")}
+    for script in ALL:
+        assert not plumbing & set(top_level_definitions(REPO / script)), script
+        assert "\ntry:\n    import cluster  # " in (REPO / script).read_text(), script
+        shutil.copy(REPO / script, tmp_path)
+        r = subprocess.run([sys.executable, script, "--help"], cwd=tmp_path, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True, timeout=120)
+        assert r.returncode == 1, r.stdout[-2000:]
+        assert r.stdout.strip().splitlines() == [f"ERROR: {tmp_path / script} needs cluster.py beside it: copy "
+                                                 "cluster.py from the same repository"], r.stdout[-2000:]
+
+
+def test_cluster_py_reads_like_a_table_of_contents():
+    """Its docstring names its public functions in the order a script calls them; each has a one-line summary; it
+    imports the standard library and torch only (tensorboard, Lightning and DeepSpeed inside the functions that use
+    them)."""
+    text = (REPO / "cluster.py").read_text()
+    tree = ast.parse(text)
+    doc = ast.get_docstring(tree)
+    public = [n for n in tree.body if isinstance(n, ast.FunctionDef | ast.ClassDef) and not n.name.startswith("_")]
+    for node in public:
+        assert ast.get_docstring(node) or node.name in ("positive_int", "TimeSplit"), f"{node.name}: no docstring"
+    for name in ("parse_args", "process_group", "print0", "fail", "load_checkpoint", "Outputs", "stop_check",
+                 "save_checkpoint", "param_checksum"):
+        assert f"{name}(" in doc, name
+    calls = doc[doc.index("A script calls, in this order:"):]
+    order = [calls.index(f"{name}(") for name in ("parse_args", "process_group", "load_checkpoint", "Outputs",
+                                                    "stop_check", "save_checkpoint")]
+    assert order == sorted(order), "the docstring lists them in the order a script calls them"
+    imported = {alias.name.split(".")[0] for node in tree.body if isinstance(node, ast.Import | ast.ImportFrom)
+                for alias in (node.names if isinstance(node, ast.Import) else [ast.alias(node.module)])}
+    assert imported - set(sys.stdlib_module_names) == {"torch"}, imported
+
+
 def test_every_script_uses_its_stop_check_at_both_places():
-    for script in WITH_SIGNALS:
+    for script in [DDP, DEEPSPEED, IMAGENET]:  # before the first step, every STOP_CHECK_EVERY steps, after each epoch
         text = (REPO / script).read_text()
-        if script == LIGHTNING:  # Lightning's loop calls StopOnSignal.check at the three places
-            assert "self.check(trainer, pl_module, 0, 0)" in text
-            assert "self.check(trainer, pl_module, trainer.current_epoch + 1, batch_idx + 1)" in text
-            assert "self.check(trainer, pl_module, trainer.current_epoch, 0)" in text
-            assert text.count("stop_check(pl_module.device, self.args.checkpoint_dir and checkpoint, epoch, step)") == 1
-        else:  # before the first step, every STOP_CHECK_EVERY steps, after each epoch
-            assert text.count("stop_check(device, None, 0, 0)") == 1, script
-            assert text.count("stop_check(device, args.checkpoint_dir and checkpoint, epoch, ") == 2, script
-        defs = top_level_definitions(REPO / script)
-        rest = text.replace(defs["stop_check"], "").replace(defs["stop_signal"], "")
-        assert "stop_signal(device)" not in rest, f"{script}: the loop calls stop_check, never stop_signal itself"
+        assert text.count("cluster.stop_check(device, None, 0, 0)") == 1, script
+        assert text.count("cluster.stop_check(device, args.checkpoint_dir and checkpoint, epoch, ") == 2, script
+    # Lightning's loop calls StopOnSignal.check (cluster.lightning_callbacks) at the three places
+    text = (REPO / "cluster.py").read_text()
+    assert "self.check(trainer, pl_module, 0, 0)" in text
+    assert "self.check(trainer, pl_module, trainer.current_epoch + 1, batch_idx + 1)" in text
+    assert "self.check(trainer, pl_module, trainer.current_epoch, 0)" in text
+    assert "stop_check(pl_module.device, args.checkpoint_dir and checkpoint, epoch, step)" in text
+    assert "cluster.lightning_callbacks(args" in (REPO / LIGHTNING).read_text()
 
 
 WRAPPERS = sorted(p.name for p in REPO.glob("run-*.sh"))
@@ -89,13 +108,16 @@ def wrapper_parts(name):
     lines = (REPO / name).read_text().splitlines()
     body_start = lines.index("set -euo pipefail")
     launch_start = next(i for i, line in enumerate(lines) if line.startswith(("# Launch:", "# Staging:")))
-    return [line for line in lines if line.startswith("#SBATCH")], lines[body_start:launch_start], lines[launch_start:]
+    body = lines[body_start:launch_start]
+    return [line for line in lines if line.startswith("#SBATCH")], body[:-1] if body[-1] == "" else body, \
+        lines[launch_start:]
 
 
-def test_wrappers_share_their_lines():
+def test_wrappers_are_short_and_share_their_lines():
     assert len(WRAPPERS) == 6, WRAPPERS
     ref_sbatch, ref_body, _ = wrapper_parts("run-gpu4.sh")
     for name in WRAPPERS:
+        assert len((REPO / name).read_text().splitlines()) <= 50, name
         sbatch, body, launch = wrapper_parts(name)
         # the same options in the same order, their comments in one column
         options = [line.split("=")[0].split()[1] for line in sbatch]
@@ -104,6 +126,7 @@ def test_wrappers_share_their_lines():
         assert f"wrapper={name}  #" in body[1], "the wrapper names itself in its usage line"
         assert body[:1] + body[2:] == ref_body[:1] + ref_body[2:], f"{name}: the shared lines differ from run-gpu4.sh's"
         assert any(line.startswith("srun ") for line in launch), f"{name}: the launch line is in the file"
+        assert launch[-3:] == wrapper_parts("run-gpu4.sh")[2][-3:], f"{name}: the requeue asked for by the step"
     for a, b in SAME_LAUNCH:
         assert wrapper_parts(a)[2] == wrapper_parts(b)[2], f"{a} and {b} launch the same way"
     srun_launch = wrapper_parts("run-gpu4.sh")[2]

@@ -13,8 +13,8 @@ from conftest import (PYTHON, REPO, clean_env, done_record, epoch_lines, make_im
                       start)
 
 sys.path.insert(0, str(REPO))
+import cluster  # noqa: E402
 import imagenet_ddp  # noqa: E402
-import mnist_ddp  # noqa: E402
 import mnist_lightning_ddp  # noqa: E402
 
 SRUN = {"SLURM_STEP_ID": "0", "SLURM_NODEID": "0"}
@@ -39,7 +39,7 @@ SRUN = {"SLURM_STEP_ID": "0", "SLURM_NODEID": "0"}
 ])
 def test_each_rank_takes_a_gpu_of_its_own(visible, local_rank, env, expected, monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
-    assert mnist_ddp.gpu_index(local_rank, env) == expected
+    assert cluster.gpu_index(local_rank, env) == expected
 
 
 @pytest.mark.parametrize("visible, local_rank, env, processes", [
@@ -52,9 +52,9 @@ def test_more_processes_than_gpus_is_one_clear_error(visible, local_rank, env, p
     """Today's LOCAL_RANK % device_count would put two ranks on one GPU, and NCCL fails with "Duplicate GPU"."""
     monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
     with pytest.raises(ValueError) as e:
-        mnist_ddp.gpu_index(local_rank, env)
+        cluster.gpu_index(local_rank, env)
     assert f"{processes} processes on " in str(e.value) and f"share {visible} visible GPU" in str(e.value)
-    assert "HINT: one process per GPU" in str(e.value) and "--gpus-per-task=1" in str(e.value)
+    assert "HINT: one process per GPU" in str(e.value) and "--gpus-per-node=N" in str(e.value)
 
 
 @pytest.mark.parametrize("capability, dtype", [((7, 0), torch.float16), ((7, 5), torch.float16),
@@ -63,7 +63,7 @@ def test_more_processes_than_gpus_is_one_clear_error(visible, local_rank, env, p
 def test_bfloat16_only_where_the_gpu_has_it(capability, dtype, monkeypatch):
     """torch.cuda.is_bf16_supported() says yes on a T4 (7.5) too, where bfloat16 is emulated: fp16 + GradScaler."""
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    assert mnist_ddp.autocast_dtype(torch.device("cuda", 0)) == dtype
+    assert cluster.autocast_dtype(torch.device("cuda", 0)) == dtype
 
 
 def fake_gpus(monkeypatch, count):
@@ -89,7 +89,7 @@ def test_lightning_with_one_gpu_per_task_uses_that_gpu(precision, monkeypatch, t
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     fake_gpus(monkeypatch, 1)
-    index = mnist_lightning_ddp.gpu_index(3)
+    index = cluster.gpu_index(3)
     assert index == 0
     args = mnist_lightning_ddp.get_args([f"--checkpoint-dir={tmp_path}"])
     trainer = mnist_lightning_ddp.make_trainer(args, torch.device("cuda", index), 4, 1, precision, [], False)
@@ -108,28 +108,28 @@ def test_lightning_with_every_gpu_visible_uses_its_local_rank(devices, local_ran
                        "TORCHELASTIC_RUN_ID": "x"}.items():
         monkeypatch.setenv(key, str(value))
     fake_gpus(monkeypatch, devices)
-    index = mnist_lightning_ddp.gpu_index(local_rank)
+    index = cluster.gpu_index(local_rank)
     trainer = mnist_lightning_ddp.make_trainer(mnist_lightning_ddp.get_args([]), torch.device("cuda", index), devices,
                                                1, "bf16-mixed", [], False)
     assert trainer.strategy.root_device == torch.device("cuda", local_rank) and trainer.world_size == devices
 
 
 def test_the_gpus_random_state_is_saved_and_restored(monkeypatch):
-    """rng_state() holds the GPU generator's state next to the CPU's; set_rng_state() puts both back. Checkpoints
-    from before (a bare CPU state) still load."""
+    """cluster's _rng_state() holds the GPU generator's state next to the CPU's; _set_rng_state() puts both back.
+    Checkpoints from before (a bare CPU state) still load."""
     saved, restored = torch.full((16,), 7, dtype=torch.uint8), {}
     monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: saved.clone())
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.update(state=state, device=device))
     gpu = torch.device("cuda", 1)
-    state = mnist_ddp.rng_state(gpu)
+    state = cluster._rng_state(gpu)
     assert torch.equal(state["cuda"], saved) and torch.equal(state["cpu"], torch.get_rng_state())
     expected = torch.rand(3)
     torch.manual_seed(123)
-    mnist_ddp.set_rng_state(state, gpu)
+    cluster._set_rng_state(state, gpu)
     assert torch.equal(torch.rand(3), expected), "the CPU generator is back where it was"
     assert torch.equal(restored["state"], saved) and restored["device"] == gpu
-    assert set(mnist_ddp.rng_state(torch.device("cpu"))) == {"cpu"}
-    mnist_ddp.set_rng_state(state["cpu"], torch.device("cpu"))  # an older checkpoint's bare tensor
+    assert set(cluster._rng_state(torch.device("cpu"))) == {"cpu"}
+    cluster._set_rng_state(state["cpu"], torch.device("cpu"))  # an older checkpoint's bare tensor
 
 
 def test_a_rank_that_cannot_meet_the_others_says_so_itself(mnist_dir, tmp_path):

@@ -13,7 +13,7 @@ from conftest import (EXIT_PROBE_LINE, PYTHON, REPO, TORCHRUN, check_signal_stop
                       run_torchrun, start, tensorboard_scalars, timed)
 
 sys.path.insert(0, str(REPO))
-import mnist_ddp  # noqa: E402  (only its pure functions are used here)
+import cluster  # noqa: E402  (the plumbing mnist_ddp.py calls)
 
 SCRIPT = str(REPO / "mnist_ddp.py")
 
@@ -32,18 +32,18 @@ SCRIPT = str(REPO / "mnist_ddp.py")
     ("10.0.0.5", "10.0.0.5"),
 ])
 def test_first_host_of_nodelist(nodelist, first):
-    assert mnist_ddp.first_host(nodelist) == first
+    assert cluster.first_host(nodelist) == first
 
 
 def test_launch_env_torchrun_wins_over_slurm():
     env = {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "SLURM_PROCID": "0", "SLURM_NTASKS": "2"}
-    assert mnist_ddp.launch_env(env) == (3, 1, 8, None, None)
+    assert cluster.launch_env(env) == (3, 1, 8, None, None)
 
 
 def test_launch_env_slurm():
     env = {"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8", "SLURM_STEP_ID": "0",
            "SLURM_JOB_NODELIST": "gpu-[001-004]", "SLURM_JOB_ID": "123456"}
-    rank, local_rank, world, addr, port = mnist_ddp.launch_env(env)
+    rank, local_rank, world, addr, port = cluster.launch_env(env)
     assert (rank, local_rank, world, addr) == (5, 1, 8, "gpu-001")
     assert port == str(10000 + 123456 % 20000)
 
@@ -53,30 +53,31 @@ def test_launch_env_slurm_step_size_and_overrides():
     env = {"SLURM_PROCID": "1", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8", "SLURM_STEP_NUM_TASKS": "2",
            "SLURM_STEP_ID": "3",
            "SLURM_JOB_NODELIST": "n[1-2]", "SLURM_JOB_ID": "7", "MASTER_ADDR": "10.1.2.3", "MASTER_PORT": "4242"}
-    assert mnist_ddp.launch_env(env) == (1, 1, 2, "10.1.2.3", "4242")
+    assert cluster.launch_env(env) == (1, 1, 2, "10.1.2.3", "4242")
 
 
 def test_master_port_same_within_a_job_and_differs_across_jobs():
     def port(job_id, rank):
         env = {"SLURM_PROCID": str(rank), "SLURM_NTASKS": "4", "SLURM_STEP_ID": "0", "SLURM_JOB_NODELIST": "n1",
                "SLURM_JOB_ID": str(job_id)}
-        return int(mnist_ddp.launch_env(env)[4])
+        return int(cluster.launch_env(env)[4])
     assert len({port(4711, r) for r in range(4)}) == 1
     ports = {port(j, 0) for j in range(1000, 1100)}
     assert len(ports) == 100 and all(10000 <= p < 30000 for p in ports)  # below Linux's ephemeral range
 
 
-def test_launch_env_refuses_the_batch_script_of_a_multi_task_job():
+def test_launch_env_refuses_the_batch_script_of_a_multi_task_job(monkeypatch):
+    monkeypatch.setattr(sys, "argv", [SCRIPT])  # the script that runs
     # `python mnist_ddp.py` written straight into an sbatch script with --ntasks=4: Slurm sets SLURM_PROCID=0 and
     # SLURM_NTASKS=4 there too, but no SLURM_STEP_ID; without srun it would wait forever for ranks 1-3
     env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_JOB_NODELIST": "n1", "SLURM_JOB_ID": "9"}
     with pytest.raises(SystemExit, match="not started by srun.*HINT: srun python mnist_ddp.py"):
-        mnist_ddp.launch_env(env)
-    assert mnist_ddp.launch_env({**env, "SLURM_NTASKS": "1"}) == (0, 0, 1, "n1", str(10000 + 9))
+        cluster.launch_env(env)
+    assert cluster.launch_env({**env, "SLURM_NTASKS": "1"}) == (0, 0, 1, "n1", str(10000 + 9))
 
 
 def test_launch_env_single_process():
-    assert mnist_ddp.launch_env({}) == (0, 0, 1, None, None)
+    assert cluster.launch_env({}) == (0, 0, 1, None, None)
 
 
 # ---------------------------------------------------------------------------- unit: the exit probe
@@ -103,15 +104,16 @@ def test_the_exit_probe_names_a_process_group_left_running(tmp_path):
     ("", None),
 ])
 def test_slurm_time_left_in_seconds(text, seconds):
-    assert mnist_ddp.slurm_seconds(text) == seconds
+    assert cluster.slurm_seconds(text) == seconds
 
 
 def stop(monkeypatch, tmp_path, signals=(), epoch=1, step=10, squeue=None, **env):
-    """mnist_ddp.stop_check in this process, one rank on the CPU, with no scontrol on PATH (and a squeue printing
-    `squeue`, if given). Returns (exit code or None, rank 0's stop line, the checkpoints it wrote)."""
-    monkeypatch.setattr(mnist_ddp, "received_signals", list(signals))
-    monkeypatch.setattr(mnist_ddp, "stop_clock", {})
-    for var in ("SLURM_JOB_ID", "SLURM_RESTART_COUNT", "SLURM_JOB_END_TIME", "MAX_REQUEUES", "STOP_MARGIN"):
+    """cluster.stop_check in this process, one rank on the CPU, with no scontrol on PATH (and a squeue printing
+    `squeue`, if given). Returns (exit code or None, rank 0's lines before its time split, the checkpoints it wrote)."""
+    monkeypatch.setattr(cluster, "received_signals", list(signals))
+    monkeypatch.setattr(cluster, "stop_clock", {})
+    for var in ("SLURM_JOB_ID", "SLURM_RESTART_COUNT", "SLURM_JOB_END_TIME", "SLURM_JOB_START_TIME", "MAX_REQUEUES",
+                "STOP_MARGIN", "REQUEUE_REQUEST"):
         monkeypatch.delenv(var, raising=False)
     for var, value in env.items():
         monkeypatch.setenv(var, str(value))
@@ -120,13 +122,14 @@ def stop(monkeypatch, tmp_path, signals=(), epoch=1, step=10, squeue=None, **env
         (tmp_path / "squeue").chmod(0o755)
     monkeypatch.setenv("PATH", str(tmp_path))
     saved, code, printed = [], None, []
-    monkeypatch.setattr(mnist_ddp, "print0", printed.append)
+    monkeypatch.setattr(cluster, "print0", printed.append)
     try:
-        mnist_ddp.stop_check(mnist_ddp.torch.device("cpu"), lambda e, s: saved.append((e, s)), epoch, step)
+        cluster.stop_check(cluster.torch.device("cpu"), lambda e, s: saved.append((e, s)), epoch, step)
     except SystemExit as e:
         code = e.code
-        assert len(printed) == 2 and printed[1].startswith("time on rank 0, "), printed  # this run's split
-    return code, "\n".join(printed[:1]), saved
+        assert printed[-1].startswith("time on rank 0, ") and len(printed) >= 2, printed  # this run's split
+        printed = printed[:-1]
+    return code, "\n".join(printed), saved
 
 
 def test_requeues_are_bounded_and_a_restart_that_trained_nothing_is_not_requeued(monkeypatch, tmp_path):
@@ -172,11 +175,45 @@ def test_the_end_time_near_stops_like_the_time_limit_signal(monkeypatch, tmp_pat
     assert stop(monkeypatch, tmp_path, SLURM_JOB_ID=7)[0] is None, "no squeue: no end time, no stop"
 
 
+def test_submitits_sigusr2_stops_and_requeues_like_sigusr1(monkeypatch, tmp_path):
+    """submitit asks Slurm for SIGUSR2 before the time limit; Python's default action for it ends the process."""
+    code, out, saved = stop(monkeypatch, tmp_path, [signal.SIGUSR2], SLURM_JOB_ID=7)
+    assert code == 75 and saved == [(1, 10)]
+    assert out.startswith("stopped on SIGUSR2: checkpoint at epoch 1 step 10; could not requeue job 7: scontrol"), out
+
+
+def test_without_scontrol_the_job_script_is_asked_to_requeue(monkeypatch, tmp_path):
+    """A container without Slurm's client: rank 0 writes the job script's REQUEUE_REQUEST file (the job script
+    requeues once the step has ended); not on SIGTERM, and not past the requeue cap."""
+    request = tmp_path / "requeue request"
+    code, out, _ = stop(monkeypatch, tmp_path, [signal.SIGUSR1], SLURM_JOB_ID=7, REQUEUE_REQUEST=request)
+    assert code == 75 and out == ("stopped on SIGUSR1: checkpoint at epoch 1 step 10; asked the job script to requeue "
+                                  "job 7 (scontrol: No such file or directory)")
+    assert request.read_text() == "7\n"
+    request.unlink()
+    stop(monkeypatch, tmp_path, [signal.SIGTERM], SLURM_JOB_ID=7, REQUEUE_REQUEST=request)
+    stop(monkeypatch, tmp_path, [signal.SIGUSR1], SLURM_JOB_ID=7, REQUEUE_REQUEST=request, SLURM_RESTART_COUNT=20)
+    assert not request.exists()
+
+
+def test_a_time_limit_shorter_than_the_default_margin_caps_it(monkeypatch, tmp_path):
+    """A 1-minute job under the default STOP_MARGIN (60 s) would stop after 10 steps in every run: rank 0 says so
+    once at the start, and the margin becomes a quarter of the limit. A STOP_MARGIN that was set is kept."""
+    code, out, _ = stop(monkeypatch, tmp_path, squeue="0:50 1:00", SLURM_JOB_ID=7)
+    assert code is None, "50 s left of 60: trains on"
+    assert out.startswith("NOTE: this job's time limit, 60 s, leaves little room past the default STOP_MARGIN of "
+                          "60 s: each run stops 15 s (a quarter of the limit) before its end instead. HINT:"), out
+    assert stop(monkeypatch, tmp_path, squeue="0:12 1:00", SLURM_JOB_ID=7)[0] == 75, "12 s left: stop"
+    code, out, _ = stop(monkeypatch, tmp_path, squeue="0:50 1:00", SLURM_JOB_ID=7, STOP_MARGIN=55)
+    assert code == 75 and out.startswith("NOTE: STOP_MARGIN=55 s leaves little of this job's time limit (60 s)")
+    assert stop(monkeypatch, tmp_path, squeue="50:00 2:00:00", SLURM_JOB_ID=7)[1] == "", "a long job: no NOTE"
+
+
 def test_time_split_in_words_and_a_hint_when_a_rank_waits_for_data(monkeypatch):
     printed = []
-    monkeypatch.setattr(mnist_ddp, "print0", printed.append)
+    monkeypatch.setattr(cluster, "print0", printed.append)
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", "8")
-    split = mnist_ddp.TimeSplit()
+    split = cluster.TimeSplit()
     split.seconds.update(startup=2.0, data=3.0, compute=4.0, eval=1.0)
     assert split.report("--workers=2") == dict(startup=2.0, staging=0.0, data=3.0, compute=4.0, eval=1.0,
                                                checkpoint=0.0)
@@ -192,17 +229,18 @@ def test_time_split_in_words_and_a_hint_when_a_rank_waits_for_data(monkeypatch):
 
 
 def test_the_time_split_starts_when_the_process_started_not_at_import():
-    code = "import time; time.sleep(1.5); import mnist_ddp; print(time.perf_counter() - mnist_ddp.TIMES.last)"
+    code = "import time; time.sleep(1.5); import mnist_ddp; print(time.perf_counter() - mnist_ddp.cluster.TIMES.last)"
     rc, out = run([PYTHON, "-c", code], env=clean_env(), cwd=REPO, timeout=120)
     assert rc == 0 and 1.5 <= float(out.split()[-1]) < 30, out
 
 
 @pytest.fixture(scope="module")
 def single(mnist_dir, tmp_path_factory):
-    """One process, run as a user who copied the script alone into an empty directory (data from $DATA_DIR), in an
-    environment without tensorboard (a package of that name that fails to import stands first on the path)."""
+    """One process, run as a user who copied the script and cluster.py into an empty directory (data from $DATA_DIR),
+    in an environment without tensorboard (a package of that name that fails to import stands first on the path)."""
     alone = tmp_path_factory.mktemp("single")
     shutil.copy(SCRIPT, alone / "mnist_ddp.py")
+    shutil.copy(REPO / "cluster.py", alone / "cluster.py")
     no_tensorboard = tmp_path_factory.mktemp("no-tensorboard")
     (no_tensorboard / "tensorboard").mkdir()
     (no_tensorboard / "tensorboard" / "__init__.py").write_text("raise ImportError('No module named tensorboard')\n")
@@ -223,7 +261,8 @@ def test_single_process(single):
     done = check_training(rc, out, world_size=1)
     check_time_split(out, wall, checkpointed=False)
     assert "--amp is mixed precision on GPU only" in out and "| fp32 on cpu" in out
-    assert sorted(p.name for p in out_dir.iterdir()) == ["mnist_ddp.py", "out"], "nothing else needed, outputs in ./out"
+    assert sorted(p.name for p in out_dir.iterdir() if p.name != "__pycache__") == [
+        "cluster.py", "mnist_ddp.py", "out"], "nothing else needed, outputs in ./out"
     assert out.count("NOTE: tensorboard is not installed") == 1 and not (out_dir / "out" / "tensorboard").exists()
     check_profile(out, out_dir / "out")
     metrics = list((out_dir / "out").glob("metrics-*.jsonl"))
@@ -343,22 +382,22 @@ def _parent(pid):
 ])
 def test_gpus_given_but_unusable_is_an_error(env, given, monkeypatch):
     """The cluster's driver older than torch's CUDA build: torch sees no GPU although the job was given some."""
-    monkeypatch.setattr(mnist_ddp.torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(mnist_ddp.torch.version, "cuda", "13.0")
-    error = mnist_ddp.unusable_gpus(env)
+    monkeypatch.setattr(cluster.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(cluster.torch.version, "cuda", "13.0")
+    error = cluster.unusable_gpus(env)
     if given is None:
         assert error is None
     else:
         assert f"this job was given GPUs ({given})" in error and "NVIDIA driver >= 580" in error, error
         assert "compute capability >= 7.5" in error and "HINT:" in error and "--device=cpu" in error
-    monkeypatch.setattr(mnist_ddp.torch.cuda, "is_available", lambda: True)  # torch can use them: no error
-    assert mnist_ddp.unusable_gpus(env) is None
-    monkeypatch.setattr(mnist_ddp.torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(mnist_ddp.torch.version, "cuda", "12.6")
-    assert given is None or "CUDA 12.6, which needs an NVIDIA driver >= 525 " in mnist_ddp.unusable_gpus(env)
+    monkeypatch.setattr(cluster.torch.cuda, "is_available", lambda: True)  # torch can use them: no error
+    assert cluster.unusable_gpus(env) is None
+    monkeypatch.setattr(cluster.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(cluster.torch.version, "cuda", "12.6")
+    assert given is None or "CUDA 12.6, which needs an NVIDIA driver >= 525 " in cluster.unusable_gpus(env)
 
 
-@pytest.mark.skipif(mnist_ddp.torch.cuda.is_available(), reason="torch can use this machine's GPUs: they are usable")
+@pytest.mark.skipif(cluster.torch.cuda.is_available(), reason="torch can use this machine's GPUs: they are usable")
 def test_every_rank_stops_when_its_gpus_are_unusable(mnist_dir, tmp_path):
     """Two srun-style ranks given GPUs that torch cannot use (this machine has no driver at all): one ERROR line from
     rank 0, every rank exits 1 at once, nothing trains; --device=cpu is the way to train on CPU anyway."""
@@ -381,9 +420,13 @@ def test_offline_without_data_fails_fast_on_every_rank(tmp_path):
                    f"--output-dir={tmp_path}"], env=env, cwd=tmp_path, timeout=120)
     assert rc != 0
     assert time.monotonic() - t0 < 60
-    errors = [line for line in out.splitlines() if "ERROR: MNIST is not in" in line]
+    errors = [line for line in out.splitlines() if line.startswith("ERROR: MNIST is not in")]
     assert len(errors) == 1, out  # one line, from rank 0
     assert "--download-only" in errors[0] and str(tmp_path / "nodata") in errors[0]
+    # torchrun's summary: our line is the root cause (its error file), not "To enable traceback see ..."
+    root_cause = out[out.index("Root Cause (first observed failure):"):]
+    assert re.search(r"^\s*traceback : ERROR: MNIST is not in ", root_cause, re.M), root_cause
+    assert "To enable traceback" not in out
 
 
 @pytest.mark.parametrize("bad", ["--batch-size=-3", "--device=tpu"])
@@ -414,7 +457,7 @@ def save(obj, path):
             f.truncate(1000)
         print("SAVING", flush=True)
         time.sleep(600)
-mnist_ddp.torch.save = save
+torch.save = save
 mnist_ddp.main(mnist_ddp.get_args(sys.argv[1:]))
 """
 

@@ -123,9 +123,9 @@ def test_foreign_checkpoints_are_refused(tmp_path, mnist_dir):
 @pytest.mark.parametrize("config, message, processes", [
     ('{"train_micro_batch_size_per_gpu": 32,', "cannot read the DeepSpeed config", 1),
     ('{"train_batch_size": 65, "optimizer": {"type": "Adam", "params": {"torch_adam": true}}}',
-     "does not divide over 2 processes", 2),
+     "train_batch_size is not equal to micro_batch_per_gpu * gradient_acc_step * world_size 65 != 32 * 1 * 2", 2),
     ('{"train_batch_size": 400, "train_micro_batch_size_per_gpu": 64}',
-     "train_batch_size 400 != train_micro_batch_size_per_gpu 64", 1),
+     "train_batch_size is not equal to micro_batch_per_gpu * gradient_acc_step * world_size 400 != ", 1),
 ])
 def test_bad_config_gets_one_clear_line(config, message, processes, tmp_path):
     bad = tmp_path / "bad.json"
@@ -137,4 +137,5 @@ def test_bad_config_gets_one_clear_line(config, message, processes, tmp_path):
     errors = [line for line in out.splitlines() if line.startswith("ERROR:")]
     assert len(errors) == 1, out  # from rank 0 only
     assert message in errors[0] and str(bad) in errors[0]
+    assert "batch" not in message or "HINT: set train_micro_batch_size_per_gpu, not train_batch_size" in errors[0]
     assert "Traceback" not in out.split("ERROR:")[0]  # no rank died with a stack trace before the message

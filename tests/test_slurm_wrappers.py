@@ -39,10 +39,11 @@ def cluster():
 
 
 def project(tmp_path_factory, *files):
-    """A user's project directory, with a space in its path, holding copies of just these files of the repo."""
+    """A user's project directory, with a space in its path, holding copies of just these files of the repo, and of
+    cluster.py beside a training script: the copy unit is a training script, cluster.py and a job script."""
     d = tmp_path_factory.mktemp("proj") / "my project"
     d.mkdir()
-    for f in files:
+    for f in files + (("cluster.py",) if any(f.endswith(".py") for f in files) else ()):
         shutil.copy(REPO / f, d)
     return d
 
@@ -50,7 +51,8 @@ def project(tmp_path_factory, *files):
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     """A checkout of this repository: every script, wrapper and config."""
-    names = [f.name for f in list(REPO.glob("*.py")) + list(REPO.glob("run-*.sh"))] + ["ds_config.json"]
+    names = [f.name for f in list(REPO.glob("*.py")) + list(REPO.glob("run-*.sh")) if f.name != "cluster.py"]
+    names += ["ds_config.json"]
     return project(tmp_path_factory, *names)
 
 
@@ -141,7 +143,7 @@ def test_each_task_of_a_real_srun_step_gets_a_gpu_of_its_own(options, expected, 
     """The environment real srun gives 4 tasks under each GPU option, fed to gpu_index() with torch's device count
     set to the GPUs the task sees: every task finds its own GPU, or every task knows there are too few."""
     sys.path.insert(0, str(REPO))
-    import mnist_ddp
+    import cluster as plumbing
     code = "import json, os; print(json.dumps(dict(os.environ)))"
     r = subprocess.run(["srun", "-N1", "-n4", "--output=env-%t.json", *options, sys.executable, "-c", code],
                        cwd=tmp_path, text=True, env=clean_env(SLURM_CONF=cluster.conf), stdout=subprocess.PIPE,
@@ -152,13 +154,13 @@ def test_each_task_of_a_real_srun_step_gets_a_gpu_of_its_own(options, expected, 
     physical = []
     for env in envs:
         visible = env["CUDA_VISIBLE_DEVICES"].split(",")
-        monkeypatch.setattr(mnist_ddp.torch.cuda, "device_count", lambda n=len(visible): n)
+        monkeypatch.setattr(plumbing.torch.cuda, "device_count", lambda n=len(visible): n)
         local_rank = int(env["SLURM_LOCALID"])
         if expected == "error":
             with pytest.raises(ValueError, match="4 processes on .* share 2 visible GPU"):
-                mnist_ddp.gpu_index(local_rank, env)
+                plumbing.gpu_index(local_rank, env)
             continue
-        index = mnist_ddp.gpu_index(local_rank, env)
+        index = plumbing.gpu_index(local_rank, env)
         assert index == (local_rank if expected == "local rank" else 0), (options, env["CUDA_VISIBLE_DEVICES"])
         physical.append(visible[index])
     assert expected == "error" or len(set(physical)) == 4, physical  # four different GPUs
@@ -272,8 +274,8 @@ def test_safe_sbatch_runs_the_committed_code(cluster, workdir, mnist_dir, tmp_pa
 
 @pytest.fixture(scope="module")
 def imagenet_job(tmp_path_factory):
-    """run-imagenet.sh and imagenet_ddp.py alone in a project, a miniature ImageNet in its download layout (20 steps
-    per epoch for 2 ranks x 2 images), and the job's arguments."""
+    """run-imagenet.sh and imagenet_ddp.py (and cluster.py) alone in a project, a miniature ImageNet in its download
+    layout (20 steps per epoch for 2 ranks x 2 images), and the job's arguments."""
     workdir = project(tmp_path_factory, "run-imagenet.sh", "imagenet_ddp.py")
     data = tmp_path_factory.mktemp("imagenet")
     make_imagenet_archives(data / "archives", n_classes=4, n_train=20, n_val=3, size=(80, 60))
@@ -338,11 +340,11 @@ def test_sigterm_to_every_process_of_an_imagenet_job_with_workers_checkpoints_an
         "interrupted + resubmitted != uninterrupted"
 
 
-def preempt_and_requeue(cluster, proj, mnist_dir, args, log_prefix, tmp_path):
+def preempt_and_requeue(cluster, proj, mnist_dir, args, log_prefix, tmp_path, **env_extra):
     """Submit ARGS with a --checkpoint-dir; once rank 0 logs step 20, send SIGUSR1 (what #SBATCH --signal sends before
     the time limit) to every process of the job's steps, as Slurm does: launchers, workers and all. The workers must
     checkpoint mid-epoch, requeue the job, and the rerun (SLURM_RESTART_COUNT=1) resume. Returns the job's log."""
-    env = clean_env(DATA_DIR=mnist_dir, SLURM_CONF=cluster.conf)
+    env = clean_env(DATA_DIR=mnist_dir, SLURM_CONF=cluster.conf, **env_extra)
     r = subprocess.run(["sbatch", "--parsable"] + args + [f"--checkpoint-dir={tmp_path / 'ckpt'}"], cwd=proj, env=env,
                        text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     assert r.returncode == 0, r.stdout
@@ -385,8 +387,13 @@ def test_time_limit_signal_then_the_end_time_alone_through_torchrun_checkpoint_r
     (proj / "slurm").mkdir()
     (proj / "slurm" / "site.sh").write_text(
         'if [ "${SLURM_RESTART_COUNT:-0}" -eq 1 ]; then export STOP_MARGIN=100; else export STOP_MARGIN=5; fi\n')
-    out = preempt_and_requeue(cluster, proj, mnist_dir, ["--time=1", "--nodes=1", "run-gpu8-dist.sh", "mnist_ddp.py"]
-                              + FAST, "ddp-gpu8", tmp_path)
+    # the sweep through torchrun: a one-task array whose line is the default seed (the result must not change)
+    (proj / "seeds.txt").write_text("--seed=1\n")
+    out = preempt_and_requeue(cluster, proj, mnist_dir, ["--time=1", "--nodes=1", "--array=0", "run-gpu8-dist.sh",
+                                                         "mnist_ddp.py"] + FAST, "ddp-gpu8", tmp_path,
+                              SWEEP="seeds.txt")
+    assert out.count("== sweep seeds.txt, task 0 of 1 (array job ") == 3, "rank 0 of each run, none of the others"
+    assert "NOTE: STOP_MARGIN=100 s leaves little of this job's time limit (60 s)" in out, out[-5000:]
     job_id = re.search(r"== job (\d+) \(restart 0\)", out)[1]
     signalled = re.search(r"^stopped on SIGUSR1: checkpoint at epoch 1 step (\d+); requeued", out, re.M)
     timed = re.search(r"^stopped (\d+) s before the time limit, with no signal: checkpoint at epoch 1 step (\d+); "
@@ -426,45 +433,47 @@ def test_time_limit_signal_to_every_lightning_rank_checkpoints_requeues_and_resu
     assert done["param_checksums"] == reference["param_checksums"], "interrupted + requeued != uninterrupted"
 
 
-def test_a_sweep_file_gives_each_array_task_its_line_and_bad_sweeps_fail_fast(tmp_path):
-    """The wrappers' sweep block alone, with a fake srun and scontrol first on PATH: array task K appends line K of
-    $SWEEP to the arguments (comments and blank lines skipped, quotes as in a shell); a task past the file's end, a line
-    with an unmatched quote, SWEEP without an array, a missing file or one without arguments is one ERROR line and exit
-    2, before anything starts."""
-    fake = tmp_path / "bin"
-    fake.mkdir()
-    (fake / "srun").write_text('#!/bin/sh\nprintf "%s\\n" "$@" > srun-args.txt\n')
-    (fake / "scontrol").write_text("#!/bin/sh\necho n1\n")
-    for tool in ("srun", "scontrol"):
-        (fake / tool).chmod(0o755)
-    shutil.copy(REPO / "run-gpu4.sh", tmp_path)
-    (tmp_path / "train.py").write_text("")
+def test_a_sweep_file_gives_each_array_task_its_line_and_bad_sweeps_fail_fast(tmp_path, monkeypatch, capfd):
+    """cluster.parse_args, as every script calls it: array task K appends line K of $SWEEP to the arguments (comments
+    and blank lines skipped, quotes as in a shell), and only an array task's checkpoints go in a folder of its own; a
+    task past the file's end, a line with an unmatched quote, SWEEP without an array, a missing file or one without
+    arguments is one ERROR line (rank 0's) and exit 2, before anything starts."""
+    import argparse
+    sys.path.insert(0, str(REPO))
+    import cluster as plumbing
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "empty.txt").write_text("# nothing yet\n\n")
     (tmp_path / "lrs.txt").write_text("# learning rates\n--lr=0.1\n\n  --lr=0.01 --note='a b'\n--note='cut off\n")
 
-    def wrapper(**env):
-        return subprocess.run(["bash", "run-gpu4.sh", "train.py", "--epochs=3"], cwd=tmp_path, text=True, timeout=30,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              env=clean_env(PATH=f"{fake}:{os.environ['PATH']}", SLURM_JOB_ID=9, SLURM_JOB_NUM_NODES=1,
-                                            SLURM_JOB_NODELIST="n1", **env))
+    def parse(**env):
+        p = argparse.ArgumentParser()
+        p.add_argument("--epochs", type=int)
+        p.add_argument("--lr", type=float)
+        p.add_argument("--note")
+        return plumbing.parse_args(p, ["--epochs=3", "--checkpoint-dir=ck"], env={k: str(v) for k, v in env.items()})
 
-    r = wrapper(SWEEP="lrs.txt", SLURM_ARRAY_JOB_ID=8, SLURM_ARRAY_TASK_ID=1)
-    assert r.returncode == 0 and "== sweep lrs.txt, task 1 of 3 (array job 8): --lr=0.01 --note=a b ==" in r.stdout
-    assert (tmp_path / "srun-args.txt").read_text().splitlines()[-4:] == ["train.py", "--epochs=3", "--lr=0.01",
-                                                                          "--note=a b"]
-    (tmp_path / "srun-args.txt").unlink()
+    args = parse(SWEEP="lrs.txt", SLURM_ARRAY_JOB_ID=8, SLURM_ARRAY_TASK_ID=1)
+    assert (args.epochs, args.lr, args.note, args.checkpoint_dir) == (3, 0.01, "a b", os.path.join("ck", "8_1"))
+    assert capfd.readouterr().out == "== sweep lrs.txt, task 1 of 3 (array job 8): --lr=0.01 --note=a b ==\n"
+    assert parse().checkpoint_dir == "ck" and parse(SLURM_JOB_ID=5).checkpoint_dir == "ck", "not an array: as given"
+    parse(SWEEP="lrs.txt", SLURM_ARRAY_JOB_ID=8, SLURM_ARRAY_TASK_ID=0, RANK=1)
+    assert capfd.readouterr().out == "", "rank 0 speaks"
     for env, message in [
             (dict(SWEEP="lrs.txt", SLURM_ARRAY_JOB_ID=8, SLURM_ARRAY_TASK_ID=3),
              "ERROR: this is array task 3, but lrs.txt has 3 lines (tasks 0 to 2). HINT: sbatch --array=0-2 ..."),
             (dict(SWEEP="lrs.txt", SLURM_ARRAY_JOB_ID=8, SLURM_ARRAY_TASK_ID=2),
-             "ERROR: line 2 of lrs.txt: xargs: unmatched single quote"),
+             "ERROR: line 2 of lrs.txt: No closing quotation in: --note='cut off"),
             (dict(SWEEP="lrs.txt"), "ERROR: SWEEP=lrs.txt is set, but this job is not an array. HINT: sbatch --array"),
             (dict(SWEEP="nope.txt", SLURM_ARRAY_JOB_ID=8, SLURM_ARRAY_TASK_ID=0), "ERROR: sweep file 'nope.txt'"),
             (dict(SWEEP="empty.txt", SLURM_ARRAY_JOB_ID=8, SLURM_ARRAY_TASK_ID=0),
              "ERROR: sweep file 'empty.txt' has no lines of arguments")]:
-        r = wrapper(**env)
-        assert r.returncode == 2 and message in r.stdout, r.stdout
-        assert not (tmp_path / "srun-args.txt").exists(), "nothing may be launched"
+        with pytest.raises(SystemExit) as e:
+            parse(**env)
+        err = capfd.readouterr().err
+        assert e.value.code == 2 and len(err.splitlines()) == 1 and err.startswith(message), err
+        with pytest.raises(SystemExit):
+            parse(**env, SLURM_PROCID=1)
+        assert capfd.readouterr().err == "", "other ranks exit 2 without a word"
 
 
 def test_a_sweep_as_a_job_array_gives_each_task_its_own_outputs_and_requeues_resume_their_own(
@@ -472,11 +481,14 @@ def test_a_sweep_as_a_job_array_gives_each_task_its_own_outputs_and_requeues_res
     """SWEEP=lrs.txt sbatch --array=0-2 --output=%x-%A_%a.out run-gpu4.sh mnist_ddp.py ... --checkpoint-dir=ckpt: each
     of the 3 tasks trains with its line of the file, into its own log, metrics file, TensorBoard run and checkpoint
     folder (ARRAYJOB_TASK), though all share the command line. Task 1 gets SIGUSR1 mid-epoch (scancel to every
-    process of its step): it requeues and resumes from its own checkpoints, and the other tasks never see them."""
+    process of its step): it resumes from its own checkpoints, and the other tasks never see them. The training runs
+    as in a container without Slurm's client (no scontrol on its PATH): the job script requeues task 1, once."""
     proj = project(tmp_path_factory, "run-gpu4.sh", "mnist_ddp.py")
     lines = ["--lr=0.003", "--lr=0.002", "--lr=0.001 --seed=2"]
     (proj / "lrs.txt").write_text("# one line per array task\n" + "\n".join(lines) + "\n")
-    env = clean_env(DATA_DIR=mnist_dir, SLURM_CONF=cluster.conf, SWEEP="lrs.txt")
+    # as in a container without Slurm's client: the training processes find no scontrol on their PATH
+    env = clean_env(DATA_DIR=mnist_dir, SLURM_CONF=cluster.conf, SWEEP="lrs.txt",
+                    PYTHON=f"env PATH={Path(sys.executable).parent} python")
     ckpt, out_dir = tmp_path / "ckpt", tmp_path / "out"
     r = subprocess.run(["sbatch", "--parsable", "--array=0-2", "--output=%x-%A_%a.out", "--ntasks-per-node=2",
                         "--gpus-per-node=2", "run-gpu4.sh", "mnist_ddp.py", "--device=cpu", "--epochs=1",
@@ -498,8 +510,10 @@ def test_a_sweep_as_a_job_array_gives_each_task_its_own_outputs_and_requeues_res
         metrics = (out_dir / f"metrics-{name}.jsonl").read_text().splitlines()
         assert json.loads(metrics[-1])["param_checksums"] == done["param_checksums"]
         resumed = re.findall(r"^resumed from (\S+)", out, re.M)
-        if task == 1:
-            assert "stopped on SIGUSR1: checkpoint at" in out and "requeued job" in out, out[-5000:]
+        if task == 1:  # the training process could not requeue; the job script did, once
+            assert re.search(r"^stopped on SIGUSR1: checkpoint at epoch 1 step \d+; asked the job script to requeue "
+                             r"job \d+ \(scontrol: No such file or directory\)$", out, re.M), out[-5000:]
+            assert out.count("== requeued ==") == 1 and out.count("(restart 1)") == 1, out[-5000:]
             assert len(resumed) == 1 and resumed[0].startswith(f"{ckpt / name}/epoch_"), resumed
         else:
             assert resumed == [] and "stopped on" not in out, out[-3000:]
