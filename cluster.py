@@ -325,14 +325,15 @@ def _init_failed(error, timeout):
 # rank 0 speaks
 
 
-def print0(message, file=sys.stdout):
+def print0(message, file=None):
     """Print on rank 0 only."""
     if RANK == 0:
         print_line(message, file)
 
 
-def print_line(message, file=sys.stdout):
-    """One write per line, so that lines from several ranks sharing a log never interleave mid-line."""
+def print_line(message, file=None):
+    """One write per line (to stdout by default), so that lines from several ranks sharing a log never interleave."""
+    file = file or sys.stdout
     file.write(f"{message}\n")
     file.flush()
 
@@ -474,7 +475,7 @@ def stop_check(device, checkpoint, epoch, step):
     message = ("nothing trained yet in this run" if not epoch else f"checkpoint at {where}" if checkpoint
                else "no --checkpoint-dir, nothing saved")
     if RANK == 0 and signum != signal.SIGTERM:  # SIGTERM: cancelled or preempted, Slurm decides
-        message += _requeue(epoch)
+        message += _requeue(epoch, signum)
     cause = (f"on {STOP_SIGNALS[signum]}" if signum in STOP_SIGNALS
              else f"{stop_clock.get('left', 0):.0f} s before the time limit, with no signal")
     TIMES.lap("compute")
@@ -486,12 +487,14 @@ def stop_check(device, checkpoint, epoch, step):
     raise SystemExit(EXIT_RESUMABLE)
 
 
-def _requeue(epoch, env=os.environ):
+def _requeue(epoch, signum, env=os.environ):
     """Rank 0 puts the job back in the queue, or asks the job script to (REQUEUE_REQUEST); what it did, in words."""
     job_id, restarts = env.get("SLURM_JOB_ID"), int(env.get("SLURM_RESTART_COUNT") or 0)
     cap, resubmit = int(env.get("MAX_REQUEUES") or 20), ". Resubmit the same command to resume"
     if not job_id:
         return ""
+    if signum == signal.SIGUSR2 and env.get("SUBMITIT_EXECUTOR"):  # submitit's signal: its handler requeues the job
+        return "; the requeue is submitit's"  # (a second requeue would only fail, or rerun the job twice)
     if restarts >= cap:
         return f"; not requeued: job {job_id} has restarted {restarts} times (MAX_REQUEUES={cap}){resubmit}"
     if restarts and not epoch:  # a requeue would only repeat this: start-up alone outlasts the time left

@@ -40,6 +40,12 @@ import tarfile
 import time
 from datetime import timedelta
 
+try:
+    import cluster  # the plumbing every script here shares: each line that calls it is one to keep
+except ModuleNotFoundError as e:  # first: copied without it, the script stops at once
+    raise SystemExit(f"ERROR: {__file__} needs cluster.py beside it: copy cluster.py from the same repository") \
+        if e.name == "cluster" else e from None
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -49,12 +55,6 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms import v2
-
-try:
-    import cluster  # the plumbing every script here shares: each line that calls it is one to keep
-except ModuleNotFoundError as e:  # copied without it
-    raise SystemExit(f"ERROR: {__file__} needs cluster.py beside it: copy cluster.py from the same repository") \
-        if e.name == "cluster" else e from None
 
 # -----------------------------------------------------------------------------
 # options
@@ -101,8 +101,7 @@ def get_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--stage-timeout", type=positive, default=4 * 3600,
                    help="seconds the ranks wait for the slowest node's staging (default: 14400)")
-    # --log-interval, --output-dir, --checkpoint-dir, --device, --profile, --dist-timeout; in a job array, this
-    # task's line of $SWEEP is appended to the command line
+    # + --log-interval --output-dir --checkpoint-dir --device --profile --dist-timeout, and a job array's sweep line
     return cluster.parse_args(p, argv, log_interval=50)
 
 

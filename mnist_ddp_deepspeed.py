@@ -29,6 +29,12 @@ import struct
 import time
 from contextlib import redirect_stderr, redirect_stdout
 
+try:
+    import cluster  # the plumbing every script here shares: each line that calls it is one to keep
+except ModuleNotFoundError as e:  # first: copied without it, the script stops at once
+    raise SystemExit(f"ERROR: {__file__} needs cluster.py beside it: copy cluster.py from the same repository") \
+        if e.name == "cluster" else e from None
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -40,12 +46,6 @@ _device.add_argument("--device")
 if _device.parse_known_args()[0].device == "cpu" or not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import deepspeed  # noqa: E402
-
-try:
-    import cluster  # the plumbing every script here shares: each line that calls it is one to keep
-except ModuleNotFoundError as e:  # copied without it
-    raise SystemExit(f"ERROR: {__file__} needs cluster.py beside it: copy cluster.py from the same repository") \
-        if e.name == "cluster" else e from None
 
 # -----------------------------------------------------------------------------
 # options
@@ -66,8 +66,7 @@ def get_args(argv=None):
                    help="mixed precision on GPU: a bf16 section, or fp16 (loss scaling) before Ampere (CPU: float32)")
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # from DeepSpeed's launcher
     deepspeed.add_config_arguments(p)  # --deepspeed, --deepspeed_config (the spelling DeepSpeed's examples use)
-    # --log-interval, --output-dir, --checkpoint-dir, --device, --profile, --dist-timeout; in a job array, this
-    # task's line of $SWEEP is appended to the command line
+    # + --log-interval --output-dir --checkpoint-dir --device --profile --dist-timeout, and a job array's sweep line
     return cluster.parse_args(p, argv, log_interval=20)
 
 
@@ -113,16 +112,14 @@ MNIST_FILES = {True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
 
 
 def download_mnist(data_dir):
-    """Returns None on success, else the reason it failed. Files already there are not fetched again."""
-    raw = os.path.join(data_dir, "MNIST", "raw")
-    if all(os.path.exists(os.path.join(raw, name)) for names in MNIST_FILES.values() for name in names):
+    """None once data_dir/MNIST/raw holds every file (fetching those missing), else why it does not."""
+    if all(os.path.exists(os.path.join(data_dir, "MNIST", "raw", n)) for names in MNIST_FILES.values() for n in names):
         return None
     from torchvision import datasets  # imported only to download: it adds seconds to every process's start
     try:
         with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):  # a line per mirror tried: keep it short
             for train in (True, False):
                 datasets.MNIST(data_dir, train=train, download=True)
-        return None
     except Exception as e:  # offline compute node, read-only directory, proxy ...
         return " ".join(f"{type(e).__name__}: {e}".split())[:300]  # one line for the log
 
@@ -192,8 +189,7 @@ def train(args, device):
         cluster.fail(f"MNIST is not in {os.path.abspath(args.data_dir)} and could not be downloaded "
                      f"({reason or 'on another node'}). HINT: compute nodes are often offline; on the login node run: "
                      f"python {os.path.basename(__file__)} --download-only --data-dir {args.data_dir}")
-    x_train, y_train = load_mnist(args.data_dir, True, device)
-    x_test, y_test = load_mnist(args.data_dir, False, device)
+    (x_train, y_train), (x_test, y_test) = (load_mnist(args.data_dir, train, device) for train in (True, False))
     # each rank sees a disjoint 1/world_size of the training set, reshuffled every epoch by set_epoch();
     # drop_last keeps the shards equal, so every rank takes the same number of steps
     sampler = DistributedSampler(range(len(x_train)), num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed,

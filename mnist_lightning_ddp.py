@@ -38,6 +38,12 @@ import warnings
 from contextlib import redirect_stderr, redirect_stdout
 from datetime import timedelta
 
+try:
+    import cluster  # the plumbing every script here shares: each line that calls it is one to keep
+except ModuleNotFoundError as e:  # first: copied without it, the script stops at once
+    raise SystemExit(f"ERROR: {__file__} needs cluster.py beside it: copy cluster.py from the same repository") \
+        if e.name == "cluster" else e from None
+
 import pytorch_lightning as pl
 import torch
 import torch.nn as nn
@@ -46,12 +52,6 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.strategies import DDPStrategy
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, TensorDataset
-
-try:
-    import cluster  # the plumbing every script here shares: each line that calls it is one to keep
-except ModuleNotFoundError as e:  # copied without it
-    raise SystemExit(f"ERROR: {__file__} needs cluster.py beside it: copy cluster.py from the same repository") \
-        if e.name == "cluster" else e from None
 
 # -----------------------------------------------------------------------------
 # options
@@ -75,8 +75,7 @@ def get_args(argv=None):
     # Lightning: how many processes. The CSC README spells them --gpus=4 --nodes=2
     p.add_argument("--gpus", type=positive, help="processes (devices) per node (default: the launcher's, else 1)")
     p.add_argument("--nodes", type=positive, help="number of nodes (default: the launcher's, else 1)")
-    # --log-interval, --output-dir, --checkpoint-dir, --device, --profile, --dist-timeout; in a job array, this
-    # task's line of $SWEEP is appended to the command line
+    # + --log-interval --output-dir --checkpoint-dir --device --profile --dist-timeout, and a job array's sweep line
     return cluster.parse_args(p, argv, log_interval=20)
 
 
@@ -99,16 +98,14 @@ MNIST_FILES = {True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
 
 
 def download_mnist(data_dir):
-    """Returns None on success, else the reason it failed. Files already there are not fetched again."""
-    raw = os.path.join(data_dir, "MNIST", "raw")
-    if all(os.path.exists(os.path.join(raw, name)) for names in MNIST_FILES.values() for name in names):
+    """None once data_dir/MNIST/raw holds every file (fetching those missing), else why it does not."""
+    if all(os.path.exists(os.path.join(data_dir, "MNIST", "raw", n)) for names in MNIST_FILES.values() for n in names):
         return None
     from torchvision import datasets  # imported only to download: it adds seconds to every process's start
     try:
         with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):  # a line per mirror tried: keep it short
             for train in (True, False):
                 datasets.MNIST(data_dir, train=train, download=True)
-        return None
     except Exception as e:  # offline compute node, read-only directory, proxy ...
         return " ".join(f"{type(e).__name__}: {e}".split())[:300]  # one line for the log
 

@@ -113,7 +113,7 @@ def stop(monkeypatch, tmp_path, signals=(), epoch=1, step=10, squeue=None, **env
     monkeypatch.setattr(cluster, "received_signals", list(signals))
     monkeypatch.setattr(cluster, "stop_clock", {})
     for var in ("SLURM_JOB_ID", "SLURM_RESTART_COUNT", "SLURM_JOB_END_TIME", "SLURM_JOB_START_TIME", "MAX_REQUEUES",
-                "STOP_MARGIN", "REQUEUE_REQUEST"):
+                "STOP_MARGIN", "REQUEUE_REQUEST", "SUBMITIT_EXECUTOR"):
         monkeypatch.delenv(var, raising=False)
     for var, value in env.items():
         monkeypatch.setenv(var, str(value))
@@ -180,6 +180,15 @@ def test_submitits_sigusr2_stops_and_requeues_like_sigusr1(monkeypatch, tmp_path
     code, out, saved = stop(monkeypatch, tmp_path, [signal.SIGUSR2], SLURM_JOB_ID=7)
     assert code == 75 and saved == [(1, 10)]
     assert out.startswith("stopped on SIGUSR2: checkpoint at epoch 1 step 10; could not requeue job 7: scontrol"), out
+
+
+def test_under_submitit_its_sigusr2_is_not_requeued_twice(monkeypatch, tmp_path):
+    """submitit's own handler requeues the job on its SIGUSR2: the script checkpoints and leaves the requeue to it."""
+    code, out, saved = stop(monkeypatch, tmp_path, [signal.SIGUSR2], SLURM_JOB_ID=7, SUBMITIT_EXECUTOR="slurm")
+    assert (code, saved) == (75, [(1, 10)])
+    assert out == "stopped on SIGUSR2: checkpoint at epoch 1 step 10; the requeue is submitit's"
+    code, out, _ = stop(monkeypatch, tmp_path, [signal.SIGUSR1], SLURM_JOB_ID=7, SUBMITIT_EXECUTOR="slurm")
+    assert "could not requeue job 7" in out, "another signal: the script requeues"
 
 
 def test_without_scontrol_the_job_script_is_asked_to_requeue(monkeypatch, tmp_path):

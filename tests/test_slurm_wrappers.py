@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, STARTUP_LINE, clean_env, done_record, epoch_lines, make_imagenet_archives
+from conftest import LAUNCH_VARS, REPO, STARTUP_LINE, clean_env, done_record, epoch_lines, make_imagenet_archives
 from slurm_cluster import SlurmCluster, missing_requirements
 
 FAST = ["--device=cpu", "--epochs=1", "--batch-size=16"]
@@ -416,6 +416,43 @@ def test_time_limit_signal_through_deepspeeds_launcher_checkpoints_requeues_and_
     done = done_record(out)
     assert done["world_size"] == 4 and hosts(out) == {"n1"}
     assert done["param_checksums"] == reference["param_checksums"], "interrupted + requeued != uninterrupted"
+
+
+def test_submitits_sigusr2_checkpoints_and_the_job_is_requeued_once(cluster, tmp_path_factory, mnist_dir, tmp_path,
+                                                                     monkeypatch):
+    """submitit 1.5.4 runs mnist_ddp.py as a command in each of 4 tasks (CommandFunction) and asks Slurm for SIGUSR2
+    before the time limit. scancel --signal=USR2 mid-epoch reaches every process of the step, submitit's and the
+    script's: submitit judges the early signal a preemption and requeues the job itself, the ranks checkpoint and
+    leave the requeue to it, and the rerun resumes and ends with the uninterrupted run's parameters. Once: one
+    restart. (Without a SIGUSR2 handler the ranks died of the signal and lost everything since the last epoch.)"""
+    import submitit
+    reference = reference_run(cluster, tmp_path_factory, mnist_dir, SEEDS[0][0])  # 4 ranks, the same shards
+    proj = project(tmp_path_factory, "mnist_ddp.py")
+    for var in [v for v in os.environ if LAUNCH_VARS.match(v)]:
+        monkeypatch.delenv(var)
+    for var, value in clean_env(SLURM_CONF=cluster.conf, DATA_DIR=mnist_dir).items():
+        monkeypatch.setenv(var, value)  # what sbatch, which submitit calls, passes on to the job
+    executor = submitit.AutoExecutor(folder=tmp_path / "logs", cluster="slurm")
+    # 20 minutes: a signal in the first 10 is a preemption to submitit (one later would be its time-out)
+    executor.update_parameters(nodes=1, tasks_per_node=4, cpus_per_task=1, timeout_min=20)
+    job = executor.submit(submitit.helpers.CommandFunction(
+        ["python", "mnist_ddp.py"] + FAST + [f"--checkpoint-dir={tmp_path / 'ckpt'}"], cwd=proj))
+    log = tmp_path / "logs" / f"{job.job_id}_0_log.out"
+    signal_once_logged(log, "epoch 1 step 20 ", job.job_id, "USR2", clean_env(SLURM_CONF=cluster.conf))
+    deadline, state = time.monotonic() + 300, None
+    while time.monotonic() < deadline and state not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
+        time.sleep(0.5)
+        state, exit_code = cluster.job_state(job.job_id)
+    out = log.read_text()
+    assert (state, exit_code) == ("COMPLETED", "0:0"), out[-5000:]
+    show = subprocess.run(["scontrol", "show", "job", "-o", job.job_id], env=clean_env(SLURM_CONF=cluster.conf),
+                          text=True, stdout=subprocess.PIPE).stdout
+    assert "Restarts=1 " in show, show
+    # the stop line itself is not in the log: submitit stops copying the command's output once its handler exits
+    assert "this job is preempted" in out and out.count("Requeued job") == 1, out[-5000:]
+    assert "could not requeue" not in out and "Traceback" not in out, out[-5000:]
+    assert re.search(r"^resumed from \S+_step_\d+\.pt: epoch 0 done and \d+ steps of epoch 1", out, re.M), out[-5000:]
+    assert done_record(out)["param_checksums"] == reference["param_checksums"], "interrupted + requeued != whole"
 
 
 def test_time_limit_signal_to_every_lightning_rank_checkpoints_requeues_and_resumes_exactly(
