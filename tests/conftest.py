@@ -56,6 +56,16 @@ def timed(fn, *args, **kwargs):
     return result, time.monotonic() - t0
 
 
+def copy_alone(folder, script):
+    """A user's copy: the training script and cluster.py alone in `folder` (made if needed); the copy's path."""
+    import shutil
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in (script, "cluster.py"):
+        shutil.copy(REPO / name, folder / name)
+    return str(folder / script)
+
+
 def start(cmd, **kwargs):
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
 

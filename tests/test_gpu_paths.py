@@ -9,8 +9,7 @@ import time
 import pytest
 import torch
 
-from conftest import (PYTHON, REPO, clean_env, done_record, epoch_lines, make_imagenet_archives, run,
-                      start)
+from conftest import (PYTHON, REPO, clean_env, copy_alone, done_record, epoch_lines, make_imagenet_archives, run, start)
 
 sys.path.insert(0, str(REPO))
 import cluster  # noqa: E402
@@ -166,7 +165,8 @@ def test_deepspeed_takes_its_input_dtype_from_the_engine(mnist_dir, tmp_path):
     config.write_text('{"train_micro_batch_size_per_gpu": 32, "zero_optimization": {"stage": 1}, '
                       '"optimizer": {"type": "Adam", "params": {"lr": 0.003, "torch_adam": true}}, '
                       '"bfloat16": {"enabled": true}}')
-    rc, out = run([PYTHON, str(REPO / "mnist_ddp_deepspeed.py"),
+    alone = copy_alone(tmp_path / "project", "mnist_ddp_deepspeed.py")  # the script and cluster.py, nothing else
+    rc, out = run([PYTHON, alone,
                    f"--data-dir={mnist_dir}", f"--output-dir={tmp_path}", "--epochs=1", "--device=cpu",
                    f"--deepspeed_config={config}"], env=clean_env(), cwd=tmp_path, timeout=300)
     assert rc == 0, out[-3000:]

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from conftest import (PYTHON, REPO, check_signal_stop, check_time_split, clean_env, done_record, make_imagenet_archives,
-                      run, run_srun_style, slurm_job_id_with_free_port, srun_env, start, timed)
+from conftest import (PYTHON, REPO, check_signal_stop, check_time_split, clean_env, copy_alone, done_record,
+                      make_imagenet_archives, run, run_srun_style, slurm_job_id_with_free_port, srun_env, start, timed)
 
 sys.path.insert(0, str(REPO))
 import imagenet_ddp  # noqa: E402  (only its pure functions are used here)
@@ -158,7 +158,8 @@ def test_unreadable_images_are_skipped_and_counted(archives, tmp_path):
     (tree / "STAGED").unlink()  # from here on an extracted train/ val/ tree, used as it is
     victim = sorted((tree / "val" / archives[1][0]).iterdir())[0]
     victim.write_bytes(b"not a jpeg")
-    rc, out = run([PYTHON, SCRIPT, f"--data-dir={tree}", "--epochs=1", "--steps-per-epoch=2", "--arch=resnet18",
+    alone = copy_alone(tmp_path / "project", "imagenet_ddp.py")  # the script and cluster.py, nothing else
+    rc, out = run([PYTHON, alone, f"--data-dir={tree}", "--epochs=1", "--steps-per-epoch=2", "--arch=resnet18",
                    "--image-size=32", "--batch-size=4", "--workers=0", f"--output-dir={tmp_path}",
                    f"--local-dir={tmp_path}"],
                   env=clean_env(), timeout=120)

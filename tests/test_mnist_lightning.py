@@ -5,17 +5,18 @@ import signal
 import pytest
 
 from conftest import (PYTHON, REPO, check_profile, check_signal_stop, check_srun_style, check_time_split,
-                      check_training, clean_env, done_record, epoch_lines, run, run_srun_style, run_torchrun,
-                      tensorboard_scalars, timed)
+                      check_training, clean_env, copy_alone, done_record, epoch_lines, run, run_srun_style,
+                      run_torchrun, tensorboard_scalars, timed)
 
 SCRIPT = str(REPO / "mnist_lightning_ddp.py")
 
 
 @pytest.fixture(scope="module")
 def lightning_spawned(mnist_dir, tmp_path_factory):
-    """plain python --gpus=2 on CPU: Lightning starts the second process itself."""
+    """plain python --gpus=2 on CPU, of a copy with cluster.py alone: Lightning starts the second process itself."""
     out_dir = tmp_path_factory.mktemp("lightning")
-    (rc, out), wall = timed(run, [PYTHON, SCRIPT, "--gpus=2", "--epochs=2", "--batch-size=32",
+    alone = copy_alone(out_dir / "project", "mnist_lightning_ddp.py")  # the script and cluster.py, nothing else
+    (rc, out), wall = timed(run, [PYTHON, alone, "--gpus=2", "--epochs=2", "--batch-size=32",
                                   f"--data-dir={mnist_dir}", f"--output-dir={out_dir}"], env=clean_env(), cwd=out_dir)
     return rc, out, wall
 
