@@ -205,6 +205,7 @@ def train(args, device):
     torch.manual_seed(args.seed + rank)  # the weights are made: from here on each rank draws its own random numbers
     # the engine keeps the model in the config's dtype (its fp16 or bf16 section, also spelled bfloat16): feed it that
     dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else torch.float32
+    x_test = x_test.to(dtype)  # cast the test set once, not every epoch
     precision = {torch.bfloat16: "bf16", torch.float16: "fp16 (loss scaling)", torch.float32: "fp32"}[dtype]
 
     batch_size = engine.train_micro_batch_size_per_gpu()  # per process: the global batch is world_size times larger
@@ -262,7 +263,7 @@ def train(args, device):
         seconds = time.perf_counter() - t0
         train_loss, samples = (stats[0] / stats[1]).item(), int(stats[1].item())
         cluster.TIMES.lap("compute")
-        test_loss, test_acc, n_test = evaluate(engine.module, x_test.to(dtype), y_test, args.test_batch_size, device)
+        test_loss, test_acc, n_test = evaluate(engine.module, x_test, y_test, args.test_batch_size, device)
         trained, train_seconds = trained + samples, train_seconds + seconds
         result = dict(epoch=epoch, train_loss=train_loss, test_loss=test_loss, test_acc=test_acc,
                       test_count=n_test, seconds=seconds, samples_per_s=samples / seconds)
@@ -278,7 +279,7 @@ def train(args, device):
     # summary
     if result is None:  # nothing left to train (resumed a finished run): still report the model's accuracy
         cluster.print0(f"nothing to train: the checkpoint has {start_epoch - 1} epochs (--epochs={args.epochs})")
-        test_loss, test_acc, n_test = evaluate(engine.module, x_test.to(dtype), y_test, args.test_batch_size, device)
+        test_loss, test_acc, n_test = evaluate(engine.module, x_test, y_test, args.test_batch_size, device)
         result = dict(epoch=start_epoch - 1, test_loss=test_loss, test_acc=test_acc, test_count=n_test)
     cluster.TIMES.lap("eval")
     outputs.done(engine.module, "no DataLoader: MNIST sits on the device", **{k: result[k] for k in (
