@@ -8,8 +8,8 @@ A script calls, in this order:
     parse_args(parser)                 its options, the shared ones (--checkpoint-dir, --device ...) and a sweep line
     process_group(args)                a with-block: who this process is, its device, the process group, teardown
     print0(message), fail(message)     rank 0 speaks; one ERROR line, then exit 1 on every rank
-    all_ranks_ok(ok, device), all_gather(obj)   agree on a flag; every rank's object
-    autocast_dtype(device)             bfloat16 where the GPU computes it natively, else float16
+    all_ranks_ok(ok, device), all_sum(tensor), all_gather(obj)   agree on a flag; sums; every rank's object
+    autocast_dtype(device, amp)        --amp: bfloat16 where the GPU computes it natively, else float16; else None
     load_checkpoint(dir, run, device)  the newest whole checkpoint of this run, or None: start afresh
     replay_first_backward(model, loss) after a DDP resume: gradient buckets laid out as in the first run
     Outputs(args, device, resumed)     rank 0's metrics file, TensorBoard run, profiler and done line
@@ -27,6 +27,7 @@ import glob
 import hashlib
 import json
 import os
+import pathlib
 import re
 import shlex
 import shutil
@@ -34,6 +35,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 import warnings
@@ -86,28 +88,26 @@ def _sweep_line(env):
     if not sweep:
         return []
     speak = int(env.get("RANK", env.get("SLURM_PROCID", 0))) == 0  # every rank reads it, rank 0 speaks
-
-    def error(message):
+    try:
+        if not task:
+            raise ValueError(f"SWEEP={sweep} is set, but this job is not an array. HINT: sbatch --array=0-N ...")
+        try:
+            with open(sweep) as f:
+                lines = [line.strip() for line in f if line.strip() and not line.strip().startswith("#")]
+        except OSError as e:
+            raise ValueError(f"sweep file '{sweep}' ($SWEEP) cannot be read in {os.getcwd()} ({e.strerror})") from e
+        if not lines or int(task) >= len(lines):
+            raise ValueError(f"sweep file '{sweep}' has no lines of arguments" if not lines else
+                             f"this is array task {task}, but {sweep} has {len(lines)} lines (tasks 0 to "
+                             f"{len(lines) - 1}). HINT: sbatch --array=0-{len(lines) - 1} ...")
+        try:
+            words = shlex.split(lines[int(task)])
+        except ValueError as e:
+            raise ValueError(f"line {task} of {sweep}: {e} in: {lines[int(task)]}") from e
+    except ValueError as e:  # every rank stops: exit 2, as argparse does for a bad option
         if speak:
-            print_line(f"ERROR: {message}", sys.stderr)
-        raise SystemExit(2)
-
-    if not task:
-        error(f"SWEEP={sweep} is set, but this job is not an array. HINT: sbatch --array=0-N ...")
-    try:
-        with open(sweep) as f:
-            lines = [line.strip() for line in f if line.strip() and not line.strip().startswith("#")]
-    except OSError as e:
-        error(f"sweep file '{sweep}' ($SWEEP) cannot be read in {os.getcwd()} ({e.strerror})")
-    if not lines:
-        error(f"sweep file '{sweep}' has no lines of arguments")
-    if int(task) >= len(lines):
-        error(f"this is array task {task}, but {sweep} has {len(lines)} lines (tasks 0 to {len(lines) - 1}). HINT: "
-              f"sbatch --array=0-{len(lines) - 1} ...")
-    try:
-        words = shlex.split(lines[int(task)])
-    except ValueError as e:
-        error(f"line {task} of {sweep}: {e} in: {lines[int(task)]}")
+            print_line(f"ERROR: {e}", sys.stderr)
+        raise SystemExit(2) from None
     if speak:
         print_line(f"== sweep {sweep}, task {task} of {len(lines)} (array job {env.get('SLURM_ARRAY_JOB_ID')}): "
                    f"{' '.join(words)} ==")
@@ -165,14 +165,11 @@ def unusable_gpus(env=os.environ):
         value = env.get(var, "").strip()
         if value in ("", "-1", "NoDevFiles") or (var == "SLURM_GPUS_ON_NODE" and value == "0"):
             continue  # no GPU given this way
-        cuda = torch.version.cuda
-        if cuda is None:
-            needs = "it is a CPU-only build"
-        else:
-            needs = (f"it is a build for CUDA {cuda}, which needs an NVIDIA driver >= "
-                     f"{CUDA_DRIVER_FLOOR.get(cuda.split('.')[0])} (nvidia-smi shows yours)")
-            if cuda.startswith("13"):  # CUDA 13 builds have no kernels for GPUs before Turing
-                needs += " and a GPU of compute capability >= 7.5"
+        cuda = torch.version.cuda  # CUDA 13 builds have no kernels for GPUs before Turing (7.5)
+        needs = "it is a CPU-only build" if cuda is None else (
+            f"it is a build for CUDA {cuda}, which needs an NVIDIA driver >= "
+            f"{CUDA_DRIVER_FLOOR.get(cuda.split('.')[0])} (nvidia-smi shows yours)"
+            f"{' and a GPU of compute capability >= 7.5' * cuda.startswith('13')}")
         return (f"this job was given GPUs ({var}={value}), but torch {torch.__version__} cannot use them: {needs}. "
                 "HINT: install the torch build that matches the cluster's driver, or pass --device=cpu to train on "
                 "CPU anyway")
@@ -222,9 +219,14 @@ def _pick_device(args, env=os.environ):
     return device
 
 
-def autocast_dtype(device):
-    """bfloat16 from compute capability 8.0 (A100, H100, L4, RTX 30xx); before, float16 with loss scaling."""
-    return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16  # 7.5 emulates bf16
+def autocast_dtype(device, amp=True):
+    """--amp on a GPU: bfloat16 from compute capability 8.0 (A100, H100, L4, RTX 30xx), before it float16 with loss
+    scaling (7.5 only emulates bfloat16); without --amp or on the CPU None: float32."""
+    if amp and device.type != "cuda":
+        print0("NOTE: --amp is mixed precision on GPU only; training in float32 on CPU")
+    if not amp or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
 
 
 # -----------------------------------------------------------------------------
@@ -253,7 +255,7 @@ def process_group(args, deepspeed=False, group=True):
             if addr:  # launched by srun or mpirun: tell init_process_group where rank 0 listens
                 os.environ.update(RANK=str(RANK), LOCAL_RANK=str(LOCAL_RANK), WORLD_SIZE=str(WORLD_SIZE),
                                   MASTER_ADDR=addr, MASTER_PORT=port)
-            _init_group("nccl" if device.type == "cuda" else "gloo", args.dist_timeout, deepspeed)
+            _init_group(device, args.dist_timeout, deepspeed)
         if group:
             started(RANK, LOCAL_RANK, WORLD_SIZE, device)
         yield device
@@ -278,17 +280,20 @@ def process_group(args, deepspeed=False, group=True):
 CLOSE_FIRST = []  # callables run before the process group is destroyed
 
 
-def _init_group(backend, seconds, use_deepspeed):
+def _init_group(device, seconds, use_deepspeed):
     timeout = timedelta(seconds=seconds)  # bounds every collective: a hung rank ends the job, not the time limit
+    backend = "nccl" if device.type == "cuda" else "gloo"
     try:
         if not use_deepspeed or os.environ.get("MASTER_ADDR"):  # not DeepSpeed's own: it would bind GPU LOCAL_RANK
-            dist.init_process_group(backend, timeout=timeout)
+            # device_id: NCCL connects now, so a network fault is the start-up's one-line error, not a traceback at
+            # the first collective (and barriers know their GPU)
+            dist.init_process_group(backend, timeout=timeout, device_id=device if device.type == "cuda" else None)
         if use_deepspeed:  # it wraps ours; without MASTER_ADDR (mpirun across nodes) it asks MPI where rank 0 is
             import deepspeed
             deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=True, verbose=False, timeout=timeout)
             if dist.get_rank() != 0:
                 deepspeed.utils.logger.setLevel("ERROR")
-    except (dist.DistNetworkError, dist.DistStoreError) as e:
+    except (dist.DistNetworkError, dist.DistStoreError, dist.DistBackendError) as e:  # backend: NCCL's connect
         _init_failed(e, seconds)
     global RANK, WORLD_SIZE
     RANK, WORLD_SIZE = dist.get_rank(), dist.get_world_size()  # MPI discovery may have filled them in
@@ -364,6 +369,13 @@ def all_ranks_ok(ok, device):
     flag = torch.tensor([1 if ok else 0], device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
+
+
+def all_sum(tensor):
+    """The tensor summed over all ranks, in place."""
+    if WORLD_SIZE > 1:
+        dist.all_reduce(tensor)
+    return tensor
 
 
 def all_gather(obj):
@@ -659,15 +671,15 @@ def save_checkpoint(ckpt_dir, epoch, step, device, outputs, state, engine=None, 
     name = f"epoch_{epoch - 1:04d}_step_{step:07d}" if step else f"epoch_{epoch:04d}"
     state = {**state, "epoch": epoch - 1 if step else epoch, "step": step, "rng": all_gather(_rng_state(device)),
              "tensorboard": outputs.tb_name, "script": state["run"]["script"]}
-    if engine is not None:  # DeepSpeed: every rank its shards, in a folder; then `latest` names it
-        engine.save_checkpoint(ckpt_dir, tag=name, client_state=state)
-    elif RANK == 0:  # a temporary file, fsync, rename: a crash mid-save leaves the previous checkpoint whole
-        path = os.path.join(ckpt_dir, f"{name}.pt")
-        tmp = f"{path}.tmp{os.getpid()}"
-        torch.save(state, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+    if engine is not None:  # DeepSpeed: every rank its shards, in a folder. DeepSpeed's own `latest` would name it
+        engine.save_checkpoint(ckpt_dir, tag=name, client_state=state, save_latest=False)  # before all are written
+        for path in glob.glob(os.path.join(ckpt_dir, name, "*")):
+            _fsync(path)
+        dist.barrier()  # every rank's shards are on disk: only now does `latest` name them
+        if RANK == 0:
+            _write_atomic(os.path.join(ckpt_dir, "latest"), lambda tmp: pathlib.Path(tmp).write_text(name))
+    elif RANK == 0:  # a crash mid-save leaves the previous checkpoint whole
+        _write_atomic(os.path.join(ckpt_dir, f"{name}.pt"), lambda tmp: torch.save(state, tmp))
     if RANK == 0:
         for old in sorted(glob.glob(os.path.join(ckpt_dir, "epoch_*" if engine else "epoch_*.pt")))[:-keep]:
             shutil.rmtree(old, ignore_errors=True) if engine else os.remove(old)
@@ -677,11 +689,22 @@ def save_checkpoint(ckpt_dir, epoch, step, device, outputs, state, engine=None, 
     TIMES.lap("checkpoint")
 
 
-def _rng_state(device):
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":  # dropout and the like draw from the GPU's generator
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
+def _write_atomic(path, write):
+    """write(tmp), a temporary file's path, then fsync and rename: `path` is the old file or the new one, whole."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    write(tmp)
+    _fsync(tmp)
+    os.replace(tmp, path)
+
+
+def _fsync(path):
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _rng_state(device):  # dropout and the like on a GPU draw from its own generator
+    cuda = {"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}
+    return {"cpu": torch.get_rng_state(), **cuda}
 
 
 def _set_rng_state(state, device):
@@ -694,9 +717,8 @@ def _set_rng_state(state, device):
 def _check_writable(ckpt_dir):
     try:  # fail now, with the reason, rather than after the first epoch
         os.makedirs(ckpt_dir, exist_ok=True)
-        probe = os.path.join(ckpt_dir, f".write-test-{socket.gethostname()}-{os.getpid()}")
-        open(probe, "w").close()
-        os.remove(probe)
+        with tempfile.TemporaryFile(dir=ckpt_dir):
+            pass
     except OSError as e:
         fail(f"cannot write checkpoints to {os.path.abspath(ckpt_dir)} ({e.strerror}). HINT: choose a --checkpoint-dir "
              "you can write to")
@@ -727,8 +749,8 @@ class Outputs:
             self.metrics = open(os.path.join(args.output_dir, f"metrics-{self.run_id}.jsonl"), "a")
             # from purge_step on, TensorBoard drops what an interrupted run wrote: no point shows twice
             self.tb = tensorboard and _summary_writer(os.path.join(args.output_dir, "tensorboard", self.tb_name),
-                                                      purge_step)
-            self.prof = profiler(args, device, self.run_id) if tensorboard else None  # Lightning: its callback
+                                                      purge_step)  # Lightning: its own logger
+            self.prof = profiler(args, device, self.run_id)
 
     def step(self):
         """After each training step: the profiler's."""
@@ -815,8 +837,8 @@ def profiler(args, device, name):
 # Lightning: the same plumbing as callbacks
 
 
-def lightning_callbacks(args, run_id):
-    """[StopOnSignal, ProfileSteps, TimeLaps]: stop_check, profiler() and TIMES's laps at Lightning's hooks."""
+def lightning_callbacks(args):
+    """[StopOnSignal, TimeLaps]: stop_check and TIMES's laps at Lightning's hooks."""
     import pytorch_lightning as pl
 
     class StopOnSignal(pl.Callback):
@@ -827,6 +849,11 @@ def lightning_callbacks(args, run_id):
         def on_train_start(self, trainer, pl_module):
             for signum in STOP_SIGNALS:  # Lightning installed its handlers just before this hook
                 signal.signal(signum, _on_stop_signal)
+            # Lightning 2.x broadcasts its SIGTERM flag before every batch (a collective and a host sync per step).
+            # With our handlers that flag stays 0: the broadcast goes, where it is the one we read (2.x)
+            loop = trainer.fit_loop.epoch_loop
+            if pl.__version__.startswith("2.") and hasattr(loop, "_broadcast_sigterm_tensor"):
+                loop._broadcast_sigterm_tensor = lambda: None
             self.check(trainer, pl_module, 0, 0)
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -847,18 +874,6 @@ def lightning_callbacks(args, run_id):
 
             stop_check(pl_module.device, args.checkpoint_dir and checkpoint, epoch, step)
 
-    class ProfileSteps(pl.Callback):
-        def on_train_start(self, trainer, pl_module):
-            self.prof = profiler(args, pl_module.device, run_id)
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if self.prof:
-                self.prof.step()
-
-        def on_train_end(self, trainer, pl_module):
-            if self.prof:
-                self.prof.stop()
-
     class TimeLaps(pl.Callback):
         """The gap before a batch is the wait for it, validation the evaluation, and what follows an epoch's end
         ModelCheckpoint's save. After StopOnSignal: its all-reduce after a batch counts with the step."""
@@ -868,4 +883,4 @@ def lightning_callbacks(args, run_id):
                        "on_train_batch_end": "compute", "on_validation_start": "compute", "on_validation_end": "eval",
                        "on_train_epoch_end": "compute", "on_train_end": between}.items():
         setattr(TimeLaps, hook, lambda self, *_, part=part, **__: TIMES.lap(part))
-    return [StopOnSignal(), ProfileSteps(), TimeLaps()]
+    return [StopOnSignal(), TimeLaps()]

@@ -68,7 +68,9 @@ case "$cmd" in
     export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/$VENV/torch_extensions}
     DS_ACCELERATOR=cpu python -c "from deepspeed.accelerator import get_accelerator as g
 g().create_op_builder('ShareMemCommBuilder').load()" >/dev/null
-    exec python -m pytest tests "$@"
+    # two workers, each taking whole test files (pytest-xdist): the Slurm cluster's tests, which mostly wait on their
+    # jobs, run beside the others. TEST_WORKERS=0 runs everything in this one process
+    exec python -m pytest tests -n "${TEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder "$@"
     ;;
   *)
     usage >&2

@@ -100,7 +100,8 @@ def get_args(argv=None):
                    help="NHWC memory format on GPU (default: on)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--stage-timeout", type=positive, default=4 * 3600,
-                   help="seconds the ranks wait for the slowest node's staging (default: 14400)")
+                   help="seconds the ranks wait for the slowest node's staging (default: 14400; run-imagenet.sh "
+                        "stages before the ranks start, and they do not wait)")
     # + --log-interval --output-dir --checkpoint-dir --device --profile --dist-timeout, and a job array's sweep line
     return cluster.parse_args(p, argv, log_interval=50)
 
@@ -181,6 +182,10 @@ def stage(data_dir, local_dir, workers, from_tar=False):
             shutil.rmtree(os.path.join(local_dir, sub), ignore_errors=True)
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(local_dir, sub))
+        need, free = sum(os.path.getsize(a) for a in archives[:2]), shutil.disk_usage(local_dir).free
+        if need > free:  # before anything is written: a copy that fills the disk fails hours later, half done
+            raise OSError(f"{local_dir} has {free / 1e9:.1f} GB free, but the archives need {need / 1e9:.1f} GB "
+                          f"({' + '.join(os.path.basename(a) for a in archives[:2])}); nothing was written")
         wnids = val_wnids(archives[2])
         if from_tar:  # one sequential read of each tar; from now on only the local copies are read
             for a in archives[:2]:
@@ -380,7 +385,7 @@ def train(args, device, data_root):
     rank, world_size = cluster.RANK, cluster.WORLD_SIZE
     torch.manual_seed(args.seed)  # same initial weights everywhere (DDP also broadcasts rank 0's)
     cuda = device.type == "cuda"
-    amp_dtype = cluster.autocast_dtype(device) if args.amp and cuda else None
+    amp_dtype = cluster.autocast_dtype(device, args.amp)  # None: float32
     precision = {torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast + GradScaler", None: "fp32"}[amp_dtype]
     channels_last = args.channels_last and cuda
 
@@ -568,8 +573,8 @@ def local_base(args):
 
 def find_data(args):
     """The folder holding train/ and val/: the extracted tree as given, or a node-local copy of the archives. In a
-    process group, every rank then waits until every node has staged, on a group of its own whose timeout is
-    --stage-timeout (the training collectives keep --dist-timeout); if one node's staging failed, all ranks stop."""
+    process group, every rank then waits until every node has staged (wait_for_nodes); if one node's staging failed,
+    all ranks stop."""
     if all(os.path.isdir(os.path.join(args.data_dir, s)) for s in ("train", "val")):
         return args.data_dir
     missing = [n for n in (TRAIN_TAR, VAL_TAR, DEVKIT) if not os.path.isfile(os.path.join(args.data_dir, n))]
@@ -578,9 +583,6 @@ def find_data(args):
                      f"{', '.join(missing)}. HINT: --data-dir (or $DATA_DIR) must point at the folder holding the "
                      "archives as downloaded from image-net.org")
     local_dir = local_base(args)
-    waiting = None  # the ranks wait for the slowest node on a group of their own (gloo: CPU tensors, on any node)
-    if dist.is_initialized():
-        waiting = dist.new_group(backend="gloo", timeout=timedelta(seconds=args.stage_timeout))
     try:
         stage(args.data_dir, local_dir, max(1, len(os.sched_getaffinity(0))), args.from_tar)
         ok = True
@@ -588,21 +590,38 @@ def find_data(args):
         ok = False
         if cluster.LOCAL_RANK == 0:
             cluster.print_line(f"ERROR: staging {args.data_dir} into {local_dir} on {socket.gethostname()} failed "
-                               f"({type(e).__name__}: {e}). HINT: --local-dir needs ~160 GB free for ImageNet; a "
-                               "half-finished copy is redone on the next run", sys.stderr)
-    if waiting is not None:
-        t0 = time.perf_counter()
-        flag = torch.tensor([1 if ok else 0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=waiting)  # returns once the slowest node has staged
-        if ok and not flag.item():
-            cluster.print0("ERROR: staging failed on another node (its ERROR line says why)", sys.stderr)
-        elif ok and time.perf_counter() - t0 >= 1:
-            cluster.print0(f"waited {time.perf_counter() - t0:.0f} s for the other nodes' staging")
-        ok = bool(flag.item())
-        dist.destroy_process_group(waiting)
+                               f"({type(e).__name__}: {e}). HINT: --local-dir needs ~160 GB free for ImageNet, on a "
+                               "node-local disk ($SLURM_TMPDIR, /scratch); a half-finished copy is redone on the next "
+                               "run", sys.stderr)
+    if dist.is_initialized() and not os.environ.get("IMAGENET_STAGED"):  # run-imagenet.sh: every node has its copy
+        ok = wait_for_nodes(ok, args.stage_timeout)
     if not ok:
         raise SystemExit(1)
     return local_dir
+
+
+def wait_for_nodes(ok, timeout):
+    """Wait up to `timeout` s for every rank's staging, through the process group's store (rank 0's, at MASTER_ADDR,
+    which every rank reached): two counters, polled. No collective: --dist-timeout stays the training's, and gloo
+    would connect every pair of nodes on whatever address the hostname gives. True if every node staged."""
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=timedelta(seconds=60))
+    key = f"imagenet_staging/{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}"  # a restarted torchrun's store lives on
+    store.add(f"{key}/failed", 0 if ok else 1)  # before the count: once all have counted, it is final
+    store.add(f"{key}/ranks", 1)
+    t0 = time.perf_counter()
+    while (arrived := store.add(f"{key}/ranks", 0)) < cluster.WORLD_SIZE:
+        if time.perf_counter() - t0 > timeout:
+            cluster.fail(f"{cluster.WORLD_SIZE - arrived} of {cluster.WORLD_SIZE} ranks had not staged within "
+                         f"--stage-timeout={timeout} s. HINT: their node's log lines say how far they got; a larger "
+                         "--stage-timeout, or run-imagenet.sh, which stages in a step of its own")
+        time.sleep(1)
+    failed = store.add(f"{key}/failed", 0)
+    if ok and failed:
+        cluster.print0("ERROR: staging failed on another node (its ERROR line says why)", sys.stderr)
+    elif ok and time.perf_counter() - t0 >= 1:
+        cluster.print0(f"waited {time.perf_counter() - t0:.0f} s for the other nodes' staging")
+    return not failed
 
 
 def main(args):

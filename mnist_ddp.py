@@ -123,10 +123,8 @@ def evaluate(model, x, y, batch_size, device):
         stats[0] += F.cross_entropy(out, ys[i:i + batch_size], reduction="sum")
         stats[1] += (out.argmax(1) == ys[i:i + batch_size]).sum()
     stats[2] = len(xs)
-    if cluster.WORLD_SIZE > 1:
-        torch.distributed.all_reduce(stats)
-    loss_sum, correct, count = stats.tolist()
-    return loss_sum / count, correct / count, int(count)
+    loss_sum, correct, count = cluster.all_sum(stats).tolist()
+    return dict(test_loss=loss_sum / count, test_acc=correct / count, test_count=int(count))
 
 
 # -----------------------------------------------------------------------------
@@ -136,9 +134,7 @@ def evaluate(model, x, y, batch_size, device):
 def train(args, device):
     rank, world_size = cluster.RANK, cluster.WORLD_SIZE
     torch.manual_seed(args.seed)  # same initial weights everywhere (DDP also broadcasts rank 0's)
-    if args.amp and device.type != "cuda":
-        cluster.print0("NOTE: --amp is mixed precision on GPU only; training in float32 on CPU")
-    amp_dtype = cluster.autocast_dtype(device) if args.amp and device.type == "cuda" else None
+    amp_dtype = cluster.autocast_dtype(device, args.amp)  # None: float32
     precision = {torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast + GradScaler", None: "fp32"}[amp_dtype]
 
     # data: local rank 0 of each node downloads if needed while the other ranks wait
@@ -178,8 +174,7 @@ def train(args, device):
         raw_model.load_state_dict(ckpt["model"])  # the raw module's keys: no "module." or "_orig_mod." prefix
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        if ckpt.get("scaler") and scaler.is_enabled():
-            scaler.load_state_dict(ckpt["scaler"])
+        scaler.load_state_dict(ckpt["scaler"])  # only float16's: a disabled scaler loads nothing
         start_epoch, start_step = ckpt["epoch"] + 1, ckpt["step"]
         if world_size > 1 and start_epoch <= args.epochs:  # DDP's gradient buckets laid out as in the first run
             cluster.replay_first_backward(raw_model, lambda: F.cross_entropy(
@@ -206,7 +201,7 @@ def train(args, device):
         order = torch.tensor(list(sampler), device=device)
         skip, start_step = start_step, 0  # a mid-epoch checkpoint: continue after the steps it already holds
         loss_sum = torch.zeros((), device=device)  # accumulated on the device: no host sync per step
-        lr, t0 = scheduler.get_last_lr()[0], time.perf_counter()
+        lr, t0 = optimizer.param_groups[0]["lr"], time.perf_counter()
         for step in range(skip, steps_per_epoch):
             idx = order[step * batch_size:(step + 1) * batch_size]
             cluster.TIMES.lap("data")  # with a DataLoader: right after next(), the wait for a batch
@@ -226,20 +221,18 @@ def train(args, device):
                 cluster.stop_check(device, args.checkpoint_dir and checkpoint, epoch, step + 1)
             cluster.TIMES.lap("compute")
         scheduler.step()
-        stats = torch.stack([loss_sum, loss_sum.new_tensor(len(order) - skip * batch_size)]).double()
-        if world_size > 1:
-            torch.distributed.all_reduce(stats)  # the mean over all ranks' samples, not just rank 0's
-        seconds = time.perf_counter() - t0
-        train_loss, samples = (stats[0] / stats[1]).item(), int(stats[1].item())
+        # the mean over all ranks' samples, not just rank 0's
+        stats = cluster.all_sum(torch.stack([loss_sum, loss_sum.new_tensor(len(order) - skip * batch_size)]).double())
+        seconds, samples = time.perf_counter() - t0, int(stats[1].item())
         cluster.TIMES.lap("compute")
-        test_loss, test_acc, n_test = evaluate(raw_model, x_test, y_test, args.test_batch_size, device)
+        result = dict(epoch=epoch, lr=lr, train_loss=(stats[0] / stats[1]).item(),
+                      **evaluate(raw_model, x_test, y_test, args.test_batch_size, device),
+                      seconds=seconds, samples_per_s=samples / seconds)
         trained, train_seconds = trained + samples, train_seconds + seconds
-        result = dict(epoch=epoch, train_loss=train_loss, test_loss=test_loss, test_acc=test_acc,
-                      test_count=n_test, seconds=seconds, samples_per_s=samples / seconds)
-        cluster.print0(f"epoch {epoch}/{args.epochs} | train loss {train_loss:.4f} | test loss {test_loss:.4f} | "
-                       f"test acc {100 * test_acc:.2f}% | {seconds:.1f} s | {samples / seconds:.0f} samples/s")
-        outputs.scalar("epoch/lr", lr, epoch * steps_per_epoch)
-        outputs.epoch(result, epoch * steps_per_epoch)
+        cluster.print0("epoch {epoch}/{epochs} | train loss {train_loss:.4f} | test loss {test_loss:.4f} | test acc "
+                       "{test_acc:.2%} | {seconds:.1f} s | {samples_per_s:.0f} samples/s".format(
+                           epochs=args.epochs, **result))
+        outputs.epoch(result, epoch * steps_per_epoch)  # a JSON line, and epoch/ curves
         cluster.TIMES.lap("eval")
         if args.checkpoint_dir:
             checkpoint(epoch, 0)
@@ -248,8 +241,7 @@ def train(args, device):
     # summary
     if result is None:  # nothing left to train (resumed a finished run): still report the model's accuracy
         cluster.print0(f"nothing to train: the checkpoint has {start_epoch - 1} epochs (--epochs={args.epochs})")
-        test_loss, test_acc, n_test = evaluate(raw_model, x_test, y_test, args.test_batch_size, device)
-        result = dict(epoch=start_epoch - 1, test_loss=test_loss, test_acc=test_acc, test_count=n_test)
+        result = dict(epoch=start_epoch - 1, **evaluate(raw_model, x_test, y_test, args.test_batch_size, device))
     cluster.TIMES.lap("eval")
     outputs.done(raw_model, "no DataLoader: MNIST sits on the device", **{k: result[k] for k in (
         "test_acc", "test_loss", "test_count", "epoch")}, samples_per_s=trained / train_seconds if trained else None)

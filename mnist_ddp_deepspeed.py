@@ -63,7 +63,7 @@ def get_args(argv=None):
                    help="holds MNIST/raw (default: $DATA_DIR, else ./data)")
     p.add_argument("--download-only", action="store_true", help="download MNIST into --data-dir and exit")
     p.add_argument("--amp", action="store_true",
-                   help="mixed precision on GPU: a bf16 section, or fp16 (loss scaling) before Ampere (CPU: float32)")
+                   help="mixed precision on GPU: bfloat16, or float16 with loss scaling before Ampere (CPU: float32)")
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # from DeepSpeed's launcher
     deepspeed.add_config_arguments(p)  # --deepspeed, --deepspeed_config (the spelling DeepSpeed's examples use)
     # + --log-interval --output-dir --checkpoint-dir --device --profile --dist-timeout, and a job array's sweep line
@@ -78,10 +78,10 @@ DEFAULT_CONFIG = {
     "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 0.003, "warmup_num_steps": 20,
                                                  "warmup_type": "linear"}},
     "gradient_clipping": 1.0, "zero_optimization": {"stage": 2}, "steps_per_print": 1000000,
-    "wall_clock_breakdown": False}
+    "wall_clock_breakdown": False, "timers": {"throughput": {"enabled": False}}}
 
 
-def load_config(args, device):
+def load_config(args, amp_dtype):
     """The DeepSpeed config with the command line's overrides, checked by DeepSpeed before any data is read."""
     try:
         config = copy.deepcopy(json.load(open(args.deepspeed_config)) if args.deepspeed_config else DEFAULT_CONFIG)
@@ -92,8 +92,9 @@ def load_config(args, device):
         config.pop("train_batch_size", None)
     if args.zero_stage is not None:
         config.setdefault("zero_optimization", {})["stage"] = args.zero_stage
-    if args.amp and device.type == "cuda" and not {"fp16", "bf16", "bfloat16"} & set(config):
-        config["bf16" if cluster.autocast_dtype(device) == torch.bfloat16 else "fp16"] = {"enabled": True}
+    if amp_dtype and not {"fp16", "bf16", "bfloat16"} & set(config):  # bf16 needs no overflow check (an all-reduce
+        config["bf16" if amp_dtype == torch.bfloat16 else "fp16"] = {  # and a host sync per step)
+            "enabled": True, **({"check_grad_overflow": False} if amp_dtype == torch.bfloat16 else {})}
     try:  # the batch sizes against the world size, and the rest
         deepspeed.DeepSpeedConfig(config)
     except (AssertionError, ValueError, KeyError) as e:
@@ -166,10 +167,8 @@ def evaluate(model, x, y, batch_size, device):
         stats[0] += F.cross_entropy(out, ys[i:i + batch_size], reduction="sum")
         stats[1] += (out.argmax(1) == ys[i:i + batch_size]).sum()
     stats[2] = len(xs)
-    if cluster.WORLD_SIZE > 1:
-        torch.distributed.all_reduce(stats)
-    loss_sum, correct, count = stats.tolist()
-    return loss_sum / count, correct / count, int(count)
+    loss_sum, correct, count = cluster.all_sum(stats).tolist()
+    return dict(test_loss=loss_sum / count, test_acc=correct / count, test_count=int(count))
 
 
 # -----------------------------------------------------------------------------
@@ -178,10 +177,9 @@ def evaluate(model, x, y, batch_size, device):
 
 def train(args, device):
     rank, world_size = cluster.RANK, cluster.WORLD_SIZE
-    config = load_config(args, device)
     torch.manual_seed(args.seed)  # same initial weights everywhere (DeepSpeed also broadcasts rank 0's)
-    if args.amp and device.type != "cuda":
-        cluster.print0("NOTE: --amp is mixed precision on GPU only; training in float32 on CPU")
+    amp_dtype = cluster.autocast_dtype(device, args.amp)  # None: float32
+    config = load_config(args, amp_dtype)
 
     # data: local rank 0 of each node downloads if needed while the other ranks wait
     reason = download_mnist(args.data_dir) if cluster.LOCAL_RANK == 0 else None
@@ -257,20 +255,18 @@ def train(args, device):
             if (step + 1) % cluster.STOP_CHECK_EVERY == 0 and step + 1 < steps_per_epoch:
                 cluster.stop_check(device, args.checkpoint_dir and checkpoint, epoch, step + 1)
             cluster.TIMES.lap("compute")
-        stats = torch.stack([loss_sum, loss_sum.new_tensor(len(order) - skip * batch_size)]).double()
-        if world_size > 1:
-            torch.distributed.all_reduce(stats)  # the mean over all ranks' samples, not just rank 0's
-        seconds = time.perf_counter() - t0
-        train_loss, samples = (stats[0] / stats[1]).item(), int(stats[1].item())
+        # the mean over all ranks' samples, not just rank 0's
+        stats = cluster.all_sum(torch.stack([loss_sum, loss_sum.new_tensor(len(order) - skip * batch_size)]).double())
+        seconds, samples = time.perf_counter() - t0, int(stats[1].item())
         cluster.TIMES.lap("compute")
-        test_loss, test_acc, n_test = evaluate(engine.module, x_test, y_test, args.test_batch_size, device)
+        result = dict(epoch=epoch, lr=lr, train_loss=(stats[0] / stats[1]).item(),
+                      **evaluate(raw_model, x_test, y_test, args.test_batch_size, device),
+                      seconds=seconds, samples_per_s=samples / seconds)
         trained, train_seconds = trained + samples, train_seconds + seconds
-        result = dict(epoch=epoch, train_loss=train_loss, test_loss=test_loss, test_acc=test_acc,
-                      test_count=n_test, seconds=seconds, samples_per_s=samples / seconds)
-        cluster.print0(f"epoch {epoch}/{args.epochs} | train loss {train_loss:.4f} | test loss {test_loss:.4f} | "
-                       f"test acc {100 * test_acc:.2f}% | {seconds:.1f} s | {samples / seconds:.0f} samples/s")
-        outputs.scalar("epoch/lr", lr, epoch * steps_per_epoch)
-        outputs.epoch(result, epoch * steps_per_epoch)
+        cluster.print0("epoch {epoch}/{epochs} | train loss {train_loss:.4f} | test loss {test_loss:.4f} | test acc "
+                       "{test_acc:.2%} | {seconds:.1f} s | {samples_per_s:.0f} samples/s".format(
+                           epochs=args.epochs, **result))
+        outputs.epoch(result, epoch * steps_per_epoch)  # a JSON line, and epoch/ curves
         cluster.TIMES.lap("eval")
         if args.checkpoint_dir:
             checkpoint(epoch, 0)
@@ -279,10 +275,9 @@ def train(args, device):
     # summary
     if result is None:  # nothing left to train (resumed a finished run): still report the model's accuracy
         cluster.print0(f"nothing to train: the checkpoint has {start_epoch - 1} epochs (--epochs={args.epochs})")
-        test_loss, test_acc, n_test = evaluate(engine.module, x_test, y_test, args.test_batch_size, device)
-        result = dict(epoch=start_epoch - 1, test_loss=test_loss, test_acc=test_acc, test_count=n_test)
+        result = dict(epoch=start_epoch - 1, **evaluate(raw_model, x_test, y_test, args.test_batch_size, device))
     cluster.TIMES.lap("eval")
-    outputs.done(engine.module, "no DataLoader: MNIST sits on the device", **{k: result[k] for k in (
+    outputs.done(raw_model, "no DataLoader: MNIST sits on the device", **{k: result[k] for k in (
         "test_acc", "test_loss", "test_count", "epoch")}, samples_per_s=trained / train_seconds if trained else None)
 
 

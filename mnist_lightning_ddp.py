@@ -14,7 +14,7 @@ plumbing it calls) and a job script. A sibling of mnist_ddp.py (same network, da
     evaluate()               -> validation_step + on_validation_epoch_end (exact sums over ranks)
     checkpoints and resume   -> ModelCheckpoint(save_last=True) + trainer.fit(ckpt_path=last.ckpt)
     process_group()          -> make_trainer(): Trainer(devices, num_nodes, DDPStrategy); Lightning forms the group
-    stop_check in the loop   -> cluster.lightning_callbacks(): StopOnSignal, ProfileSteps, TimeLaps
+    stop_check in the loop   -> cluster.lightning_callbacks(): StopOnSignal, TimeLaps
 
 Data: --data-dir (default $DATA_DIR, else ./data) holds MNIST/raw/; local rank 0 of each node downloads it if missing.
 Compute nodes are often offline: download on the login node with
@@ -229,6 +229,9 @@ class LitMNIST(pl.LightningModule):
                 self.logger.log_metrics({"train/loss": value}, step=self.global_step + 1)
         return loss
 
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        self.outputs.step()  # the profiler's step, with --profile
+
     def on_validation_epoch_start(self):
         self.seconds = time.perf_counter() - self.t0  # the training part of the epoch
         self.val_stats = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, correct, count
@@ -308,8 +311,6 @@ def make_trainer(args, device, devices, num_nodes, precision, callbacks, logger)
         enable_checkpointing=bool(args.checkpoint_dir))
 
 
-RANK, LOCAL_RANK, WORLD_SIZE = 0, 0, 1
-
 
 def main(args):
     if args.download_only:
@@ -320,9 +321,7 @@ def main(args):
     # Lightning forms the process group (in fit): cluster picks the device, installs the stop signals' handlers (so
     # that Lightning adds no SIGUSR1 requeue of its own) and tears the group down however fit() ends
     with cluster.process_group(args, group=False) as device:
-        if args.amp and device.type != "cuda":
-            cluster.print0("NOTE: --amp is mixed precision on GPU only; training in float32 on CPU")
-        amp_dtype = cluster.autocast_dtype(device) if args.amp and device.type == "cuda" else None
+        amp_dtype = cluster.autocast_dtype(device, args.amp)  # None: float32
         precision = {torch.bfloat16: "bf16-mixed", torch.float16: "16-mixed", None: "32-true"}[amp_dtype]
         per_node, nodes = launch_size()
         devices, num_nodes = args.gpus or per_node, args.nodes or nodes
@@ -346,9 +345,9 @@ def main(args):
             purge_step = model.resumed["global_step"] + 1
         logger = tensorboard(args.output_dir, (model.resumed or {}).get("tensorboard") or cluster.run_name(),
                              purge_step)
-        # stop_check, --profile and the time split, where Lightning's loop has room for them (its callbacks, in order)
-        stop, *rest = cluster.lightning_callbacks(args, cluster.run_name())  # StopOnSignal, ProfileSteps, TimeLaps
-        callbacks = [stop] + callbacks + rest
+        # stop_check and the time split, where Lightning's loop has room for them (its callbacks, in order)
+        stop, laps = cluster.lightning_callbacks(args)  # StopOnSignal, TimeLaps
+        callbacks = [stop] + callbacks + [laps]
         try:
             trainer = make_trainer(args, device, devices, num_nodes, precision, callbacks, logger)
             # fit() would check this too, with a traceback per rank

@@ -44,6 +44,6 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cpus / gpus > 0 ? cpus / gpus : 1 
 srun --nodes=1 --ntasks=1 --cpus-per-task="$cpus" --kill-on-bad-exit=1 \
   bash -c 'trap "" USR1 USR2 TERM; exec "$@"' deepspeed "${python[@]}" -m deepspeed.launcher.runner \
   --num_gpus="$gpus" --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" "$script" "$@" && rc=0 || rc=$?
-# The step stopped with a checkpoint and asked for a requeue that it could not make itself: once
-[ -f "$REQUEUE_REQUEST" ] && rm "$REQUEUE_REQUEST" && scontrol requeue "$SLURM_JOB_ID" && echo "== requeued =="
+# The step stopped with a checkpoint and asked for a requeue it could not make itself: once (said first: it ends us)
+[ -f "$REQUEUE_REQUEST" ] && rm "$REQUEUE_REQUEST" && echo "== requeueing ==" && scontrol requeue "$SLURM_JOB_ID"
 exit "$rc"

@@ -45,6 +45,6 @@ srun --nodes="$nodes" --ntasks="$nodes" --ntasks-per-node=1 --cpus-per-task="$cp
   --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv-id="$SLURM_JOB_ID" \
   --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2 --shutdown-timeout=100 \
   "$script" "$@" && rc=0 || rc=$?
-# The step stopped with a checkpoint and asked for a requeue that it could not make itself: once
-[ -f "$REQUEUE_REQUEST" ] && rm "$REQUEUE_REQUEST" && scontrol requeue "$SLURM_JOB_ID" && echo "== requeued =="
+# The step stopped with a checkpoint and asked for a requeue it could not make itself: once (said first: it ends us)
+[ -f "$REQUEUE_REQUEST" ] && rm "$REQUEUE_REQUEST" && echo "== requeueing ==" && scontrol requeue "$SLURM_JOB_ID"
 exit "$rc"

@@ -41,6 +41,6 @@ echo "== rank 0 at $MASTER_ADDR:$MASTER_PORT; ${python[*]} $script $* =="
 # again. --kill-on-bad-exit: one task failing ends the others at once, not at the time limit.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$cpus}
 srun --cpus-per-task="$cpus" --kill-on-bad-exit=1 "${python[@]}" "$script" "$@" && rc=0 || rc=$?
-# The step stopped with a checkpoint and asked for a requeue that it could not make itself: once
-[ -f "$REQUEUE_REQUEST" ] && rm "$REQUEUE_REQUEST" && scontrol requeue "$SLURM_JOB_ID" && echo "== requeued =="
+# The step stopped with a checkpoint and asked for a requeue it could not make itself: once (said first: it ends us)
+[ -f "$REQUEUE_REQUEST" ] && rm "$REQUEUE_REQUEST" && echo "== requeueing ==" && scontrol requeue "$SLURM_JOB_ID"
 exit "$rc"

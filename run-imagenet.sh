@@ -37,7 +37,7 @@ nodes=$SLURM_JOB_NUM_NODES gpus=${SLURM_GPUS_ON_NODE:-1} cpus=${SLURM_CPUS_PER_T
 echo "== job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST: $nodes node(s) x $gpus GPU(s) =="
 echo "== rank 0 at $MASTER_ADDR:$MASTER_PORT; ${python[*]} $script $* =="
 # Staging: one task per node, with the cores of all its tasks, copies the data to local disk before training starts
-tasks_per_node=${SLURM_NTASKS_PER_NODE:-$gpus}
+tasks_per_node=${SLURM_NTASKS_PER_NODE:-$gpus} && export IMAGENET_STAGED=1  # so the ranks need not wait for it
 echo "== staging: $script --stage-only, once on each of the $nodes node(s) =="
 srun --nodes="$nodes" --ntasks="$nodes" --ntasks-per-node=1 --cpus-per-task=$(( cpus * ${tasks_per_node%%[!0-9]*} )) \
   --kill-on-bad-exit=1 "${python[@]}" "$script" --stage-only "$@"
@@ -45,6 +45,6 @@ srun --nodes="$nodes" --ntasks="$nodes" --ntasks-per-node=1 --cpus-per-task=$(( 
 # again. --kill-on-bad-exit: one task failing ends the others at once, not at the time limit.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$cpus}
 srun --cpus-per-task="$cpus" --kill-on-bad-exit=1 "${python[@]}" "$script" "$@" && rc=0 || rc=$?
-# The step stopped with a checkpoint and asked for a requeue that it could not make itself: once
-[ -f "$REQUEUE_REQUEST" ] && rm "$REQUEUE_REQUEST" && scontrol requeue "$SLURM_JOB_ID" && echo "== requeued =="
+# The step stopped with a checkpoint and asked for a requeue it could not make itself: once (said first: it ends us)
+[ -f "$REQUEUE_REQUEST" ] && rm "$REQUEUE_REQUEST" && echo "== requeueing ==" && scontrol requeue "$SLURM_JOB_ID"
 exit "$rc"

@@ -19,6 +19,17 @@ TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 # on PYTHONPATH of every run: its sitecustomize.py names the native threads a training script leaves running at exit
 EXIT_PROBE = REPO / "tests" / "exit_probe"
 
+# the longest files first: ./dev.sh test runs two pytest-xdist workers, each taking whole files (--dist loadfile), so
+# the Slurm cluster's tests, the longest file, run beside the others rather than after them
+LONGEST_FIRST = ["test_slurm_wrappers.py", "test_mnist_deepspeed.py", "test_mnist_ddp.py", "test_imagenet_ddp.py",
+                 "test_mnist_lightning.py", "test_compile.py", "test_bench_gpu.py", "test_gpu_paths.py"]
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: k for k, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its own order
+
+
 # variables that would change how a script decides who it is; tests set them explicitly
 LAUNCH_VARS = re.compile(r"^(RANK|LOCAL_RANK|WORLD_SIZE|LOCAL_WORLD_SIZE|GROUP_RANK|MASTER_ADDR|MASTER_PORT"
                          r"|TORCHELASTIC_.*|SLURM_.*|OMPI_.*|PMI_.*|DATA_DIR|CHECKPOINT_DIR|PYTHON)$")
@@ -108,14 +119,14 @@ def check_time_split(out, wall=None, staged=False, checkpointed=None):
     """Where rank 0's time went: the words line and the done line's time_split, every part in seconds, those this run
     had above 0 and the others exactly 0 (staging: ImageNet's; checkpoints: unless None, not known). With `wall`, the
     run's wall time from outside (from before its process started to after it exited), the parts add up to it but
-    for the exit after the done line."""
+    for the exit after the done line, which takes longer on a loaded machine (as beside the other test worker)."""
     split, total = done_record(out)["time_split"], float(TIME_LINE.search(out).group(1))
     assert list(split) == TIME_PARTS, split
     assert all(split[part] > 0 for part in ("startup", "data", "compute", "eval")), split
     assert (split["staging"] > 0) == staged and (checkpointed is None or (split["checkpoint"] > 0) == checkpointed)
     assert sum(split.values()) == pytest.approx(total, abs=0.1)
-    if wall is not None:  # a short run's exit (freeing torch, the process group) is a second or two of it
-        assert total <= wall + 0.05 and wall - total <= 0.05 * wall + 2.5, (split, wall)
+    if wall is not None:  # a short run's exit (freeing torch, the process group) is a second or two of it, alone
+        assert total <= wall + 0.05 and wall - total <= 0.15 * wall + 5, (split, wall)
     return split
 
 
@@ -146,7 +157,8 @@ def slurm_job_id_with_free_port():
     """A fake SLURM_JOB_ID whose derived ports (ours: 10000 + id % 20000, Lightning's: 15000 + last 4 digits) are
     free."""
     import socket
-    for job_id in range(1000, 9999, 97):
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:])  # xdist's two workers try different ids
+    for job_id in range(1000 + 48 * worker, 9999, 97):
         ports = {10000 + job_id % 20000, 15000 + int(str(job_id)[-4:])}
         try:
             for port in ports:
@@ -325,14 +337,14 @@ def tensorboard_scalars(run_dir):
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
-def run_torchrun(args, cwd, nproc=2, timeout=300):
+def run_torchrun(args, cwd, nproc=2, timeout=300, **env_extra):
     """torchrun --standalone with each worker's output in its own file (--redirects=3 --log-dir), so we know who printed
     what (torchrun's --tee can split a line that is being written while it reads). Returns (returncode, each rank's
     output followed by torchrun's, [each rank's output])."""
     log_dir = Path(cwd) / "torchrun-logs"
     rc, agent = run([TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", "--redirects=3",
                      f"--log-dir={log_dir}"] + args,
-                    env=clean_env(), cwd=cwd, timeout=timeout)
+                    env=clean_env(**env_extra), cwd=cwd, timeout=timeout)
     ranks = ["".join(f.read_text() for kind in ("stdout", "stderr")
                      for f in sorted(log_dir.glob(f"*/attempt_*/{r}/{kind}.log"))) for r in range(nproc)]
     return rc, "".join(ranks) + agent, ranks

@@ -63,6 +63,29 @@ def test_bfloat16_only_where_the_gpu_has_it(capability, dtype, monkeypatch):
     """torch.cuda.is_bf16_supported() says yes on a T4 (7.5) too, where bfloat16 is emulated: fp16 + GradScaler."""
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     assert cluster.autocast_dtype(torch.device("cuda", 0)) == dtype
+    assert cluster.autocast_dtype(torch.device("cuda", 0), amp=False) is None
+
+
+def test_nccl_starts_with_the_group_on_its_gpu(monkeypatch, capfd):
+    """init_process_group(device_id=...) on a GPU: NCCL connects at once, and a fault there is the start-up's one
+    ERROR line (here NCCL's error, as init_process_group raises it), not a traceback at the first collective."""
+    calls = []
+    monkeypatch.setattr(cluster.dist, "init_process_group", lambda backend, **kw: calls.append((backend, kw)))
+    monkeypatch.setattr(cluster.dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(cluster.dist, "get_world_size", lambda: 2)
+    cluster._init_group(torch.device("cuda", 1), 60, False)
+    assert calls[0][0] == "nccl" and calls[0][1]["device_id"] == torch.device("cuda", 1)
+    cluster._init_group(torch.device("cpu"), 60, False)
+    assert calls[1][0] == "gloo" and calls[1][1]["device_id"] is None
+
+    def fault(backend, **kw):
+        raise torch.distributed.DistBackendError("NCCL error in: ProcessGroupNCCL.cpp, remote process exited")
+    monkeypatch.setattr(cluster.dist, "init_process_group", fault)
+    with pytest.raises(SystemExit) as e:
+        cluster._init_group(torch.device("cuda", 0), 60, False)
+    assert e.value.code == 1
+    [line] = capfd.readouterr().err.splitlines()
+    assert line.startswith("ERROR: rank 0 on ") and "did not meet the other ranks" in line and "NCCL error" in line
 
 
 def fake_gpus(monkeypatch, count):

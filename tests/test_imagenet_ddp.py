@@ -4,6 +4,7 @@ import fcntl
 import json
 import os
 import re
+import shutil
 import signal
 import sys
 import time
@@ -57,6 +58,22 @@ def test_half_finished_staging_is_redone(archives, tmp_path):
     assert rc == 0 and "staged 4 classes" in out, out
     assert not (local / "train" / "n01440764" / "partial.JPEG").exists()
     assert (local / "STAGED").is_file()
+
+
+def test_staging_that_would_not_fill_the_disk_stops_before_writing(archives, tmp_path, monkeypatch, capfd):
+    """Free space is compared with the archives' sizes first: one ERROR line with both, the path and a HINT."""
+    folder, _, _ = archives
+    local = tmp_path / "local"
+    need = sum((folder / n).stat().st_size for n in (imagenet_ddp.TRAIN_TAR, imagenet_ddp.VAL_TAR))
+    monkeypatch.setattr(imagenet_ddp.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 0, need - 1))
+    args = imagenet_ddp.get_args([f"--data-dir={folder}", f"--local-dir={local}", "--stage-only"])
+    with pytest.raises(SystemExit) as e:
+        imagenet_ddp.find_data(args)
+    assert e.value.code == 1
+    [line] = capfd.readouterr().err.splitlines()
+    assert line.startswith(f"ERROR: staging {folder} into {local} on ") and "HINT: --local-dir needs" in line, line
+    assert f"{local} has {(need - 1) / 1e9:.1f} GB free, but the archives need {need / 1e9:.1f} GB" in line, line
+    assert sorted(p.name for p in local.iterdir()) == [".lock"], "nothing written"
 
 
 def test_missing_data_is_one_clear_error(tmp_path):
@@ -198,7 +215,7 @@ def test_a_node_that_stages_far_longer_than_the_collective_timeout_holds_no_rank
     """Two ranks as two nodes, each with its own local disk ($SLURM_TMPDIR) and local rank 0, and a collective
     timeout of 5 s. Node 0 already has its copy. First node 1 cannot stage at all: it says why, and both ranks stop
     at once. Then node 1's staging is held behind its lock for longer than the timeout: rank 0 waits for it on the
-    staging group (--stage-timeout), and both then train with the 5 s timeout."""
+    store (--stage-timeout), and both then train with the 5 s timeout."""
     node = [tmp_path / "node0", tmp_path / "node1"]
     local = [n / f"imagenet-{os.getuid()}" for n in node]
     rc, out = stage_only(archives, local[0])

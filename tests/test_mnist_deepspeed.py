@@ -36,6 +36,26 @@ def test_default_config_in_script_equals_ds_config_json():
     assert mnist_ddp_deepspeed.DEFAULT_CONFIG == json.loads(Path(CONFIG).read_text())
 
 
+def test_no_device_wide_sync_per_step_in_the_config():
+    """DeepSpeed's throughput timer (on by default) synchronizes the device in forward and in step; the bf16 section
+    that --amp adds leaves out the overflow check (an all-reduce and a host sync per step). As DeepSpeed reads them."""
+    sys.path.insert(0, str(REPO))
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    import torch
+
+    import mnist_ddp_deepspeed
+    assert deepspeed.DeepSpeedConfig(json.loads(Path(CONFIG).read_text())).timers_config.enabled is False
+    args = mnist_ddp_deepspeed.get_args(["--amp"])
+    bf16 = deepspeed.DeepSpeedConfig(mnist_ddp_deepspeed.load_config(args, torch.bfloat16))
+    assert bf16.bfloat16_config.enabled and bf16.bfloat16_config.check_grad_overflow is False
+    assert bf16.timers_config.enabled is False
+    fp16 = mnist_ddp_deepspeed.load_config(args, torch.float16)  # float16 needs it: loss scaling
+    assert fp16["fp16"] == {"enabled": True} and "bf16" not in fp16
+    assert mnist_ddp_deepspeed.load_config(mnist_ddp_deepspeed.get_args([]), None).keys() == \
+        mnist_ddp_deepspeed.DEFAULT_CONFIG.keys()
+
+
 def test_torchrun_zero_stage_2(zero2):
     rc, out, ranks = zero2
     check_training(rc, out, world_size=2)
@@ -110,6 +130,77 @@ def test_signal_mid_epoch_then_resume_is_bit_identical(mnist_dir, tmp_path, zero
     rcs, outs = run_srun_style(cmd, 2, cwd=tmp_path, timeout=120)
     assert rcs[0] == 1 and f"ERROR: could not load checkpoint {tmp_path / 'ckpt' / latest}" in outs[0], outs[0][-3000:]
     assert "HINT" in outs[0], outs[0][-3000:]
+
+
+COUNT_SYNCS = """
+import os, sys, torch
+os.environ.update(DS_ACCELERATOR="cpu", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+import deepspeed
+from deepspeed.accelerator import get_accelerator
+import mnist_ddp_deepspeed as script
+syncs = []
+get_accelerator().synchronize = lambda *args, **kwargs: syncs.append(1)  # DeepSpeed's device-wide sync
+torch.cuda.synchronize = get_accelerator().synchronize
+deepspeed.init_distributed(dist_backend="gloo")
+x, y = torch.randn(32, 1, 28, 28), torch.randint(0, 10, (32,))
+shipped = script.load_config(script.get_args(["--deepspeed_config", sys.argv[1], "--batch-size=32"]), None)
+for name, config in [("timer on", {**shipped, "timers": {"throughput": {"enabled": True}}}), ("shipped", shipped)]:
+    engine, *_ = deepspeed.initialize(model=script.Net(), config=config)
+    syncs.clear()
+    for _ in range(6):
+        engine.backward(torch.nn.functional.cross_entropy(engine(x), y))
+        engine.step()
+    print(f"SYNCS {name}: {len(syncs)}", flush=True)
+    engine.destroy()
+deepspeed.comm.destroy_process_group()
+"""
+
+
+def test_a_deepspeed_step_synchronizes_no_device(tmp_path):
+    """Six steps of the engine that ds_config.json makes call DeepSpeed's device synchronize (torch.cuda.synchronize
+    on a GPU) not once; with DeepSpeed's default throughput timer they would, twice a step."""
+    port = 10000 + os.getpid() % 20000
+    rc, out = run([PYTHON, "-c", COUNT_SYNCS, CONFIG], env=clean_env(PYTHONPATH=str(REPO), MASTER_PORT=port),
+                  cwd=tmp_path, timeout=180)
+    assert rc == 0, out[-3000:]
+    counts = dict(re.findall(r"^SYNCS (.+): (\d+)$", out, re.M))
+    assert int(counts["timer on"]) >= 6 and counts["shipped"] == "0", out[-3000:]
+
+
+# rank 1 dies while writing its ZeRO shard of epoch 2's checkpoint, after rank 0 has written all of its own (and, with
+# DeepSpeed's own `latest`, that file naming the unfinished checkpoint)
+RANK_1_DIES_WHILE_SAVING = """
+import os, sys, time, torch
+real_save = torch.save
+def save(obj, path, *args, **kwargs):
+    real_save(obj, path, *args, **kwargs)
+    if os.environ["RANK"] == "1" and "epoch_0002" in str(path) and "optim_states" in str(path):
+        with open(path, "r+b") as f:
+            f.truncate(1000)
+        print("SAVING", flush=True)
+        time.sleep(8)
+        os._exit(9)
+torch.save = save
+import mnist_ddp_deepspeed
+mnist_ddp_deepspeed.main(mnist_ddp_deepspeed.get_args(sys.argv[1:]))
+"""
+
+
+def test_a_rank_killed_during_a_save_leaves_the_previous_checkpoint_to_resume_from(mnist_dir, tmp_path, zero2):
+    """`latest` names a checkpoint only once every rank's shards are written: the rerun resumes from epoch 1's and ends
+    bit-identical to the uninterrupted run."""
+    wrapper = tmp_path / "dies_while_saving.py"
+    wrapper.write_text(RANK_1_DIES_WHILE_SAVING)
+    ckpt = tmp_path / "ckpt"
+    args = ARGS + [f"--data-dir={mnist_dir}", f"--output-dir={tmp_path}", f"--checkpoint-dir={ckpt}"]
+    rc, out = run([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(wrapper)] + args,
+                  env=clean_env(PYTHONPATH=str(REPO)), cwd=tmp_path)
+    assert rc != 0 and "SAVING" in out, out[-3000:]
+    assert (ckpt / "latest").read_text() == "epoch_0001", "latest names only a whole checkpoint"
+    rc, out, _ = torchrun(args, cwd=tmp_path)
+    assert rc == 0, out[-3000:]
+    assert "continuing at epoch 2" in out and [e for _, e, _ in epoch_lines(out)] == [2], out[-3000:]
+    assert done_record(out)["param_checksums"] == done_record(zero2[1])["param_checksums"]
 
 
 def test_foreign_checkpoints_are_refused(tmp_path, mnist_dir):

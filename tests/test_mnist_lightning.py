@@ -1,9 +1,11 @@
 """mnist_lightning_ddp.py on CPU with gloo, on real MNIST digits: Lightning's own launcher, srun-style, torchrun."""
+import json
 import re
 import signal
 
 import pytest
 
+from exit_probe.sitecustomize import COLLECTIVES_LINE
 from conftest import (PYTHON, REPO, check_profile, check_signal_stop, check_srun_style, check_time_split,
                       check_training, clean_env, copy_alone, done_record, epoch_lines, run, run_srun_style,
                       run_torchrun, tensorboard_scalars, timed)
@@ -45,8 +47,16 @@ def test_srun_tasks_per_node_differs_from_gpus_fails_fast_with_hint(mnist_dir, t
 
 def test_torchrun_two_processes(mnist_dir, tmp_path, lightning_spawned):
     rc, out, ranks = run_torchrun([SCRIPT, "--epochs=1", "--batch-size=32", f"--data-dir={mnist_dir}",
-                                   f"--output-dir={tmp_path}", "--profile"], cwd=tmp_path)
+                                   f"--output-dir={tmp_path}", "--profile"], cwd=tmp_path, COLLECTIVE_PROBE=1)
     check_training(rc, out, world_size=2, epochs=1, min_acc=90.0)  # --gpus comes from torchrun's LOCAL_WORLD_SIZE
+    # no collective per step: Lightning's broadcast of its SIGTERM flag is off, our stop check runs every
+    # STOP_CHECK_EVERY steps (78 steps per rank here; before, 78 broadcasts)
+    steps = 2500 // 32
+    for rank in (0, 1):
+        [line] = [line for line in ranks[rank].splitlines() if line.startswith(COLLECTIVES_LINE)]
+        calls = json.loads(line[len(COLLECTIVES_LINE):])
+        assert calls["rank"] == str(rank) and calls.get("all_reduce", 0) >= steps // 10, calls
+        assert calls.get("broadcast", 0) + calls.get("all_reduce", 0) < steps // 2, calls
     assert epoch_lines(ranks[1]) == [], "only rank 0 prints epochs"
     # the same first epoch as Lightning's own 2 processes (1 epoch here, to keep CI under 20 minutes)
     assert epoch_lines(out)[0][2] == epoch_lines(lightning_spawned[1])[0][2]

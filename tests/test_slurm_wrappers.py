@@ -550,7 +550,7 @@ def test_a_sweep_as_a_job_array_gives_each_task_its_own_outputs_and_requeues_res
         if task == 1:  # the training process could not requeue; the job script did, once
             assert re.search(r"^stopped on SIGUSR1: checkpoint at epoch 1 step \d+; asked the job script to requeue "
                              r"job \d+ \(scontrol: No such file or directory\)$", out, re.M), out[-5000:]
-            assert out.count("== requeued ==") == 1 and out.count("(restart 1)") == 1, out[-5000:]
+            assert out.count("== requeueing ==") == 1 and out.count("(restart 1)") == 1, out[-5000:]
             assert len(resumed) == 1 and resumed[0].startswith(f"{ckpt / name}/epoch_"), resumed
         else:
             assert resumed == [] and "stopped on" not in out, out[-3000:]

@@ -6,13 +6,20 @@ process's name, as MPI's progress thread does: MPI_Finalize ends it after Python
 A process group that outlives the script (something still holds it after destroy_process_group) keeps gloo's and
 the TCPStore's threads running into interpreter shutdown, where tearing them down now and then aborts a run that
 finished ("terminate called without an active exception", exit code -6). A test that asserts this line is absent
-finds that on every run, not once in a few dozen."""
+finds that on every run, not once in a few dozen.
+
+With COLLECTIVE_PROBE=1 it also counts the calls, from any library, of torch.distributed's broadcast, all_reduce and
+barrier, and prints them at exit as a JSON line: a collective per training step shows as a count of at least the
+steps."""
 import atexit
+import json
 import os
 import sys
 import threading
+from collections import Counter
 
 PROBE_LINE = "EXIT PROBE: native threads alive at exit:"
+COLLECTIVES_LINE = "COLLECTIVE PROBE:"
 # the training scripts: the .py files beside tests/ (a test may run a copy of one from elsewhere)
 SCRIPTS = {name for name in os.listdir(os.path.join(os.path.dirname(__file__), "..", "..")) if name.endswith(".py")}
 
@@ -36,5 +43,23 @@ def native_threads_left():
         print(f"{PROBE_LINE} {', '.join(sorted(names))}", file=sys.stderr, flush=True)
 
 
+def count_collectives():
+    import torch.distributed as dist
+    calls = Counter()
+
+    def counted(name, collective):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return collective(*args, **kwargs)
+        return call
+
+    for name in ("broadcast", "all_reduce", "barrier"):  # looked up by name at each call: Lightning's, ours
+        setattr(dist, name, counted(name, getattr(dist, name)))
+    atexit.register(lambda: print(f"{COLLECTIVES_LINE} {json.dumps({'rank': os.environ.get('RANK'), **calls})}",
+                                  file=sys.stderr, flush=True))
+
+
 if os.path.isdir("/proc/self/task") and sys.argv and os.path.basename(sys.argv[0]) in SCRIPTS:
     atexit.register(native_threads_left)
+    if os.environ.get("COLLECTIVE_PROBE"):
+        count_collectives()
