@@ -7,7 +7,7 @@ P4  loader: images/s of imagenet_ddp.py's training pipeline (torchvision.io deco
     crop + flip on uint8 tensors, uint8 batches) vs the plain PIL ImageFolder + RandomResizedCrop + ToTensor baseline,
     the same JPEG files (about 500x375, quality 90, like ImageNet's), the same worker count and batch size
     (target >= 2x).
-P5  staging: seconds to turn ILSVRC2012_img_train.tar + ILSVRC2012_img_val.tar into class folders, imagenet_ddp.py's
+P5  staging: seconds to turn ILSVRC2012_img_train.tar + ILSVRC2012_img_val.tar into class folders, imagenet_staging.py's
     stage() (per-class tars and val images read straight out of the big tars by parallel workers) vs the usual serial
     `tar -xf` of the big tar, then `tar -xf` of each class tar (target >= 2x on 2 cores); and the read path that needs
     no extraction (--from-tar: copy the two tars to local disk and index every JPEG's byte range).
@@ -78,7 +78,7 @@ def read_all(path):
 
 
 def p5_staging(root, workers):
-    import imagenet_ddp
+    import imagenet_staging
     for name in ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"):
         read_all(root / name)  # both methods read from the page cache
     times = {}
@@ -99,7 +99,7 @@ def p5_staging(root, workers):
             d = root / name
             shutil.rmtree(d, ignore_errors=True)
             t0 = time.perf_counter()
-            imagenet_ddp.stage(str(root), str(d), workers, from_tar)
+            imagenet_staging.stage(str(root), str(d), workers, from_tar)
             subprocess.run(["sync"], check=True)
             times[name] = min(times.get(name, 1e9), time.perf_counter() - t0)
     n_serial = sum(1 for _ in (root / "serial").rglob("*.JPEG"))

@@ -67,12 +67,21 @@ def timed(fn, *args, **kwargs):
     return result, time.monotonic() - t0
 
 
+# what a training script needs beside it (the copy unit, but for the job script and ds_config.json)
+COMPANIONS = {"imagenet_ddp.py": ["cluster.py", "imagenet_staging.py"]}
+
+
+def companions(script):
+    return COMPANIONS.get(script, ["cluster.py"])
+
+
 def copy_alone(folder, script):
-    """A user's copy: the training script and cluster.py alone in `folder` (made if needed); the copy's path."""
+    """A user's copy: the training script and cluster.py (ImageNet's: and imagenet_staging.py) alone in `folder` (made
+    if needed); the copy's path."""
     import shutil
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    for name in (script, "cluster.py"):
+    for name in [script] + companions(script):
         shutil.copy(REPO / name, folder / name)
     return str(folder / script)
 

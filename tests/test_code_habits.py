@@ -61,6 +61,13 @@ def test_scripts_share_no_plumbing_and_fail_in_one_line_without_cluster_py(tmp_p
         assert r.returncode == 1, r.stdout[-2000:]
         assert r.stdout.strip().splitlines() == [f"ERROR: {tmp_path / script} needs cluster.py beside it: copy "
                                                  "cluster.py from the same repository"], r.stdout[-2000:]
+    # ImageNet's script also needs its staging module, and says so the same way
+    shutil.copy(REPO / "cluster.py", tmp_path)
+    r = subprocess.run([sys.executable, IMAGENET, "--help"], cwd=tmp_path, stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, text=True, timeout=120)
+    assert r.returncode == 1 and r.stdout.strip().splitlines() == [
+        f"ERROR: {tmp_path / IMAGENET} needs imagenet_staging.py beside it: copy imagenet_staging.py from the same "
+        "repository"], r.stdout[-2000:]
 
 
 def test_cluster_py_reads_like_a_table_of_contents():

@@ -14,6 +14,7 @@ from conftest import (PYTHON, REPO, clean_env, copy_alone, done_record, epoch_li
 sys.path.insert(0, str(REPO))
 import cluster  # noqa: E402
 import imagenet_ddp  # noqa: E402
+import imagenet_staging  # noqa: E402
 import mnist_lightning_ddp  # noqa: E402
 
 SRUN = {"SLURM_STEP_ID": "0", "SLURM_NODEID": "0"}
@@ -229,9 +230,9 @@ def test_from_tar_staging_reads_only_the_local_copies(tmp_path, monkeypatch):
         opened.append(os.path.abspath(path))
         return real_open(path, *args, **kwargs)
 
-    monkeypatch.setattr(imagenet_ddp, "open", recording_open, raising=False)
-    assert imagenet_ddp.stage(str(data), str(tmp_path / "local"), 1, from_tar=True)
-    tars = [n for n in (imagenet_ddp.TRAIN_TAR, imagenet_ddp.VAL_TAR)]
+    monkeypatch.setattr(imagenet_staging, "open", recording_open, raising=False)
+    assert imagenet_staging.stage(str(data), str(tmp_path / "local"), 1, from_tar=True)
+    tars = [n for n in (imagenet_staging.TRAIN_TAR, imagenet_staging.VAL_TAR)]
     assert not [p for p in opened if p.startswith(str(data))], opened
     assert sum(p.endswith(tuple(tars)) for p in opened) >= 2, opened  # the copies were read
     index = torch.load(tmp_path / "local" / "index.pt", weights_only=True)

@@ -16,6 +16,7 @@ from conftest import (PYTHON, REPO, check_signal_stop, check_time_split, clean_e
 
 sys.path.insert(0, str(REPO))
 import imagenet_ddp  # noqa: E402  (only its pure functions are used here)
+import imagenet_staging  # noqa: E402
 
 SCRIPT = str(REPO / "imagenet_ddp.py")
 N_CLASSES, N_TRAIN, N_VAL = 4, 20, 3  # 80 training images: 20 steps per epoch for 2 ranks x 2 images
@@ -64,11 +65,12 @@ def test_staging_that_would_not_fill_the_disk_stops_before_writing(archives, tmp
     """Free space is compared with the archives' sizes first: one ERROR line with both, the path and a HINT."""
     folder, _, _ = archives
     local = tmp_path / "local"
-    need = sum((folder / n).stat().st_size for n in (imagenet_ddp.TRAIN_TAR, imagenet_ddp.VAL_TAR))
-    monkeypatch.setattr(imagenet_ddp.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 0, need - 1))
+    need = sum((folder / n).stat().st_size for n in (imagenet_staging.TRAIN_TAR, imagenet_staging.VAL_TAR))
+    too_little = shutil._ntuple_diskusage(10**12, 0, need - 1)  # total, used, free
+    monkeypatch.setattr(imagenet_staging.shutil, "disk_usage", lambda path: too_little)
     args = imagenet_ddp.get_args([f"--data-dir={folder}", f"--local-dir={local}", "--stage-only"])
     with pytest.raises(SystemExit) as e:
-        imagenet_ddp.find_data(args)
+        imagenet_staging.find_data(args)
     assert e.value.code == 1
     [line] = capfd.readouterr().err.splitlines()
     assert line.startswith(f"ERROR: staging {folder} into {local} on ") and "HINT: --local-dir needs" in line, line
@@ -175,7 +177,7 @@ def test_unreadable_images_are_skipped_and_counted(archives, tmp_path):
     (tree / "STAGED").unlink()  # from here on an extracted train/ val/ tree, used as it is
     victim = sorted((tree / "val" / archives[1][0]).iterdir())[0]
     victim.write_bytes(b"not a jpeg")
-    alone = copy_alone(tmp_path / "project", "imagenet_ddp.py")  # the script and cluster.py, nothing else
+    alone = copy_alone(tmp_path / "project", "imagenet_ddp.py")  # with cluster.py, imagenet_staging.py
     rc, out = run([PYTHON, alone, f"--data-dir={tree}", "--epochs=1", "--steps-per-epoch=2", "--arch=resnet18",
                    "--image-size=32", "--batch-size=4", "--workers=0", f"--output-dir={tmp_path}",
                    f"--local-dir={tmp_path}"],

@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import LAUNCH_VARS, REPO, STARTUP_LINE, clean_env, done_record, epoch_lines, make_imagenet_archives
+from conftest import (LAUNCH_VARS, REPO, STARTUP_LINE, clean_env, companions, done_record, epoch_lines,
+                      make_imagenet_archives)
 from slurm_cluster import SlurmCluster, missing_requirements
 
 FAST = ["--device=cpu", "--epochs=1", "--batch-size=16"]
@@ -40,18 +41,19 @@ def cluster():
 
 def project(tmp_path_factory, *files):
     """A user's project directory, with a space in its path, holding copies of just these files of the repo, and of
-    cluster.py beside a training script: the copy unit is a training script, cluster.py and a job script."""
+    cluster.py (ImageNet's: and imagenet_staging.py) beside a training script: the copy unit is a training script,
+    cluster.py and a job script."""
     d = tmp_path_factory.mktemp("proj") / "my project"
     d.mkdir()
-    for f in files + (("cluster.py",) if any(f.endswith(".py") for f in files) else ()):
-        shutil.copy(REPO / f, d)
+    for name in set(files) | {c for f in files if f.endswith(".py") for c in companions(f)}:
+        shutil.copy(REPO / name, d)
     return d
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     """A checkout of this repository: every script, wrapper and config."""
-    names = [f.name for f in list(REPO.glob("*.py")) + list(REPO.glob("run-*.sh")) if f.name != "cluster.py"]
+    names = [f.name for f in list(REPO.glob("*.py")) + list(REPO.glob("run-*.sh"))]
     names += ["ds_config.json"]
     return project(tmp_path_factory, *names)
 
@@ -274,8 +276,8 @@ def test_safe_sbatch_runs_the_committed_code(cluster, workdir, mnist_dir, tmp_pa
 
 @pytest.fixture(scope="module")
 def imagenet_job(tmp_path_factory):
-    """run-imagenet.sh and imagenet_ddp.py (and cluster.py) alone in a project, a miniature ImageNet in its download
-    layout (20 steps per epoch for 2 ranks x 2 images), and the job's arguments."""
+    """run-imagenet.sh and imagenet_ddp.py (and cluster.py, imagenet_staging.py) alone in a project, a miniature
+    ImageNet in its download layout (20 steps per epoch for 2 ranks x 2 images), and the job's arguments."""
     workdir = project(tmp_path_factory, "run-imagenet.sh", "imagenet_ddp.py")
     data = tmp_path_factory.mktemp("imagenet")
     make_imagenet_archives(data / "archives", n_classes=4, n_train=20, n_val=3, size=(80, 60))
