@@ -11,8 +11,9 @@ import time
 
 import pytest
 
-from conftest import (PYTHON, REPO, check_signal_stop, check_time_split, clean_env, copy_alone, done_record,
-                      make_imagenet_archives, run, run_srun_style, slurm_job_id_with_free_port, srun_env, start, timed)
+from conftest import (PYTHON, REPO, STARTUP_LINE, check_signal_stop, check_time_split, clean_env, copy_alone,
+                      done_record, make_imagenet_archives, run, run_srun_style, slurm_job_id_with_free_port, srun_env,
+                      start, timed)
 
 sys.path.insert(0, str(REPO))
 import imagenet_ddp  # noqa: E402  (only its pure functions are used here)
@@ -216,8 +217,8 @@ def test_random_resized_crop_is_a_function_of_its_seed():
 def test_a_node_that_stages_far_longer_than_the_collective_timeout_holds_no_rank_up(archives, tmp_path):
     """Two ranks as two nodes, each with its own local disk ($SLURM_TMPDIR) and local rank 0, and a collective
     timeout of 5 s. Node 0 already has its copy. First node 1 cannot stage at all: it says why, and both ranks stop
-    at once. Then node 1's staging is held behind its lock for longer than the timeout: rank 0 waits for it on the
-    store (--stage-timeout), and both then train with the 5 s timeout."""
+    at once. Then node 1's staging is held behind its lock for 8 s after both ranks have met, longer than the
+    timeout: rank 0 waits for it on the store (--stage-timeout), and both then train with the 5 s timeout."""
     node = [tmp_path / "node0", tmp_path / "node1"]
     local = [n / f"imagenet-{os.getuid()}" for n in node]
     rc, out = stage_only(archives, local[0])
@@ -241,9 +242,15 @@ def test_a_node_that_stages_far_longer_than_the_collective_timeout_holds_no_rank
     with open(local[1] / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # node 1's staging waits for this lock, as behind another job's staging
         procs = start_ranks()
-        time.sleep(12)  # rank 0's start-up (imports, meeting rank 1) takes 2-5 s of it
+        seen = ["", ""]
+        for r, p in enumerate(procs):  # both have met (however long start-up took): rank 1 now waits for the lock,
+            for line in p.stdout:  # and rank 0 for rank 1
+                seen[r] += line
+                if STARTUP_LINE.search(line):
+                    break
+        time.sleep(8)  # longer than the 5 s collective timeout
         assert [p.poll() for p in procs] == [None, None], "no rank may give up while node 1 stages"
-    outs = [p.communicate(timeout=300)[0] for p in procs]
+    outs = [seen[r] + p.communicate(timeout=300)[0] for r, p in enumerate(procs)]
     assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
     assert "staged 4 classes" in outs[1] and "staged" not in outs[0], "each node stages for itself"
     waited = re.search(r"^waited (\d+) s for the other nodes' staging$", outs[0], re.M)
