@@ -223,12 +223,12 @@ def train(args, device):
         scheduler.step()
         # the mean over all ranks' samples, not just rank 0's
         stats = cluster.all_sum(torch.stack([loss_sum, loss_sum.new_tensor(len(order) - skip * batch_size)]).double())
-        seconds, samples = time.perf_counter() - t0, int(stats[1].item())
+        (loss_total, samples), seconds = stats.tolist(), time.perf_counter() - t0  # one host sync
         cluster.TIMES.lap("compute")
-        result = dict(epoch=epoch, lr=lr, train_loss=(stats[0] / stats[1]).item(),
+        result = dict(epoch=epoch, lr=lr, train_loss=loss_total / samples,
                       **evaluate(raw_model, x_test, y_test, args.test_batch_size, device),
                       seconds=seconds, samples_per_s=samples / seconds)
-        trained, train_seconds = trained + samples, train_seconds + seconds
+        trained, train_seconds = trained + int(samples), train_seconds + seconds
         cluster.print0("epoch {epoch}/{epochs} | train loss {train_loss:.4f} | test loss {test_loss:.4f} | test acc "
                        "{test_acc:.2%} | {seconds:.1f} s | {samples_per_s:.0f} samples/s".format(
                            epochs=args.epochs, **result))

@@ -311,7 +311,6 @@ def make_trainer(args, device, devices, num_nodes, precision, callbacks, logger)
         enable_checkpointing=bool(args.checkpoint_dir))
 
 
-
 def main(args):
     if args.download_only:
         if reason := download_mnist(args.data_dir):
