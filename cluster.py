@@ -11,6 +11,7 @@ A script calls, in this order:
     all_ranks_ok(ok, device), all_sum(tensor), all_gather(obj)   agree on a flag; sums; every rank's object
     autocast_dtype(device, amp)        --amp: bfloat16 where the GPU computes it natively, else float16; else None
     load_checkpoint(dir, run, device)  the newest whole checkpoint of this run, or None: start afresh
+    load_shards(ckpt, state_dicts)     FSDP2: this rank's shards of that checkpoint (DCP)
     replay_first_backward(model, loss) after a DDP resume: gradient buckets laid out as in the first run
     Outputs(args, device, resumed)     rank 0's metrics file, TensorBoard run, profiler and done line
     TIMES.lap(part)                    where the time went: start-up, staging, data wait, compute, evaluation, ...
@@ -237,7 +238,8 @@ def autocast_dtype(device, amp=True):
 def process_group(args, deepspeed=False, group=True):
     """with cluster.process_group(args) as device: who this process is, its device (a GPU of its own, else the CPU) and
     the process group (NCCL, else gloo), torn down however the block ends. deepspeed=True: a group even for one
-    process, wrapped by DeepSpeed; group=False: the framework forms it (Lightning)."""
+    process, wrapped by DeepSpeed; group="always": a group even for one process (FSDP2); group=False: the framework
+    forms it (Lightning)."""
     global RANK, LOCAL_RANK, WORLD_SIZE
     RANK, LOCAL_RANK, WORLD_SIZE, addr, port = launch_env()
     if not group:  # what Lightning will find (its own launcher sets LOCAL_RANK), for print0 and the GPU's choice
@@ -249,7 +251,7 @@ def process_group(args, deepspeed=False, group=True):
         signal.signal(signum, _on_stop_signal)
     try:
         device = _pick_device(args)
-        if group and (WORLD_SIZE > 1 or deepspeed):
+        if group and (WORLD_SIZE > 1 or deepspeed or group == "always"):
             if WORLD_SIZE == 1 and not addr:
                 addr, port = "127.0.0.1", str(_free_port())
             if addr:  # launched by srun or mpirun: tell init_process_group where rank 0 listens
@@ -270,6 +272,8 @@ def process_group(args, deepspeed=False, group=True):
         if dist.is_initialized():  # nothing may hold the group past here: see the torch.distributed.nn import
             while CLOSE_FIRST:  # no name may hold them, not even a loop variable
                 CLOSE_FIRST.pop()()  # DeepSpeed's engine.destroy(): its gradient hooks hold it, and it its groups
+            for mesh in [m for m in gc.get_objects() if type(m).__name__ == "DeviceMesh"]:  # FSDP2's: torch's DTensor
+                vars(mesh).get("_pg_registry", {}).clear()  # caches hold it past the model, and it its groups
             gc.collect()  # DDP's reducer and DeepSpeed's engine sit in reference cycles
             if "deepspeed" in sys.modules:  # also DeepSpeed's own references to its groups
                 sys.modules["deepspeed"].comm.destroy_process_group()
@@ -391,6 +395,7 @@ def param_checksum(model):
     """A hash of every parameter's bytes: equal on all ranks iff the replicas are bit-identical."""
     h = hashlib.sha256()
     for p in model.state_dict().values():
+        p = p.full_tensor() if hasattr(p, "full_tensor") else p  # FSDP2's shard (a DTensor): the whole weights
         h.update(p.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())  # bytes: also for bfloat16
     return h.hexdigest()[:16]
 
@@ -584,13 +589,16 @@ TIMES = TimeSplit()
 # sort in training order: epoch_0003.pt, then epoch_0003_step_0000120.pt (3 epochs and 120 steps done).
 
 
-def load_checkpoint(ckpt_dir, run, device, engine=None):
-    """The newest loadable checkpoint of this run in ckpt_dir (into a DeepSpeed `engine`: its shards), else None."""
+def load_checkpoint(ckpt_dir, run, device, engine=None, sharded=False):
+    """The newest loadable checkpoint of this run in ckpt_dir (into a DeepSpeed `engine`: its shards; sharded: the
+    state of a DCP folder, whose shards load_shards loads), else None."""
     if not ckpt_dir:
         return None
     _check_writable(ckpt_dir)
     if engine is not None:
         return _load_shards(engine, ckpt_dir, run, device)
+    if sharded:
+        return _load_dcp_state(ckpt_dir, run, device)
     for path in sorted(glob.glob(os.path.join(ckpt_dir, "epoch_*.pt")), reverse=True):
         try:  # to the CPU: load_state_dict puts each tensor in place, and AdamW's step counts stay on the CPU (on
             state = torch.load(path, map_location="cpu", weights_only=True)  # the GPU: a host sync per parameter)
@@ -622,6 +630,34 @@ def _load_shards(engine, ckpt_dir, run, device):
         fail(f"could not load checkpoint {tag}, named by 'latest' ({error}). HINT: to go back to the previous one, "
              f"write its name (ls {ckpt_dir}) into {latest}")
     return _accept(path, state, run, device)
+
+
+def _load_dcp_state(ckpt_dir, run, device):
+    """FSDP2: the newest whole DCP folder's state.pt (a folder is renamed to its name only once whole)."""
+    found = sorted(p for p in glob.glob(os.path.join(ckpt_dir, "epoch_*")) if ".partial" not in p)
+    if [p for p in found if not os.path.exists(os.path.join(p, "state.pt"))]:  # never a silent fresh start over them
+        fail(f"{ckpt_dir} holds checkpoints that are not DCP folders of {run['script']}. HINT: use a new "
+             "--checkpoint-dir for a different script or model")
+    for path in reversed(found):
+        try:
+            state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True)
+        except Exception as e:  # a damaged newest file: say so and take the previous one, never a silent fresh start
+            print0(f"WARNING: cannot load {path} ({type(e).__name__}: {e}); trying the previous checkpoint")
+            continue
+        return {**_accept(path, state, run, device), "path": path}
+    return None
+
+
+def load_shards(ckpt, state_dicts):
+    """FSDP2: this rank's shards of checkpoint `ckpt` (load_checkpoint's) into state_dicts (get_state_dict's)."""
+    from torch.distributed import checkpoint as dcp
+    try:
+        dcp.load(state_dicts, checkpoint_id=ckpt["path"])
+    except (Exception, dcp.CheckpointException) as e:  # a damaged shard: never a fresh start over it. DCP's
+        why = [f"rank {r}: {type(x).__name__}: {x}" for r, (x, _) in getattr(e, "failures", {}).items()]  # (a
+        error = " ".join("; ".join(why or [f"{type(e).__name__}: {e}"]).split())[:300]  # BaseException): each rank's
+        fail(f"could not load checkpoint {ckpt['path']} ({error}). HINT: to go back to the previous one, move this one "
+             "out of the checkpoint folder")
 
 
 def _accept(path, state, run, device):
@@ -665,10 +701,15 @@ def replay_first_backward(model, loss, amp_dtype=None):
             b.copy_(old)
 
 
-def save_checkpoint(ckpt_dir, epoch, step, device, outputs, state, engine=None, keep=2):
-    """From every rank, at `step` of `epoch` (0: its end): `state` with every rank's random state, atomically."""
+def save_checkpoint(ckpt_dir, epoch, step, device, outputs, state, engine=None, shards=None, keep=2):
+    """From every rank, at `step` of `epoch` (0: its end): `state` with every rank's random state, atomically (with a
+    DeepSpeed `engine`: its shards too; with `shards`, get_state_dict's of FSDP2: them too, by DCP, in a folder)."""
     TIMES.lap("compute")
     name = f"epoch_{epoch - 1:04d}_step_{step:07d}" if step else f"epoch_{epoch:04d}"
+    partial = os.path.join(ckpt_dir, f"{name}.partial")  # FSDP2's folder until it is whole
+    if shards is not None and RANK == 0:  # what a save killed halfway left (all_gather below: no rank writes yet)
+        for old in glob.glob(os.path.join(ckpt_dir, "epoch_*.partial")):
+            shutil.rmtree(old, ignore_errors=True)
     state = {**state, "epoch": epoch - 1 if step else epoch, "step": step, "rng": all_gather(_rng_state(device)),
              "tensorboard": outputs.tb_name, "script": state["run"]["script"]}
     if engine is not None:  # DeepSpeed: every rank its shards, in a folder. DeepSpeed's own `latest` would name it
@@ -678,11 +719,20 @@ def save_checkpoint(ckpt_dir, epoch, step, device, outputs, state, engine=None, 
         dist.barrier()  # every rank's shards are on disk: only now does `latest` name them
         if RANK == 0:
             _write_atomic(os.path.join(ckpt_dir, "latest"), lambda tmp: pathlib.Path(tmp).write_text(name))
+    elif shards is not None:  # FSDP2: every rank writes (and fsyncs) its shards, then rank 0 DCP's .metadata
+        from torch.distributed import checkpoint as dcp
+        dcp.save(shards, checkpoint_id=partial)  # returns once .metadata is written: every rank's files are whole
+        if RANK == 0:
+            _write_atomic(os.path.join(partial, "state.pt"), lambda tmp: torch.save(state, tmp))
+            shutil.rmtree(os.path.join(ckpt_dir, name), ignore_errors=True)  # saved before, by a stopped run
+            os.replace(partial, os.path.join(ckpt_dir, name))  # only now does it count
     elif RANK == 0:  # a crash mid-save leaves the previous checkpoint whole
         _write_atomic(os.path.join(ckpt_dir, f"{name}.pt"), lambda tmp: torch.save(state, tmp))
     if RANK == 0:
-        for old in sorted(glob.glob(os.path.join(ckpt_dir, "epoch_*" if engine else "epoch_*.pt")))[:-keep]:
-            shutil.rmtree(old, ignore_errors=True) if engine else os.remove(old)
+        folders = engine is not None or shards is not None
+        saved = glob.glob(os.path.join(ckpt_dir, "epoch_*" if folders else "epoch_*.pt"))
+        for old in sorted(p for p in saved if ".partial" not in p)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True) if folders else os.remove(old)
         outputs.flush()  # the curves up to the checkpoint: what a resumed run goes on from
     if WORLD_SIZE > 1:
         dist.barrier()

@@ -11,13 +11,14 @@ import pytest
 from conftest import REPO
 
 DDP, LIGHTNING = "mnist_ddp.py", "mnist_lightning_ddp.py"
-DEEPSPEED, IMAGENET = "mnist_ddp_deepspeed.py", "imagenet_ddp.py"
-ALL = [DDP, LIGHTNING, DEEPSPEED, IMAGENET]
-MNIST = [DDP, LIGHTNING, DEEPSPEED]
+DEEPSPEED, IMAGENET, FSDP = "mnist_ddp_deepspeed.py", "imagenet_ddp.py", "mnist_fsdp.py"
+ALL = [DDP, LIGHTNING, DEEPSPEED, FSDP, IMAGENET]
+MNIST = [DDP, LIGHTNING, DEEPSPEED, FSDP]
 
 # What is still copied between the training scripts: the MNIST siblings share their data and model (a user changes
-# them per script), mnist_ddp.py and its DeepSpeed sibling their evaluation and main(). Everything else they share is
-# one call into cluster.py. Renaming or dropping one of these in one script fails here too.
+# them per script), mnist_ddp.py and its DeepSpeed sibling their evaluation (FSDP2's runs as many forwards on every
+# rank). Everything else they share is one call into cluster.py. Renaming or dropping one of these in one script fails
+# here too.
 COPIES = {"MNIST_FILES": MNIST, "download_mnist": MNIST, "load_mnist": MNIST, "Net": MNIST,
           "evaluate": [DDP, DEEPSPEED]}
 
@@ -93,7 +94,7 @@ def test_cluster_py_reads_like_a_table_of_contents():
 
 
 def test_every_script_uses_its_stop_check_at_both_places():
-    for script in [DDP, DEEPSPEED, IMAGENET]:  # before the first step, every STOP_CHECK_EVERY steps, after each epoch
+    for script in [DDP, DEEPSPEED, FSDP, IMAGENET]:  # before the first step, every STOP_CHECK_EVERY steps, each epoch
         text = (REPO / script).read_text()
         assert text.count("cluster.stop_check(device, None, 0, 0)") == 1, script
         assert text.count("cluster.stop_check(device, args.checkpoint_dir and checkpoint, epoch, ") == 2, script

@@ -1,7 +1,8 @@
 """Loaded by every Python process the tests start (conftest puts this folder on PYTHONPATH). In a run of one of the
 training scripts it names, at exit, after the script's own code and its atexit handlers, the native threads still
 running that their library named (torch's pt_*, gloo's): Python's own threads and unnamed ones (which carry the
-process's name, as MPI's progress thread does: MPI_Finalize ends it after Python's shutdown) aside.
+process's name, as MPI's progress thread does: MPI_Finalize ends it after Python's shutdown) and autograd's device
+threads (pt_autograd_N, which live as long as the process) aside.
 
 A process group that outlives the script (something still holds it after destroy_process_group) keeps gloo's and
 the TCPStore's threads running into interpreter shutdown, where tearing them down now and then aborts a run that
@@ -37,8 +38,8 @@ def native_threads_left():
                 name = f.read().strip()
         except OSError:  # it ended meanwhile
             continue
-        if name != unnamed:
-            names.append(name)
+        if name != unnamed and not name.startswith("pt_autograd_"):  # every GPU run has them; FSDP2's backward
+            names.append(name)  # starts them on the CPU too
     if names:
         print(f"{PROBE_LINE} {', '.join(sorted(names))}", file=sys.stderr, flush=True)
 
