@@ -20,6 +20,8 @@ A script calls, in this order:
     param_checksum(model)              a hash of the weights: equal on every rank iff the replicas are
 Lightning's script also calls started(), check_same_run() and lightning_callbacks(); ImageNet's
 ignore_stop_signals (in its DataLoader workers).
+A hang leaves evidence (process_group's watchdog thread): a rank without progress, or found stuck by a SIGTERM,
+prints every thread's stack; a collective that timed out is named in one line; SIGURG asks every rank for its stacks.
 """
 import argparse
 import contextlib
@@ -30,6 +32,7 @@ import json
 import os
 import pathlib
 import re
+import select
 import shlex
 import shutil
 import signal
@@ -37,6 +40,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import warnings
@@ -76,7 +80,8 @@ def parse_args(parser, argv=None, log_interval=20, env=os.environ):
                    help="trace 5 training steps on rank 0 with torch.profiler (after 8 to warm up): a table of the "
                         "slowest operators and a trace file for Perfetto or TensorBoard (default: off)")
     p.add_argument("--dist-timeout", type=positive_int, default=600,
-                   help="seconds the ranks wait for each other, at start and in every collective (default: 600)")
+                   help="seconds the ranks wait for each other, at start and in every collective; a rank without "
+                        "progress for longer prints its stacks (default: 600)")
     args = p.parse_args(list(sys.argv[1:] if argv is None else argv) + _sweep_line(env))
     if args.checkpoint_dir and env.get("SLURM_ARRAY_TASK_ID"):  # the tasks share their command line, but none may
         args.checkpoint_dir = os.path.join(args.checkpoint_dir, run_name(env))  # resume another's checkpoints
@@ -249,8 +254,11 @@ def process_group(args, deepspeed=False, group=True):
         warnings.filterwarnings("ignore")
     for signum in STOP_SIGNALS:  # installed first: Lightning then adds no SIGUSR1 requeue of its own
         signal.signal(signum, _on_stop_signal)
+    unwatch = _watch(args.dist_timeout)
     try:
         device = _pick_device(args)
+        if device.type == "cuda":
+            _flight_recorder(args.output_dir)
         if group and (WORLD_SIZE > 1 or deepspeed or group == "always"):
             if WORLD_SIZE == 1 and not addr:
                 addr, port = "127.0.0.1", str(_free_port())
@@ -263,12 +271,16 @@ def process_group(args, deepspeed=False, group=True):
         yield device
     except BaseException as e:
         traceback.clear_frames(e.__traceback__)  # they hold the model, and the model its process group
+        if isinstance(e, RuntimeError) and re.search(r"timed out|timeout", str(e), re.I) and dist.is_initialized():
+            _timed_out(e, args.dist_timeout)  # one line naming the collective, and this rank's stacks
+            raise SystemExit(1) from None  # they hold the traceback: printed once
         if isinstance(e, dist.DistNetworkError | dist.DistStoreError) and not group and not dist.is_initialized():
             _init_failed(e, args.dist_timeout)  # Lightning could not form its group
         if not isinstance(e, SystemExit | KeyboardInterrupt):
             _error_file(f"{type(e).__name__}: {e}", traceback.format_exc())  # torchrun's summary shows it
         raise
     finally:
+        unwatch()
         if dist.is_initialized():  # nothing may hold the group past here: see the torch.distributed.nn import
             while CLOSE_FIRST:  # no name may hold them, not even a loop variable
                 CLOSE_FIRST.pop()()  # DeepSpeed's engine.destroy(): its gradient hooks hold it, and it its groups
@@ -421,8 +433,8 @@ def _on_stop_signal(signum, frame):
 
 def ignore_stop_signals(*_):
     """worker_init_fn: DataLoader workers ignore the stop signals, which Slurm sends to every process of the step."""
-    for signum in STOP_SIGNALS:  # torch's worker dies of a SIGTERM its parent did not send, and takes the rank with it
-        signal.signal(signum, signal.SIG_IGN)
+    for signum in [*STOP_SIGNALS, DUMP_SIGNAL]:  # torch's worker dies of a SIGTERM its parent did not send, and
+        signal.signal(signum, signal.SIG_IGN)      # takes the rank with it
 
 
 def slurm_seconds(text):
@@ -479,6 +491,7 @@ def stop_check(device, checkpoint, epoch, step):
     checkpoint(epoch, step) (step 0: the epoch's end, already saved), requeue, and exit EXIT_RESUMABLE."""
     if RANK == 0 and not stop_clock:
         _start_stop_clock()
+    WATCH["armed"] = True  # training has begun: a rank without progress for --dist-timeout is stuck
     near = epoch > 0 and RANK == 0 and _near_end()
     signum = torch.tensor([max(received_signals + [NEAR_END if near else 0])], device=device)
     if WORLD_SIZE > 1:
@@ -486,6 +499,7 @@ def stop_check(device, checkpoint, epoch, step):
     signum = int(signum.item())
     if not signum:
         return
+    WATCH["stopping"] = True  # the stop is under way: no stall to report after a SIGTERM
     if checkpoint and step:
         checkpoint(epoch, step)
     where = f"epoch {epoch} step {step}" if step else f"the end of epoch {epoch}"
@@ -527,6 +541,109 @@ def _requeue(epoch, signum, env=os.environ):
                 f.write(f"{job_id}\n")
                 return f"; asked the job script to requeue job {job_id} ({why})"
     return f"; requeued job {job_id}" if why is None else f"; could not requeue job {job_id}: {why}{resubmit}"
+
+
+# -----------------------------------------------------------------------------
+# a hang leaves evidence
+# Every thread's Python stack, printed once per stall with this rank and host, when this rank makes no progress (no
+# TIMES.lap) for --dist-timeout + STALL_MARGIN s once training has begun, or when a SIGTERM (scancel, a launcher
+# ending the job) finds it STALL_MARGIN s without progress; when its collective times out (with one ERROR line naming
+# it); and on DUMP_SIGNAL, training going on. A watcher thread prints them: the signals reach it through a pipe
+# (signal.set_wakeup_fd), so it hears them while the main thread waits inside a collective or is stuck elsewhere.
+DUMP_SIGNAL = signal.SIGURG  # scancel --signal=URG JOBID: bash, srun, torchrun and the DataLoader workers ignore it
+STALL_MARGIN = 10
+WATCH = {"armed": False, "stopping": False, "dumped": None}  # the last lap whose stall has been reported
+
+
+def _watch(dist_timeout):
+    """Start the watcher thread; returns the function that stops it."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set signal handlers
+        return lambda: None
+    read, write = os.pipe()
+    os.set_blocking(write, False)
+    WATCH.update(armed=False, stopping=False, dumped=None)
+    previous = signal.signal(DUMP_SIGNAL, lambda *_: None), signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+    thread = threading.Thread(target=_watcher, args=(read, dist_timeout + STALL_MARGIN), name="cluster-watch",
+                              daemon=True)
+    thread.start()
+
+    def unwatch():
+        signal.signal(DUMP_SIGNAL, previous[0])
+        signal.set_wakeup_fd(previous[1])
+        os.write(write, b"\0")  # 0 is no signal: the watcher's cue to end
+        thread.join()
+        os.close(read), os.close(write)
+    return unwatch
+
+
+def _watcher(read, limit):
+    term = None  # when a SIGTERM came
+    while True:
+        data = os.read(read, 512) if select.select([read], [], [], 1.0)[0] else b""
+        if 0 in data:
+            return
+        stalled = time.perf_counter() - TIMES.last
+        if DUMP_SIGNAL in data:
+            _print_stacks(f"stacks on {DUMP_SIGNAL.name}, as asked; training goes on")
+        term = time.perf_counter() if signal.SIGTERM in data else term
+        if WATCH["dumped"] == TIMES.last or WATCH["stopping"]:
+            continue
+        if WATCH["armed"] and stalled > limit:
+            why = f"no training progress for {stalled:.0f} s, longer than --dist-timeout ({limit - STALL_MARGIN} s)"
+        elif term is not None and stalled > STALL_MARGIN:
+            why = f"SIGTERM came while this rank had made no progress for {stalled:.0f} s"
+        else:
+            continue
+        WATCH["dumped"] = TIMES.last
+        _print_stacks(f"WARNING: {why}: it may be the rank the others wait for")
+
+
+def _print_stacks(why, error=None):
+    """Every thread's Python stack (the main thread's: where `error` was raised), with rank and host, in one write."""
+    names, me = {t.ident: t.name for t in threading.enumerate()}, threading.get_ident()
+    lines = [f"{why}. Rank {RANK} on {socket.gethostname()} (pid {os.getpid()}), every thread's Python stack, most "
+             "recent call last:"]
+    for ident, frame in sys._current_frames().items():
+        if (ident != me or error) and names.get(ident) != "cluster-watch":
+            main = error and ident == threading.main_thread().ident
+            lines.append(f"Thread {names.get(ident, ident)}{' (where the error was raised)' * bool(main)}:")
+            lines += "".join(traceback.format_tb(error.__traceback__) if main else traceback.format_stack(frame)
+                             ).rstrip("\n").split("\n")
+    sys.stderr.write("".join(f"[rank {RANK}] {line}\n" for line in lines))
+    sys.stderr.flush()
+
+
+def _timed_out(error, timeout):
+    """A collective timed out here: one ERROR line naming it, where it was called and the timeout, then the stacks."""
+    frames, torch_dir = traceback.extract_tb(error.__traceback__), os.path.dirname(torch.__file__)
+    c10d = [f.name for f in frames if f.filename.endswith("distributed_c10d.py")]
+    backward = any(f.name == "backward" for f in frames)
+    what = (c10d[-1] if c10d else "the gradients' all-reduce (or FSDP2's reduce-scatter) in backward()" if backward
+            else "a collective")
+    ours = [f"{os.path.basename(f.filename)} line {f.lineno}, in {f.name}" for f in frames
+            if not f.filename.startswith(torch_dir)]  # the script's frames, and cluster.py's
+    script = [w for w in ours if not w.startswith("cluster.py ")]
+    where = ", from ".join(dict.fromkeys(ours[-1:] + script[-1:])) or "?"
+    WATCH["dumped"] = TIMES.last  # this stall is reported here
+    message = (f"rank {RANK} on {socket.gethostname()}: {what} ({where}) timed out after {timeout} s "
+               f"(--dist-timeout): a rank never joined it. A rank that is stuck prints its own stack in this log "
+               f"(\"WARNING: no training progress\"); on NCCL, --output-dir's flight_recorder/ has every rank's last "
+               f"collectives. HINT: if a rank is only slow (rank 0 alone saving or evaluating), raise --dist-timeout")
+    print_line(f"ERROR: {message}", sys.stderr)
+    _print_stacks("the stacks at the timeout", error)
+    _error_file(f"ERROR: {message}")
+
+
+def _flight_recorder(output_dir, env=os.environ):
+    """NCCL: torch's flight recorder keeps each rank's last collectives and, on a timeout, writes them to
+    OUTPUT_DIR/flight_recorder/rank_N; read them with: torchfrtrace OUTPUT_DIR/flight_recorder --prefix rank_"""
+    folder = os.path.join(os.path.abspath(output_dir), "flight_recorder")
+    os.makedirs(folder, exist_ok=True)
+    for names, value in [(("TORCH_FR_BUFFER_SIZE", "TORCH_NCCL_TRACE_BUFFER_SIZE"), "2000"),
+                         (("TORCH_FR_DUMP_TEMP_FILE", "TORCH_NCCL_DEBUG_INFO_TEMP_FILE"), f"{folder}/rank_"),
+                         (("TORCH_NCCL_DUMP_ON_TIMEOUT",), "1")]:
+        if not any(env.get(name) for name in names):  # the user's own setting wins, under either name
+            env.update(dict.fromkeys(names, value))  # both names: torch 2.5 reads the old, later ones the new
 
 
 # -----------------------------------------------------------------------------

@@ -8,4 +8,8 @@
 # module load cuda/12.4 gcc/12
 # source "$HOME/venvs/torch/bin/activate"     # or: conda activate torch
 # export DATA_DIR=/scratch/$USER/data         # where MNIST/ImageNet live (download on the login node)
+# Network (docs/network.md says which your fabric needs; check with: sbatch run-gpu8-dist.sh check_interconnect.py)
 # export NCCL_SOCKET_IFNAME=ib0               # if NCCL picks the wrong network interface
+# export NCCL_IB_HCA=mlx5_0,mlx5_1            # the InfiniBand/RoCE adapters NCCL may use
+# export NCCL_IB_GID_INDEX=3                  # RoCE: the GID index of the RoCE v2 address
+# export GLOO_SOCKET_IFNAME=ib0               # the same for gloo (CPU runs, and ImageNet's staging store)

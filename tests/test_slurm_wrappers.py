@@ -574,3 +574,55 @@ def test_a_sweep_as_a_job_array_gives_each_task_its_own_outputs_and_requeues_res
         else:
             assert resumed == [] and "stopped on" not in out, out[-3000:]
     assert sorted(p.name for p in ckpt.iterdir()) == [f"{array}_{task}" for task in range(3)]
+
+
+def test_the_interconnect_check_runs_on_two_nodes_and_warns_when_the_network_is_the_bottleneck(
+        cluster, tmp_path_factory):
+    """check_interconnect.py through the torchrun job script, 2 nodes x 2 ranks: each size's bus bandwidth within
+    each node and across both, and (with --warn-below above 1, which no network meets) the WARNING."""
+    proj = project(tmp_path_factory, "run-gpu8-dist.sh", "check_interconnect.py")
+    state, exit_code, out = submit(cluster, proj, None, [
+        "--ntasks-per-node=1", "--gpus-per-node=2", "run-gpu8-dist.sh", "check_interconnect.py", "--device=cpu",
+        "--max-bytes=256K", "--iters=5", "--warmup=2", "--warn-below=1000"])
+    assert (state, exit_code) == ("COMPLETED", "0:0"), out[-4000:]
+    done = done_record(out)
+    assert (done["world_size"], done["nodes"], done["ranks_per_node"]) == (4, 2, [2, 2]) and hosts(out) == {"n1", "n2"}
+    assert [r["bytes"] for r in done["rows"]] == [1024 << i for i in range(9)]
+    assert all(r["busbw"] > 0 and r["node_busbw"] > 0 and 0 <= r["slowest_rank"] < 4 for r in done["rows"])
+    assert re.search(r"^peak bus bandwidth across 2 nodes: [\d.]+ GB/s at \d+ KB; within a node: [\d.]+ GB/s", out,
+                     re.M), out[-3000:]
+    assert re.search(r"^WARNING: across nodes the all-reduce reaches [\d.]+ GB/s, \d+% of the [\d.]+ GB/s within a "
+                     r"node \(--warn-below 1000\)", out, re.M), out[-3000:]
+
+
+def test_a_stuck_rank_on_the_cluster_leaves_every_ranks_stack_and_the_job_ends(cluster, tmp_path_factory, mnist_dir,
+                                                                                  tmp_path):
+    """Through run-gpu4.sh (srun), 2 ranks. First scancel --signal=URG: every rank prints its stacks and trains on.
+    Then rank 1 gets stuck in an optimizer step (the test's hook, once a file exists): rank 0's all-reduce times out
+    after --dist-timeout, the log names it, srun ends rank 1, which prints where it was stuck, and the job ends."""
+    from test_hangs_and_network import TIMEOUT, check_hang_evidence
+    proj = seed_project(tmp_path_factory, SEEDS[0][0].replace("run-gpu4-dist.sh", "run-gpu4.sh"))
+    env = clean_env(SLURM_CONF=cluster.conf, DATA_DIR=mnist_dir, HANG_AT_STEP=1, HANG_WHEN=tmp_path / "hang-now")
+    r = subprocess.run(["sbatch", "--parsable", "--ntasks-per-node=2", "--gpus-per-node=2", "run-gpu4.sh",
+                        "mnist_ddp.py", "--device=cpu", "--epochs=100", "--batch-size=16", "--log-interval=5",
+                        f"--dist-timeout={TIMEOUT}"], cwd=proj, env=env, text=True, stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT)
+    job_id = r.stdout.strip()
+    log = proj / f"srun-gpu4-{job_id}.out"
+    signal_once_logged(log, "epoch 1 step 20 ", job_id, "URG", env)
+    asked = re.compile(r"^\[rank (\d)\] stacks on SIGURG, as asked; training goes on\. Rank \1 on n1", re.M)
+    deadline = time.monotonic() + 60
+    while len({m[1] for m in asked.finditer(log.read_text())}) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    before = log.read_text()
+    assert {m[1] for m in asked.finditer(before)} == {"0", "1"}, before[-3000:]
+    steps = len(re.findall(r"^  epoch \d+ step \d+ loss", before, re.M))
+    while len(re.findall(r"^  epoch \d+ step \d+ loss", log.read_text(), re.M)) < steps + 2:
+        assert time.monotonic() < deadline, "training goes on after the stacks"
+        time.sleep(0.2)
+    (tmp_path / "hang-now").touch()
+    t0 = time.monotonic()
+    state, exit_code, out = wait_for_job(cluster, job_id, proj, timeout=TIMEOUT + 90)
+    assert state == "FAILED" and time.monotonic() - t0 < TIMEOUT + 90, out[-3000:]
+    assert len(asked.findall(out)) == 2, "one dump per rank for one signal"
+    check_hang_evidence(out[len(before):], TIMEOUT)

@@ -11,7 +11,9 @@ finds that on every run, not once in a few dozen.
 
 With COLLECTIVE_PROBE=1 it also counts the calls, from any library, of torch.distributed's broadcast, all_reduce and
 barrier, and prints them at exit as a JSON line: a collective per training step shows as a count of at least the
-steps."""
+steps.
+
+With HANG_AT_STEP=N (HANG_RANK, default 1; HANG_WHEN=FILE) one rank of a training script gets stuck: see hang_at."""
 import atexit
 import json
 import os
@@ -64,3 +66,24 @@ if os.path.isdir("/proc/self/task") and sys.argv and os.path.basename(sys.argv[0
     atexit.register(native_threads_left)
     if os.environ.get("COLLECTIVE_PROBE"):
         count_collectives()
+
+
+def hang_at(step, when=None):
+    """A stuck rank, as one blocked in I/O or a deadlock would be: its optimizer's step `step` (with `when`, a file:
+    its first step from `step` on once the file exists) never returns, and it stays alive in Python code."""
+    import time
+
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+    calls = [0]
+
+    def stuck(*_):
+        calls[0] += 1
+        if calls[0] >= step and (when is None or os.path.exists(when)):
+            while True:
+                time.sleep(0.05)
+    register_optimizer_step_pre_hook(stuck)
+
+
+if os.environ.get("HANG_AT_STEP") and os.environ.get("RANK", os.environ.get("SLURM_PROCID")) == os.environ.get(
+        "HANG_RANK", "1") and sys.argv and os.path.basename(sys.argv[0]) in SCRIPTS:
+    hang_at(int(os.environ["HANG_AT_STEP"]), os.environ.get("HANG_WHEN"))
