@@ -361,6 +361,7 @@ def print_line(message, file=None):
 
 def fail(message, speak=None):
     """One ERROR line, from rank 0 unless `speak` says whether this rank prints it, then exit 1 on every rank."""
+    WATCH["stopping"] = True  # a deliberate exit: no stacks when the launcher ends the ranks still waiting
     if RANK == 0 if speak is None else speak:
         print_line(f"ERROR: {message}", sys.stderr)
     _error_file(f"ERROR: {message}")
