@@ -273,7 +273,7 @@ def process_group(args, deepspeed=False, group=True):
         traceback.clear_frames(e.__traceback__)  # they hold the model, and the model its process group
         if isinstance(e, RuntimeError) and re.search(r"timed out|timeout", str(e), re.I) and dist.is_initialized():
             _timed_out(e, args.dist_timeout)  # one line naming the collective, and this rank's stacks
-            raise SystemExit(1) from None  # they hold the traceback: printed once
+            raise SystemExit(1) from None  # its stacks are in the log: not the traceback a second time
         if isinstance(e, dist.DistNetworkError | dist.DistStoreError) and not group and not dist.is_initialized():
             _init_failed(e, args.dist_timeout)  # Lightning could not form its group
         if not isinstance(e, SystemExit | KeyboardInterrupt):
