@@ -271,8 +271,8 @@ def process_group(args, deepspeed=False, group=True):
         yield device
     except BaseException as e:
         traceback.clear_frames(e.__traceback__)  # they hold the model, and the model its process group
-        if isinstance(e, RuntimeError) and re.search(r"timed out|timeout", str(e), re.I) and dist.is_initialized():
-            _timed_out(e, args.dist_timeout)  # one line naming the collective, and this rank's stacks
+        if isinstance(e, RuntimeError) and re.search(r"timed out|timeout", str(e), re.I) and dist.is_initialized() \
+                and _timed_out(e, args.dist_timeout):  # one line naming the collective, and this rank's stacks
             raise SystemExit(1) from None  # its stacks are in the log: not the traceback a second time
         if isinstance(e, dist.DistNetworkError | dist.DistStoreError) and not group and not dist.is_initialized():
             _init_failed(e, args.dist_timeout)  # Lightning could not form its group
@@ -615,12 +615,14 @@ def _print_stacks(why, error=None):
 
 
 def _timed_out(error, timeout):
-    """A collective timed out here: one ERROR line naming it, where it was called and the timeout, then the stacks."""
+    """If a collective timed out here (not a store's wait, a DataLoader's timeout): one ERROR line naming it, where it
+    was called and the timeout, then the stacks; True. Else False."""
     frames, torch_dir = traceback.extract_tb(error.__traceback__), os.path.dirname(torch.__file__)
     c10d = [f.name for f in frames if f.filename.endswith("distributed_c10d.py")]
     backward = any(f.name == "backward" for f in frames)
-    what = (c10d[-1] if c10d else "the gradients' all-reduce (or FSDP2's reduce-scatter) in backward()" if backward
-            else "a collective")
+    if not c10d and not backward:
+        return False
+    what = c10d[-1] if c10d else "the gradients' all-reduce (or FSDP2's reduce-scatter) in backward()"
     ours = [f"{os.path.basename(f.filename)} line {f.lineno}, in {f.name}" for f in frames
             if not f.filename.startswith(torch_dir)]  # the script's frames, and cluster.py's
     script = [w for w in ours if not w.startswith("cluster.py ")]
@@ -633,6 +635,7 @@ def _timed_out(error, timeout):
     print_line(f"ERROR: {message}", sys.stderr)
     _print_stacks("the stacks at the timeout", error)
     _error_file(f"ERROR: {message}")
+    return True
 
 
 def _flight_recorder(output_dir, env=os.environ):

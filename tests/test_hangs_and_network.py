@@ -5,6 +5,7 @@ import re
 import subprocess
 import time
 
+import cluster
 from conftest import (PYTHON, check_clean_exit, copy_alone, done_record, run_srun_style, run_torchrun,
                       slurm_job_id_with_free_port, srun_env)
 
@@ -120,7 +121,7 @@ def test_a_stuck_rank_that_no_launcher_ends_prints_its_stack_after_the_timeout(t
                               env=srun_env(r, 2, job_id, HANG_AT_STEP=5)) for r in range(2)]
     try:
         assert procs[0].wait(timeout=120) == 1
-        deadline = time.monotonic() + cluster_watch_margin() + 30
+        deadline = time.monotonic() + cluster.STALL_MARGIN + 30
         while "every thread's Python stack" not in logs[1].read_text() and time.monotonic() < deadline:
             time.sleep(0.5)
         time.sleep(1)
@@ -133,7 +134,3 @@ def test_a_stuck_rank_that_no_launcher_ends_prints_its_stack_after_the_timeout(t
     assert re.search(rf"\[rank 1\] WARNING: no training progress for \d+ s, longer than --dist-timeout \({TIMEOUT} "
                      r"s\)", out), out[-3000:]
 
-
-def cluster_watch_margin():
-    import cluster
-    return cluster.STALL_MARGIN
