@@ -1,5 +1,4 @@
-"""
-Check the interconnect before a long run: an all-reduce over every rank of the job, at message sizes from 1 KB to
+"""Check the interconnect before a long run: an all-reduce over every rank of the job, at message sizes from 1 KB to
 1 GB, first within each node and then across all of them. For each size it gives the bus bandwidth, computed as
 nccl-tests does (algbw x 2(n-1)/n), and the slowest rank. On GPU it also names the transport NCCL chose on each rank.
 
@@ -70,10 +69,7 @@ def get_args(argv=None):
     return p.parse_args(argv)
 
 
-# -----------------------------------------------------------------------------
-# what NCCL chose
-
-
+# --- what NCCL chose ---------------------------------------------------------
 def nccl_log(env=os.environ):
     """Before NCCL starts: its INFO lines go to a file of this process's own, read by transports(); else None."""
     if env.get("NCCL_DEBUG_FILE"):  # the user's: theirs to read
@@ -98,10 +94,7 @@ def has_infiniband():
     return bool(glob.glob("/sys/class/infiniband/*"))
 
 
-# -----------------------------------------------------------------------------
-# the measurement
-
-
+# --- the measurement ---------------------------------------------------------
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -18,8 +18,8 @@ A script calls, in this order:
     stop_check(device, checkpoint, epoch, step)   on a signal or near the end: checkpoint, requeue, exit 75
     save_checkpoint(dir, epoch, step, device, outputs, state)   atomic, with every rank's random state
     param_checksum(model)              a hash of the weights: equal on every rank iff the replicas are
-Lightning's script also calls started(), check_same_run() and lightning_callbacks(); ImageNet's
-ignore_stop_signals (in its DataLoader workers).
+Lightning's script also calls started(), check_same_run() and lightning_callbacks(); DeepSpeed's
+deepspeed_accelerator() (before its import) and deepspeed_config(); ImageNet's ignore_stop_signals (in its workers).
 A hang leaves evidence (process_group's watchdog thread): a rank without progress, or found stuck by a SIGTERM,
 prints every thread's stack; a collective that timed out is named in one line; SIGURG asks every rank for its stacks.
 """
@@ -54,10 +54,7 @@ import torch.distributed.nn  # noqa: F401
 
 RANK, LOCAL_RANK, WORLD_SIZE = 0, 0, 1  # who this process is: set by process_group()
 
-# -----------------------------------------------------------------------------
-# options
-
-
+# --- options -----------------------------------------------------------------
 def positive_int(text):
     value = int(text)
     if value <= 0:
@@ -120,10 +117,7 @@ def _sweep_line(env):
     return words
 
 
-# -----------------------------------------------------------------------------
-# who this process is, and its device
-
-
+# --- who this process is, and its device -------------------------------------
 def first_host(nodelist):
     """First host of a Slurm nodelist: 'n[1-2]' -> 'n1', 'gpu-[001-004,010],cpu1' -> 'gpu-001'."""
     depth, end = 0, len(nodelist)
@@ -235,10 +229,7 @@ def autocast_dtype(device, amp=True):
     return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
 
 
-# -----------------------------------------------------------------------------
-# the process group
-
-
+# --- the process group -------------------------------------------------------
 @contextlib.contextmanager
 def process_group(args, deepspeed=False, group=True):
     """with cluster.process_group(args) as device: who this process is, its device (a GPU of its own, else the CPU) and
@@ -342,10 +333,7 @@ def _init_failed(error, timeout):
          "job's first node and reachable from here", speak=True)
 
 
-# -----------------------------------------------------------------------------
-# rank 0 speaks
-
-
+# --- rank 0 speaks -----------------------------------------------------------
 def print0(message, file=None):
     """Print on rank 0 only."""
     if RANK == 0:
@@ -413,8 +401,7 @@ def param_checksum(model):
     return h.hexdigest()[:16]
 
 
-# -----------------------------------------------------------------------------
-# stopping and requeueing
+# --- stopping and requeueing -------------------------------------------------
 # Slurm sends SIGUSR1 before the time limit (the job scripts ask for it with --signal; submitit asks for SIGUSR2) and
 # SIGTERM when it cancels or preempts. The handler only notes the signal; stop_check, at step boundaries, makes all
 # ranks agree, rank 0 checkpoints mid-epoch and requeues the job (not on SIGTERM), and every rank exits 75. Without a
@@ -544,8 +531,7 @@ def _requeue(epoch, signum, env=os.environ):
     return f"; requeued job {job_id}" if why is None else f"; could not requeue job {job_id}: {why}{resubmit}"
 
 
-# -----------------------------------------------------------------------------
-# a hang leaves evidence
+# --- a hang leaves evidence --------------------------------------------------
 # Every thread's Python stack, printed once per stall with this rank and host, when this rank makes no progress (no
 # TIMES.lap) for --dist-timeout + STALL_MARGIN s once training has begun, or when a SIGTERM (scancel, a launcher
 # ending the job) finds it STALL_MARGIN s without progress; when its collective times out (with one ERROR line naming
@@ -650,8 +636,7 @@ def _flight_recorder(output_dir, env=os.environ):
             env.update(dict.fromkeys(names, value))  # both names: torch 2.5 reads the old, later ones the new
 
 
-# -----------------------------------------------------------------------------
-# where the time went
+# --- where the time went -----------------------------------------------------
 # TIMES is a stopwatch whose laps name what the time since the previous lap was spent on, so the parts add up to the
 # wall time from this process's start. Host clocks only: no lap syncs the GPU, whose time shows where the host waits
 # for it (a loss .item(), an all-reduce), in "compute".
@@ -703,8 +688,7 @@ class TimeSplit:
 TIMES = TimeSplit()
 
 
-# -----------------------------------------------------------------------------
-# checkpoint files
+# --- checkpoint files --------------------------------------------------------
 # Only a checkpoint of this run is resumed: the script saves `run`, what defines its result (settings, world size),
 # and one whose run differs is refused (--epochs may grow). Every rank's random state is saved and put back. Names
 # sort in training order: epoch_0003.pt, then epoch_0003_step_0000120.pt (3 epochs and 120 steps done).
@@ -895,10 +879,7 @@ def _check_writable(ckpt_dir):
              "you can write to")
 
 
-# -----------------------------------------------------------------------------
-# outputs: run names, the metrics file, TensorBoard, the profiler, the done line
-
-
+# --- outputs: run names, the metrics file, TensorBoard, the profiler, the done line
 def run_name(env=os.environ):
     """What names a run's outputs: ARRAYJOB_TASK in a job array, else the job id, else the start time."""
     if env.get("SLURM_ARRAY_TASK_ID"):
@@ -1004,10 +985,7 @@ def profiler(args, device, name):
     return prof
 
 
-# -----------------------------------------------------------------------------
-# Lightning: the same plumbing as callbacks
-
-
+# --- Lightning: the same plumbing as callbacks -------------------------------
 def lightning_callbacks(args):
     """[StopOnSignal, TimeLaps]: stop_check and TIMES's laps at Lightning's hooks."""
     import pytorch_lightning as pl
@@ -1055,3 +1033,37 @@ def lightning_callbacks(args):
                        "on_train_epoch_end": "compute", "on_train_end": between}.items():
         setattr(TimeLaps, hook, lambda self, *_, part=part, **__: TIMES.lap(part))
     return [StopOnSignal(), TimeLaps()]
+
+
+# --- DeepSpeed: its accelerator and its config -------------------------------
+def deepspeed_accelerator(argv=None, env=os.environ):
+    """Before `import deepspeed`, which picks its accelerator: the CPU's where there is no GPU or --device cpu."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--device")
+    if p.parse_known_args(argv)[0].device == "cpu" or not torch.cuda.is_available():
+        env.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def deepspeed_config(args, default, amp_dtype):
+    """--deepspeed_config's file (else `default`) with --batch-size, --zero-stage and --amp, checked by DeepSpeed."""
+    import deepspeed
+    try:
+        with open(args.deepspeed_config or os.devnull) as f:
+            config = json.load(f) if args.deepspeed_config else json.loads(json.dumps(default))  # a copy: we edit it
+    except (OSError, json.JSONDecodeError) as e:
+        fail(f"cannot read the DeepSpeed config {args.deepspeed_config}: {e}. HINT: start from ds_config.json")
+    if args.batch_size:  # DeepSpeed derives the global batch: micro batch x accumulation x world size
+        config["train_micro_batch_size_per_gpu"] = args.batch_size
+        config.pop("train_batch_size", None)
+    if args.zero_stage is not None:
+        config.setdefault("zero_optimization", {})["stage"] = args.zero_stage
+    if amp_dtype and not {"fp16", "bf16", "bfloat16"} & set(config):  # bf16 needs no overflow check (an all-reduce
+        config["bf16" if amp_dtype == torch.bfloat16 else "fp16"] = {  # and a host sync per step)
+            "enabled": True, **({"check_grad_overflow": False} if amp_dtype == torch.bfloat16 else {})}
+    try:  # the batch sizes against the world size, and the rest
+        deepspeed.DeepSpeedConfig(config)
+    except (AssertionError, ValueError, KeyError) as e:
+        hint = " HINT: set train_micro_batch_size_per_gpu, not train_batch_size: the global batch follows world size"
+        fail(f"DeepSpeed rejected the config {args.deepspeed_config or '(built-in)'}: {type(e).__name__}: "
+             f"{' '.join(str(e).split())}.{hint * ('batch' in str(e))}")
+    return config

@@ -1,5 +1,4 @@
-"""
-Train a torchvision ResNet on ImageNet with PyTorch DistributedDataParallel (DDP), on one process or many:
+"""Train a torchvision ResNet on ImageNet with PyTorch DistributedDataParallel (DDP), on one process or many:
 
     python imagenet_ddp.py --data-dir /datasets/imagenet                    # one process
     torchrun --standalone --nproc_per_node=4 imagenet_ddp.py --data-dir ...  # 4 GPUs on this machine
@@ -47,10 +46,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms import v2
 
-# -----------------------------------------------------------------------------
-# options
-
-
+# --- options -----------------------------------------------------------------
 def default_workers():
     """DataLoader workers per process: the CPUs Slurm gave this task, shared by the processes torchrun starts in it."""
     cpus = int(os.environ.get("SLURM_CPUS_PER_TASK", 0)) or len(os.sched_getaffinity(0))
@@ -97,9 +93,7 @@ def get_args(argv=None):
     return cluster.parse_args(p, argv, log_interval=50)
 
 
-# -----------------------------------------------------------------------------
-# data: the JPEG dataset, its crop and sampler (the copy to node-local disk: imagenet_staging.py)
-
+# --- data: the JPEG dataset, its crop and sampler (the copy to node-local disk: imagenet_staging.py)
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet RGB statistics
 NORMALIZE = {}  # device -> (mean, std) tensors, made once
 
@@ -204,10 +198,7 @@ def to_device(x, y, device, channels_last):
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x, y.to(device, non_blocking=True)
 
 
-# -----------------------------------------------------------------------------
-# model
-
-
+# --- model -------------------------------------------------------------------
 def average_buffers(model):
     """BatchNorm running statistics are per rank (DDP copies rank 0's at every forward): average them, so that
     validation and checkpoints see one model, estimated from every rank's batches."""
@@ -248,10 +239,7 @@ def evaluate(model, loader, device, args, amp_dtype):
                 val_count=int(count), val_skipped=int(skipped))
 
 
-# -----------------------------------------------------------------------------
-# training
-
-
+# --- training ----------------------------------------------------------------
 def train(args, device, data_root):
     rank, world_size = cluster.RANK, cluster.WORLD_SIZE
     torch.manual_seed(args.seed)  # same initial weights everywhere (DDP also broadcasts rank 0's)
@@ -423,7 +411,6 @@ def train(args, device, data_root):
             checkpoint(epoch, 0)
         cluster.stop_check(device, args.checkpoint_dir and checkpoint, epoch, 0)
 
-    # summary
     if result is None:
         cluster.print0(f"nothing to train: the checkpoint has {start_epoch - 1} epochs (--epochs={args.epochs})")
         result = {"epoch": start_epoch - 1,
@@ -432,10 +419,7 @@ def train(args, device, data_root):
     outputs.done(raw_model, f"--workers={args.workers}", **{k: result.get(k) for k in (
         "epoch", "top1", "top5", "val_loss", "val_count", "val_skipped")}, synthetic=args.synthetic,
         images_per_s=meter_images / meter_seconds if meter_seconds else None)
-# -----------------------------------------------------------------------------
-# main
-
-
+# --- main --------------------------------------------------------------------
 def main(args):
     if args.arch not in torchvision.models.list_models(module=torchvision.models):  # now, not after minutes of staging
         cluster.fail(f"unknown --arch {args.arch}. HINT: one of torchvision's classification models, e.g. resnet18, "

@@ -1,5 +1,4 @@
-"""
-Train a small CNN on MNIST with DeepSpeed (ZeRO data parallelism), on one process or many:
+"""Train a small CNN on MNIST with DeepSpeed (ZeRO data parallelism), on one process or many:
 
     python mnist_ddp_deepspeed.py --epochs=1                 # one process (a GPU if there is one, else CPU)
     torchrun --standalone --nproc_per_node=2 mnist_ddp_deepspeed.py --deepspeed_config ds_config.json
@@ -10,7 +9,7 @@ Train a small CNN on MNIST with DeepSpeed (ZeRO data parallelism), on one proces
 
 Copy three files: this script, cluster.py (the plumbing it calls) and a job script; ds_config.json too if named.
 --data-dir (default $DATA_DIR, else ./data) holds MNIST/raw/; local rank 0 of each node downloads it if missing. Compute
-nodes are often offline: download on the login node with `python mnist_ddp_deepspeed.py --download-only --data-dir DIR`.
+nodes are often offline: run this script with `--download-only --data-dir DIR` on the login node first.
 
 Expected (2 CPU processes, gloo, the 5,000-digit training sample; full MNIST reaches higher):
     torchrun --standalone --nproc_per_node=2 mnist_ddp_deepspeed.py --epochs=2 --batch-size=32 --data-dir ../shared/data
@@ -21,7 +20,6 @@ DataLoader with workers, as in imagenet_ddp.py), Net, evaluate(), ds_config.json
 and the resume block: they make the launchers, preemption and exact resume work. --batch-size is per process.
 """
 import argparse
-import copy
 import io
 import json
 import os
@@ -40,17 +38,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DistributedSampler
 
-# DeepSpeed picks its accelerator when it is imported: the CPU one when there is no GPU or --device cpu
-_device = argparse.ArgumentParser(add_help=False)
-_device.add_argument("--device")
-if _device.parse_known_args()[0].device == "cpu" or not torch.cuda.is_available():
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+cluster.deepspeed_accelerator()  # before DeepSpeed's import picks one: the CPU's without a GPU or with --device cpu
 import deepspeed  # noqa: E402
 
-# -----------------------------------------------------------------------------
-# options
-
-
+# --- options -----------------------------------------------------------------
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="MNIST with DeepSpeed")
     positive = cluster.positive_int  # sizes and counts
@@ -81,32 +72,7 @@ DEFAULT_CONFIG = {
     "wall_clock_breakdown": False, "timers": {"throughput": {"enabled": False}}}
 
 
-def load_config(args, amp_dtype):
-    """The DeepSpeed config with the command line's overrides, checked by DeepSpeed before any data is read."""
-    try:
-        config = copy.deepcopy(json.load(open(args.deepspeed_config)) if args.deepspeed_config else DEFAULT_CONFIG)
-    except (OSError, json.JSONDecodeError) as e:
-        cluster.fail(f"cannot read the DeepSpeed config {args.deepspeed_config}: {e}. HINT: start from ds_config.json")
-    if args.batch_size:  # DeepSpeed derives the global batch: micro batch x accumulation x world size
-        config["train_micro_batch_size_per_gpu"] = args.batch_size
-        config.pop("train_batch_size", None)
-    if args.zero_stage is not None:
-        config.setdefault("zero_optimization", {})["stage"] = args.zero_stage
-    if amp_dtype and not {"fp16", "bf16", "bfloat16"} & set(config):  # bf16 needs no overflow check (an all-reduce
-        config["bf16" if amp_dtype == torch.bfloat16 else "fp16"] = {  # and a host sync per step)
-            "enabled": True, **({"check_grad_overflow": False} if amp_dtype == torch.bfloat16 else {})}
-    try:  # the batch sizes against the world size, and the rest
-        deepspeed.DeepSpeedConfig(config)
-    except (AssertionError, ValueError, KeyError) as e:
-        hint = " HINT: set train_micro_batch_size_per_gpu, not train_batch_size: the global batch follows world size"
-        cluster.fail(f"DeepSpeed rejected the config {args.deepspeed_config or '(built-in)'}: {type(e).__name__}: "
-                     f"{' '.join(str(e).split())}.{hint * ('batch' in str(e))}")
-    return config
-
-
-# -----------------------------------------------------------------------------
-# data
-
+# --- data --------------------------------------------------------------------
 MEAN, STD = 0.1307, 0.3081  # MNIST training-set pixel statistics
 MNIST_FILES = {True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
                False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
@@ -126,8 +92,8 @@ def download_mnist(data_dir):
 
 
 def load_mnist(data_dir, train, device):
-    """The whole split as one normalized tensor: MNIST is tiny, so no DataLoader, no per-sample transforms. An idx
-    file: 4 magic bytes (the last: the number of dimensions), each dimension's size as a big-endian int32, the data."""
+    """The whole split as one normalized tensor (MNIST is tiny: no DataLoader, no per-sample transforms)."""
+    # an idx file: 4 magic bytes (the last: the number of dimensions), each dimension's size as big-endian int32, data
     tensors = []
     for name in MNIST_FILES[train]:
         with open(os.path.join(data_dir, "MNIST", "raw", name), "rb") as f:
@@ -138,10 +104,7 @@ def load_mnist(data_dir, train, device):
     return x, tensors[1].long().to(device)
 
 
-# -----------------------------------------------------------------------------
-# model
-
-
+# --- model -------------------------------------------------------------------
 class Net(nn.Module):
     def __init__(self):
         super().__init__()
@@ -171,15 +134,12 @@ def evaluate(model, x, y, batch_size, device):
     return dict(test_loss=loss_sum / count, test_acc=correct / count, test_count=int(count))
 
 
-# -----------------------------------------------------------------------------
-# training
-
-
+# --- training ----------------------------------------------------------------
 def train(args, device):
     rank, world_size = cluster.RANK, cluster.WORLD_SIZE
     torch.manual_seed(args.seed)  # same initial weights everywhere (DeepSpeed also broadcasts rank 0's)
     amp_dtype = cluster.autocast_dtype(device, args.amp)  # None: float32
-    config = load_config(args, amp_dtype)
+    config = cluster.deepspeed_config(args, DEFAULT_CONFIG, amp_dtype)  # with --batch-size, --zero-stage, --amp
 
     # data: local rank 0 of each node downloads if needed while the other ranks wait
     reason = download_mnist(args.data_dir) if cluster.LOCAL_RANK == 0 else None
@@ -193,9 +153,8 @@ def train(args, device):
     sampler = DistributedSampler(range(len(x_train)), num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed,
                                  drop_last=True)
 
-    # model and optimizer: DeepSpeed builds the optimizer and scheduler from the config and wraps the model in an
-    # engine that averages (and with ZeRO, partitions) gradients and optimizer state across ranks
-    raw_model = Net()
+    # model and optimizer: an engine that averages (ZeRO: partitions) gradients and optimizer state across ranks
+    raw_model = Net()  # DeepSpeed builds the optimizer and scheduler from the config
     # device_rank: our GPU (cluster's choice), not DeepSpeed's default, GPU LOCAL_RANK
     engine, optimizer, _, scheduler = deepspeed.initialize(args=argparse.Namespace(device_rank=device.index or 0),
                                                            model=raw_model, config=config)
@@ -213,8 +172,7 @@ def train(args, device):
     # their step. Only a checkpoint of this run: what defines it (`run`) is saved with it and compared
     run = {"script": "mnist_ddp_deepspeed.py", "model": "Net", "data": f"MNIST, {len(x_train)} training digits",
            "batch_size": batch_size, "config": json.dumps(config, sort_keys=True), "seed": args.seed,
-           "precision": precision,
-           "world_size": world_size, "git_commit": os.environ.get("GIT_COMMIT")}
+           "precision": precision, "world_size": world_size, "git_commit": os.environ.get("GIT_COMMIT")}
     start_epoch, start_step = 1, 0
     ckpt = cluster.load_checkpoint(args.checkpoint_dir, run, device, engine=engine)  # weights, optimizer, scheduler
     if ckpt:
@@ -272,7 +230,6 @@ def train(args, device):
             checkpoint(epoch, 0)
         cluster.stop_check(device, args.checkpoint_dir and checkpoint, epoch, 0)
 
-    # summary
     if result is None:  # nothing left to train (resumed a finished run): still report the model's accuracy
         cluster.print0(f"nothing to train: the checkpoint has {start_epoch - 1} epochs (--epochs={args.epochs})")
         result = dict(epoch=start_epoch - 1, **evaluate(raw_model, x_test, y_test, args.test_batch_size, device))
@@ -281,10 +238,7 @@ def train(args, device):
         "test_acc", "test_loss", "test_count", "epoch")}, samples_per_s=trained / train_seconds if trained else None)
 
 
-# -----------------------------------------------------------------------------
-# main
-
-
+# --- main --------------------------------------------------------------------
 def main(args):
     if args.download_only:
         if reason := download_mnist(args.data_dir):

@@ -1,5 +1,4 @@
-"""
-Train a small CNN on MNIST with PyTorch's fully sharded data parallel (FSDP2), on one process or many:
+"""Train a small CNN on MNIST with PyTorch's fully sharded data parallel (FSDP2), on one process or many:
 
     python mnist_fsdp.py --epochs=1                          # one process (a GPU if there is one, else CPU)
     torchrun --standalone --nproc_per_node=2 mnist_fsdp.py   # 2 processes on this machine
@@ -8,7 +7,7 @@ Train a small CNN on MNIST with PyTorch's fully sharded data parallel (FSDP2), o
 
 Copy three files: this script, cluster.py (the plumbing it calls) and a job script.
 --data-dir (default $DATA_DIR, else ./data) holds MNIST/raw/; local rank 0 of each node downloads it if missing. Compute
-nodes are often offline: download on the login node with `python mnist_fsdp.py --download-only --data-dir DIR`.
+nodes are often offline: run this script with `--download-only --data-dir DIR` on the login node first.
 
 Expected (2 CPU processes, gloo, the 5,000-digit training sample; full MNIST reaches higher):
     torchrun --standalone --nproc_per_node=2 mnist_fsdp.py --epochs=2 --data-dir ../shared/data
@@ -39,10 +38,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.data import DistributedSampler
 
-# -----------------------------------------------------------------------------
-# options
-
-
+# --- options -----------------------------------------------------------------
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="MNIST with FSDP2 (fully_shard)")
     positive = cluster.positive_int  # sizes and counts
@@ -62,9 +58,7 @@ def get_args(argv=None):
     return cluster.parse_args(p, argv, log_interval=20)
 
 
-# -----------------------------------------------------------------------------
-# data
-
+# --- data --------------------------------------------------------------------
 MEAN, STD = 0.1307, 0.3081  # MNIST training-set pixel statistics
 MNIST_FILES = {True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
                False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
@@ -84,8 +78,8 @@ def download_mnist(data_dir):
 
 
 def load_mnist(data_dir, train, device):
-    """The whole split as one normalized tensor: MNIST is tiny, so no DataLoader, no per-sample transforms. An idx
-    file: 4 magic bytes (the last: the number of dimensions), each dimension's size as a big-endian int32, the data."""
+    """The whole split as one normalized tensor (MNIST is tiny: no DataLoader, no per-sample transforms)."""
+    # an idx file: 4 magic bytes (the last: the number of dimensions), each dimension's size as big-endian int32, data
     tensors = []
     for name in MNIST_FILES[train]:
         with open(os.path.join(data_dir, "MNIST", "raw", name), "rb") as f:
@@ -96,10 +90,7 @@ def load_mnist(data_dir, train, device):
     return x, tensors[1].long().to(device)
 
 
-# -----------------------------------------------------------------------------
-# model
-
-
+# --- model -------------------------------------------------------------------
 class Net(nn.Module):
     def __init__(self):
         super().__init__()
@@ -130,10 +121,7 @@ def evaluate(model, x, y, batch_size, device):
     return dict(test_loss=loss_sum / count, test_acc=correct / count, test_count=int(count))
 
 
-# -----------------------------------------------------------------------------
-# training
-
-
+# --- training ----------------------------------------------------------------
 def train(args, device):
     rank, world_size = cluster.RANK, cluster.WORLD_SIZE
     torch.manual_seed(args.seed)  # same initial weights everywhere: each rank keeps its shard of them
@@ -242,7 +230,6 @@ def train(args, device):
             checkpoint(epoch, 0)
         cluster.stop_check(device, args.checkpoint_dir and checkpoint, epoch, 0)
 
-    # summary
     if result is None:  # nothing left to train (resumed a finished run): still report the model's accuracy
         cluster.print0(f"nothing to train: the checkpoint has {start_epoch - 1} epochs (--epochs={args.epochs})")
         result = dict(epoch=start_epoch - 1, **evaluate(raw_model, x_test, y_test, args.test_batch_size, device))
@@ -251,10 +238,7 @@ def train(args, device):
         "test_acc", "test_loss", "test_count", "epoch")}, samples_per_s=trained / train_seconds if trained else None)
 
 
-# -----------------------------------------------------------------------------
-# main
-
-
+# --- main --------------------------------------------------------------------
 def main(args):
     if args.download_only:
         if reason := download_mnist(args.data_dir):

@@ -1,5 +1,4 @@
-"""
-Train a small CNN on MNIST with PyTorch Lightning's DDP strategy, on one process or many:
+"""Train a small CNN on MNIST with PyTorch Lightning's DDP strategy, on one process or many:
 
     python mnist_lightning_ddp.py --epochs=1                 # one process (a GPU if there is one, else CPU)
     python mnist_lightning_ddp.py --gpus=2                   # Lightning starts the 2 processes itself
@@ -53,10 +52,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.strategies import DDPStrategy
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, TensorDataset
 
-# -----------------------------------------------------------------------------
-# options
-
-
+# --- options -----------------------------------------------------------------
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="MNIST with PyTorch Lightning DDP")
     positive = cluster.positive_int  # sizes and counts
@@ -89,9 +85,7 @@ def launch_size(env=os.environ):
     return 1, 1
 
 
-# -----------------------------------------------------------------------------
-# data
-
+# --- data --------------------------------------------------------------------
 MEAN, STD = 0.1307, 0.3081  # MNIST training-set pixel statistics
 MNIST_FILES = {True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
                False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
@@ -111,8 +105,8 @@ def download_mnist(data_dir):
 
 
 def load_mnist(data_dir, train, device):
-    """The whole split as one normalized tensor: MNIST is tiny, so no DataLoader, no per-sample transforms. An idx
-    file: 4 magic bytes (the last: the number of dimensions), each dimension's size as a big-endian int32, the data."""
+    """The whole split as one normalized tensor (MNIST is tiny: no DataLoader, no per-sample transforms)."""
+    # an idx file: 4 magic bytes (the last: the number of dimensions), each dimension's size as big-endian int32, data
     tensors = []
     for name in MNIST_FILES[train]:
         with open(os.path.join(data_dir, "MNIST", "raw", name), "rb") as f:
@@ -137,10 +131,7 @@ class ResumedBatches(BatchSampler):
             if k >= skip:
                 yield batch
 
-# -----------------------------------------------------------------------------
-# model
-
-
+# --- model -------------------------------------------------------------------
 class Net(nn.Module):
     def __init__(self):
         super().__init__()
@@ -291,10 +282,7 @@ class LitMNIST(pl.LightningModule):
             samples_per_s=self.trained / self.train_seconds if self.train_seconds else None)
 
 
-# -----------------------------------------------------------------------------
-# main
-
-
+# --- main --------------------------------------------------------------------
 def make_trainer(args, device, devices, num_nodes, precision, callbacks, logger):
     """Lightning's Trainer for `devices` processes on each of `num_nodes` nodes, this one on `device`. On GPUs, each
     process's strategy lists its own GPU for every local rank: Lightning takes parallel_devices[local_rank], which

@@ -37,13 +37,14 @@ nodes=$SLURM_JOB_NUM_NODES gpus=${SLURM_GPUS_ON_NODE:-1} cpus=${SLURM_CPUS_PER_T
 echo "== job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST: $nodes node(s) x $gpus GPU(s) =="
 echo "== rank 0 at $MASTER_ADDR:$MASTER_PORT; ${python[*]} $script $* =="
 
-# Launch: one task runs DeepSpeed's launcher, which starts a process per GPU. Slurm signals every process of the
-# step: the launcher ignores the stop signals, else it would die before the workers checkpoint.
+# Launch: one task runs DeepSpeed's launcher, a process per GPU in CUDA_VISIBLE_DEVICES (Slurm's; --num_gpus=N takes
+# 0..N-1, maybe another job's). It ignores the stop signals Slurm sends the step, else it dies before the workers save.
 if [ "$nodes" -gt 1 ]; then echo "ERROR: $wrapper runs on one node; for more, use run-gpu8.sh. $usage" >&2; exit 2; fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cpus / gpus > 0 ? cpus / gpus : 1 ))}
+count=() && [ -n "${CUDA_VISIBLE_DEVICES:-}" ] || count=(--num_gpus="$gpus")
 srun --nodes=1 --ntasks=1 --cpus-per-task="$cpus" --kill-on-bad-exit=1 \
   bash -c 'trap "" USR1 USR2 TERM; exec "$@"' deepspeed "${python[@]}" -m deepspeed.launcher.runner \
-  --num_gpus="$gpus" --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" "$script" "$@" && rc=0 || rc=$?
+  "${count[@]}" --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" "$script" "$@" && rc=0 || rc=$?
 # The step stopped with a checkpoint and asked for a requeue it could not make itself: once (said first: it ends us)
 [ -f "$REQUEUE_REQUEST" ] && rm "$REQUEUE_REQUEST" && echo "== requeueing ==" && scontrol requeue "$SLURM_JOB_ID"
 exit "$rc"

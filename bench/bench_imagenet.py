@@ -30,6 +30,12 @@ from PIL import Image
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
+try:
+    import pytest  # noqa: F401  tests/conftest.py, whose archive builders these borrow, imports it
+except ImportError:  # a GPU machine with torch but without pytest: conftest needs only pytest.fixture to import
+    import types
+    sys.modules["pytest"] = types.SimpleNamespace(fixture=lambda *args, **kwargs: (lambda function: function))
+from conftest import tar_add  # noqa: E402
 
 
 def natural_jpeg(rng, size=(500, 375), quality=90):
@@ -41,22 +47,38 @@ def natural_jpeg(rng, size=(500, 375), quality=90):
     return out.getvalue()
 
 
-def make_dataset(root, n_classes, n_images, n_val, seed=0):
-    """ILSVRC-layout archives of natural-looking JPEGs (train tar of class tars, flat val tar, devkit)."""
-    from conftest import make_imagenet_archives, tar_add
-    wnids, val_wnids = make_imagenet_archives(root, n_classes=n_classes, n_train=1, n_val=1)  # devkit + layout
+def _class_tar(wnid, n_images, seed):
+    """One class's tar of JPEGs, from its own random stream: the classes are made in parallel, the same every time."""
     rng = np.random.default_rng(seed)
-    with tarfile.open(root / "ILSVRC2012_img_train.tar", "w") as outer:  # now with ImageNet-sized JPEGs
-        for wnid in wnids:
-            inner = io.BytesIO()
-            with tarfile.open(fileobj=inner, mode="w") as t:
-                for i in range(n_images):
-                    tar_add(t, f"{wnid}_{i + 1}.JPEG", natural_jpeg(rng))
-            tar_add(outer, f"{wnid}.tar", inner.getvalue())
+    inner = io.BytesIO()
+    with tarfile.open(fileobj=inner, mode="w") as t:
+        for i in range(n_images):
+            tar_add(t, f"{wnid}_{i + 1}.JPEG", natural_jpeg(rng))
+    return inner.getvalue()
+
+
+def make_dataset(root, n_classes, n_images, n_val, seed=0):
+    """ILSVRC-layout archives of natural-looking JPEGs (train tar of class tars, flat val tar, devkit), made by a pool
+    of processes, one class each."""
+    from concurrent.futures import ProcessPoolExecutor
+    from conftest import make_imagenet_archives
+    wnids, val_wnids = make_imagenet_archives(root, n_classes=n_classes, n_train=1, n_val=1)  # devkit + layout
+    with ProcessPoolExecutor(max_workers=min(os.cpu_count() or 1, 2 * n_classes)) as pool:
+        tars = pool.map(_class_tar, wnids, [n_images] * n_classes, [[seed, k] for k in range(n_classes)])
+        # the validation images in n_classes parts too, each a tar of JPEGs read back below
+        vals = pool.map(_class_tar, ["val"] * n_classes, [n_val] * n_classes,
+                        [[seed, n_classes + k] for k in range(n_classes)])
+        with tarfile.open(root / "ILSVRC2012_img_train.tar", "w") as outer:  # now with ImageNet-sized JPEGs
+            for wnid, data in zip(wnids, tars, strict=True):
+                tar_add(outer, f"{wnid}.tar", data)
+        val_jpegs = []
+        for data in vals:
+            with tarfile.open(fileobj=io.BytesIO(data)) as t:
+                val_jpegs += [t.extractfile(m).read() for m in t.getmembers()]
     labels = [(i * 7) % n_classes for i in range(n_val * n_classes)]
     with tarfile.open(root / "ILSVRC2012_img_val.tar", "w") as t:
-        for i, _ in enumerate(labels):
-            tar_add(t, f"ILSVRC2012_val_{i + 1:08d}.JPEG", natural_jpeg(rng))
+        for i, data in enumerate(val_jpegs):
+            tar_add(t, f"ILSVRC2012_val_{i + 1:08d}.JPEG", data)
     # the devkit written above labels n_classes val images; rewrite it for this many
     import scipy.io
     synsets = np.zeros(n_classes, dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O"), ("num_children", "O")])
@@ -108,9 +130,17 @@ def p5_staging(root, workers):
     return times, n_ours
 
 
+PREFETCH = 2  # the DataLoader's prefetch_factor: batches each worker makes ahead
+
+
 def loader_rate(dataset, batch_size, workers, batches, keys):
+    """img/s over at least 5 x workers x PREFETCH batches: those the workers made ahead, while the clock had not
+    started, flatter the rate by at most a fifth (20 batches with 15 workers would time the queue, not the decoding)."""
     import torch
-    loader = torch.utils.data.DataLoader(dataset, batch_size, sampler=keys, num_workers=workers, drop_last=True)
+    batches = max(batches, 5 * workers * PREFETCH)
+    keys = (list(keys) * (1 + (batches + 1) * batch_size // max(len(keys), 1)))[:(batches + 1) * batch_size]
+    loader = torch.utils.data.DataLoader(dataset, batch_size, sampler=keys, num_workers=workers, drop_last=True,
+                                         prefetch_factor=PREFETCH if workers else None)
     it = iter(loader)
     next(it)  # workers started, first batch out
     t0 = time.perf_counter()

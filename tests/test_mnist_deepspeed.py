@@ -47,13 +47,14 @@ def test_no_device_wide_sync_per_step_in_the_config():
     import mnist_ddp_deepspeed
     assert deepspeed.DeepSpeedConfig(json.loads(Path(CONFIG).read_text())).timers_config.enabled is False
     args = mnist_ddp_deepspeed.get_args(["--amp"])
-    bf16 = deepspeed.DeepSpeedConfig(mnist_ddp_deepspeed.load_config(args, torch.bfloat16))
+    import cluster
+    default = mnist_ddp_deepspeed.DEFAULT_CONFIG
+    bf16 = deepspeed.DeepSpeedConfig(cluster.deepspeed_config(args, default, torch.bfloat16))
     assert bf16.bfloat16_config.enabled and bf16.bfloat16_config.check_grad_overflow is False
     assert bf16.timers_config.enabled is False
-    fp16 = mnist_ddp_deepspeed.load_config(args, torch.float16)  # float16 needs it: loss scaling
+    fp16 = cluster.deepspeed_config(args, default, torch.float16)  # float16 needs it: loss scaling
     assert fp16["fp16"] == {"enabled": True} and "bf16" not in fp16
-    assert mnist_ddp_deepspeed.load_config(mnist_ddp_deepspeed.get_args([]), None).keys() == \
-        mnist_ddp_deepspeed.DEFAULT_CONFIG.keys()
+    assert cluster.deepspeed_config(mnist_ddp_deepspeed.get_args([]), default, None).keys() == default.keys()
 
 
 def test_torchrun_zero_stage_2(zero2):
@@ -122,13 +123,14 @@ import os, sys, torch
 os.environ.update(DS_ACCELERATOR="cpu", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
 import deepspeed
 from deepspeed.accelerator import get_accelerator
+import cluster
 import mnist_ddp_deepspeed as script
 syncs = []
 get_accelerator().synchronize = lambda *args, **kwargs: syncs.append(1)  # DeepSpeed's device-wide sync
 torch.cuda.synchronize = get_accelerator().synchronize
 deepspeed.init_distributed(dist_backend="gloo")
 x, y = torch.randn(32, 1, 28, 28), torch.randint(0, 10, (32,))
-shipped = script.load_config(script.get_args(["--deepspeed_config", sys.argv[1], "--batch-size=32"]), None)
+shipped = cluster.deepspeed_config(script.get_args(["--deepspeed_config", sys.argv[1], "--batch-size=32"]), None, None)
 for name, config in [("timer on", {**shipped, "timers": {"throughput": {"enabled": True}}}), ("shipped", shipped)]:
     engine, *_ = deepspeed.initialize(model=script.Net(), config=config)
     syncs.clear()
@@ -215,3 +217,18 @@ def test_bad_config_gets_one_clear_line(config, message, processes, tmp_path):
     assert message in errors[0] and str(bad) in errors[0]
     assert "batch" not in message or "HINT: set train_micro_batch_size_per_gpu, not train_batch_size" in errors[0]
     assert "Traceback" not in out.split("ERROR:")[0]  # no rank died with a stack trace before the message
+
+
+def test_deepspeeds_runner_takes_the_gpus_slurm_gave_from_cuda_visible_devices(tmp_path):
+    """run-gpu4-deepspeed.sh gives DeepSpeed's runner no --num_gpus where Slurm set CUDA_VISIBLE_DEVICES: the runner
+    then starts one process per GPU listed there, not on GPUs 0..N-1, which on a node without ConstrainDevices may be
+    another job's. Here Slurm gave this job GPUs 2 and 3 of a 4-GPU node (LOCAL_SIZE: the CPU accelerator's count)."""
+    (tmp_path / "show.py").write_text("import os\nprint('worker', os.environ['LOCAL_RANK'], 'sees GPUs', "
+                                      "os.environ.get('CUDA_VISIBLE_DEVICES'), flush=True)\n")
+    env = clean_env(CUDA_VISIBLE_DEVICES="2,3", LOCAL_SIZE="4", DS_ACCELERATOR="cpu")
+    rc, out = run([PYTHON, "-m", "deepspeed.launcher.runner", "--master_port=0", "show.py"], env=env, cwd=tmp_path,
+                  timeout=180)
+    assert rc == 0, out[-3000:]
+    assert "setting --include=localhost:2,3" in out, out[-3000:]
+    assert sorted(line for line in out.splitlines() if line.startswith("worker")) == [
+        "worker 0 sees GPUs 2,3", "worker 1 sees GPUs 2,3"], out[-3000:]

@@ -58,9 +58,16 @@ def workdir(tmp_path_factory):
     return project(tmp_path_factory, *names)
 
 
+def node_devices(args):
+    """DeepSpeed's runner counts a node's devices with its accelerator, on these GPU-less nodes its CPU one, which
+    reads LOCAL_SIZE (else it counts NUMA nodes): 4, as it would count a GPU node's 4 GPUs."""
+    return {"LOCAL_SIZE": "4"} if "run-gpu4-deepspeed.sh" in args else {}
+
+
 def submit(cluster, workdir, mnist_dir, args, timeout=600, **env_extra):
     """sbatch ARGS from workdir; wait for the job to end. Returns (state, exit code, the job's log)."""
-    env = clean_env(SLURM_CONF=cluster.conf, **({"DATA_DIR": mnist_dir} if mnist_dir else {}), **env_extra)
+    env = clean_env(SLURM_CONF=cluster.conf, **({"DATA_DIR": mnist_dir} if mnist_dir else {}), **node_devices(args),
+                    **env_extra)
     r = subprocess.run(["sbatch", "--parsable"] + args, cwd=workdir, env=env, text=True,
                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     assert r.returncode == 0, r.stdout
@@ -347,7 +354,7 @@ def preempt_and_requeue(cluster, proj, mnist_dir, args, log_prefix, tmp_path, **
     """Submit ARGS with a --checkpoint-dir; once rank 0 logs step 20, send SIGUSR1 (what #SBATCH --signal sends before
     the time limit) to every process of the job's steps, as Slurm does: launchers, workers and all. The workers must
     checkpoint mid-epoch, requeue the job, and the rerun (SLURM_RESTART_COUNT=1) resume. Returns the job's log."""
-    env = clean_env(DATA_DIR=mnist_dir, SLURM_CONF=cluster.conf, **env_extra)
+    env = clean_env(DATA_DIR=mnist_dir, SLURM_CONF=cluster.conf, **node_devices(args), **env_extra)
     r = subprocess.run(["sbatch", "--parsable"] + args + [f"--checkpoint-dir={tmp_path / 'ckpt'}"], cwd=proj, env=env,
                        text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     assert r.returncode == 0, r.stdout
@@ -416,6 +423,8 @@ def test_time_limit_signal_through_deepspeeds_launcher_checkpoints_requeues_and_
     proj = seed_project(tmp_path_factory, command)
     out = preempt_and_requeue(cluster, proj, mnist_dir, command.split() + FAST, "deepspeed-gpu4", tmp_path)
     assert "deepspeed.launcher.launch" in out, "DeepSpeed's launcher started the workers"
+    assert "Detected VISIBLE_DEVICES=0,1,2,3: setting --include=localhost:0,1,2,3" in out, \
+        "the runner took the GPUs Slurm gave the job (CUDA_VISIBLE_DEVICES), not GPUs 0..N-1 of --num_gpus"
     done = done_record(out)
     assert done["world_size"] == 4 and hosts(out) == {"n1"}
     assert done["param_checksums"] == reference["param_checksums"], "interrupted + requeued != uninterrupted"
