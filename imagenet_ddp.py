@@ -38,7 +38,6 @@ except ModuleNotFoundError as e:  # first: copied without them, the script stops
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 import torchvision
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -205,8 +204,7 @@ def average_buffers(model):
     if cluster.WORLD_SIZE > 1:
         for b in model.buffers():
             if b.is_floating_point():
-                dist.all_reduce(b)
-                b.div_(cluster.WORLD_SIZE)
+                cluster.all_sum(b).div_(cluster.WORLD_SIZE)
 
 
 def lr_factor(step, steps_per_epoch, args):
@@ -232,9 +230,7 @@ def evaluate(model, loader, device, args, amp_dtype):
         hits = (out.topk(min(5, out.shape[1]), 1).indices == y[:, None]) & ok[:, None]
         stats += torch.stack([F.cross_entropy(out, y, reduction="sum", ignore_index=-100), hits[:, 0].sum(),
                               hits.any(1).sum(), ok.sum(), (~ok).sum()]).double()
-    if cluster.WORLD_SIZE > 1:
-        dist.all_reduce(stats)
-    loss_sum, top1, top5, count, skipped = stats.tolist()
+    loss_sum, top1, top5, count, skipped = cluster.all_sum(stats).tolist()
     return dict(val_loss=loss_sum / max(count, 1), top1=top1 / max(count, 1), top5=top5 / max(count, 1),
                 val_count=int(count), val_skipped=int(skipped))
 
@@ -386,8 +382,7 @@ def train(args, device, data_root):
         if steps_per_epoch - skip > warm:
             meter_images += (steps_per_epoch - skip - warm) * args.batch_size * world_size
             meter_seconds += t_end - t_meter
-        if world_size > 1:
-            dist.all_reduce(stats)  # the mean over all ranks' images, not just rank 0's
+        cluster.all_sum(stats)  # the mean over all ranks' images, not just rank 0's
         train_loss = (stats[0] / stats[1].clamp(min=1)).item()
         images, skipped = int(stats[1].item()), int(stats[2].item())
         seconds = t_end - t0
