@@ -25,6 +25,7 @@ prints every thread's stack; a collective that timed out is named in one line; S
 """
 import argparse
 import contextlib
+import copy
 import gc
 import glob
 import hashlib
@@ -1047,11 +1048,13 @@ def deepspeed_accelerator(argv=None, env=os.environ):
 def deepspeed_config(args, default, amp_dtype):
     """--deepspeed_config's file (else `default`) with --batch-size, --zero-stage and --amp, checked by DeepSpeed."""
     import deepspeed
-    try:
-        with open(args.deepspeed_config or os.devnull) as f:
-            config = json.load(f) if args.deepspeed_config else json.loads(json.dumps(default))  # a copy: we edit it
-    except (OSError, json.JSONDecodeError) as e:
-        fail(f"cannot read the DeepSpeed config {args.deepspeed_config}: {e}. HINT: start from ds_config.json")
+    config = copy.deepcopy(default)  # edited below
+    if args.deepspeed_config:
+        try:
+            with open(args.deepspeed_config) as f:
+                config = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            fail(f"cannot read the DeepSpeed config {args.deepspeed_config}: {e}. HINT: start from ds_config.json")
     if args.batch_size:  # DeepSpeed derives the global batch: micro batch x accumulation x world size
         config["train_micro_batch_size_per_gpu"] = args.batch_size
         config.pop("train_batch_size", None)

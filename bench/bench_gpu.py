@@ -67,7 +67,6 @@ def probe(script, argv, report):
     import atexit
     import collections
     import functools
-    import runpy
     import traceback
     import warnings
 
@@ -112,14 +111,22 @@ def probe(script, argv, report):
     for name in COLLECTIVES:  # the scripts and the frameworks call them through the module: dist.all_reduce(...)
         if hasattr(dist, name):
             setattr(dist, name, counted(getattr(dist, name), collectives, name))
-    if os.environ.get("BENCH_DETERMINISTIC") == "1":
-        deterministic(torch)
     if torch.cuda.is_available():
         torch.cuda.set_sync_debug_mode("warn")
     atexit.register(dump)
-    sys.argv = [target] + argv
-    sys.path.insert(0, str(Path(target).parent))
-    runpy.run_path(target, run_name="__main__")
+    run_script(target, argv)
+
+
+def run_script(script, argv):
+    """Run SCRIPT ARGV as __main__ in this process, with deterministic kernels where BENCH_DETERMINISTIC=1."""
+    import runpy
+
+    import torch
+    if os.environ.get("BENCH_DETERMINISTIC") == "1":
+        deterministic(torch)
+    sys.argv = [str(script)] + argv
+    sys.path.insert(0, str(Path(script).parent))
+    runpy.run_path(str(script), run_name="__main__")
 
 
 def deterministic(torch):
@@ -329,8 +336,7 @@ def p8_decode(train_dir, batch_size, workers, batches, device):
 
     dataset = imagenet_ddp.JPEGs(str(Path(train_dir).parent), "train", 224, seed=0)
     order = np.random.default_rng(0).permutation(len(dataset)).tolist()
-    keys = [(0, i) for i in (order * (1 + (batches + 1) * batch_size // len(order)))]
-    cpu = loader_rate(dataset, batch_size, workers, batches, keys)
+    cpu = loader_rate(dataset, batch_size, workers, batches, [(0, i) for i in order])  # repeated as it needs
 
     files = [read_file(dataset.path(i)) for i in order[:batch_size]]  # bytes in memory: decoding only
 
@@ -531,9 +537,8 @@ def main():
                 "epochs_run": len(run["epochs"]), "run": run}
     bench.step("P6", "checks", p6)
 
-    p7_runs = {}
-
     def p7():
+        p7_runs = {}
         for i, (k, v) in enumerate({"bf16 + channels_last": [], "fp32 NCHW": ["--no-amp", "--no-channels-last"]}
                                    .items()):  # on a CPU: fp32 NCHW either way; smoke sizes time nothing
             p7_runs[k] = needs("imagenet_ddp --synthetic")[0] if (smoke and not v) or cpu_smoke else runner.run(
@@ -647,12 +652,6 @@ if __name__ == "__main__":
     if len(sys.argv) > 3 and sys.argv[1] == "--probe":  # bench_gpu.py --probe SCRIPT REPORT -- ARGS...
         probe(sys.argv[2], sys.argv[5:], sys.argv[3])
     elif len(sys.argv) > 3 and sys.argv[1] == "--run":  # the same, without counting: for timings, and preemption
-        import runpy
-        import torch
-        if os.environ.get("BENCH_DETERMINISTIC") == "1":
-            deterministic(torch)
-        sys.argv = [sys.argv[2]] + sys.argv[5:]
-        sys.path.insert(0, str(Path(sys.argv[0]).parent))
-        runpy.run_path(sys.argv[0], run_name="__main__")
+        run_script(sys.argv[2], sys.argv[5:])
     else:
         sys.exit(main())

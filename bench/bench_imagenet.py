@@ -30,12 +30,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
-try:
-    import pytest  # noqa: F401  tests/conftest.py, whose archive builders these borrow, imports it
-except ImportError:  # a GPU machine with torch but without pytest: conftest needs only pytest.fixture to import
-    import types
-    sys.modules["pytest"] = types.SimpleNamespace(fixture=lambda *args, **kwargs: (lambda function: function))
-from conftest import tar_add  # noqa: E402
+from imagenet_archives import imagenet_wnids, tar_add, val_labels_of, write_devkit  # noqa: E402
 
 
 def natural_jpeg(rng, size=(500, 375), quality=90):
@@ -47,49 +42,32 @@ def natural_jpeg(rng, size=(500, 375), quality=90):
     return out.getvalue()
 
 
-def _class_tar(wnid, n_images, seed):
-    """One class's tar of JPEGs, from its own random stream: the classes are made in parallel, the same every time."""
+def _jpegs(n_images, seed):
+    """n_images natural JPEGs from their own random stream: made in parallel, the same every time."""
     rng = np.random.default_rng(seed)
-    inner = io.BytesIO()
-    with tarfile.open(fileobj=inner, mode="w") as t:
-        for i in range(n_images):
-            tar_add(t, f"{wnid}_{i + 1}.JPEG", natural_jpeg(rng))
-    return inner.getvalue()
+    return [natural_jpeg(rng) for _ in range(n_images)]
 
 
 def make_dataset(root, n_classes, n_images, n_val, seed=0):
-    """ILSVRC-layout archives of natural-looking JPEGs (train tar of class tars, flat val tar, devkit), made by a pool
-    of processes, one class each."""
+    """ILSVRC-layout archives of natural-looking JPEGs (train tar of class tars, flat val tar, devkit); a pool of
+    processes makes the JPEGs, each class's and each tenth of the validation images from a seed of its own."""
     from concurrent.futures import ProcessPoolExecutor
-    from conftest import make_imagenet_archives
-    wnids, val_wnids = make_imagenet_archives(root, n_classes=n_classes, n_train=1, n_val=1)  # devkit + layout
+    root.mkdir(parents=True, exist_ok=True)
+    wnids, labels = imagenet_wnids(n_classes), val_labels_of(n_val * n_classes, n_classes)
     with ProcessPoolExecutor(max_workers=min(os.cpu_count() or 1, 2 * n_classes)) as pool:
-        tars = pool.map(_class_tar, wnids, [n_images] * n_classes, [[seed, k] for k in range(n_classes)])
-        # the validation images in n_classes parts too, each a tar of JPEGs read back below
-        vals = pool.map(_class_tar, ["val"] * n_classes, [n_val] * n_classes,
-                        [[seed, n_classes + k] for k in range(n_classes)])
-        with tarfile.open(root / "ILSVRC2012_img_train.tar", "w") as outer:  # now with ImageNet-sized JPEGs
-            for wnid, data in zip(wnids, tars, strict=True):
-                tar_add(outer, f"{wnid}.tar", data)
-        val_jpegs = []
-        for data in vals:
-            with tarfile.open(fileobj=io.BytesIO(data)) as t:
-                val_jpegs += [t.extractfile(m).read() for m in t.getmembers()]
-    labels = [(i * 7) % n_classes for i in range(n_val * n_classes)]
-    with tarfile.open(root / "ILSVRC2012_img_val.tar", "w") as t:
-        for i, data in enumerate(val_jpegs):
-            tar_add(t, f"ILSVRC2012_val_{i + 1:08d}.JPEG", data)
-    # the devkit written above labels n_classes val images; rewrite it for this many
-    import scipy.io
-    synsets = np.zeros(n_classes, dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O"), ("num_children", "O")])
-    for k, w in enumerate(wnids):
-        synsets[k] = (k + 1, w, 0)
-    mat = io.BytesIO()
-    scipy.io.savemat(mat, {"synsets": synsets})
-    with tarfile.open(root / "ILSVRC2012_devkit_t12.tar.gz", "w:gz") as t:
-        tar_add(t, "ILSVRC2012_devkit_t12/data/meta.mat", mat.getvalue())
-        tar_add(t, "ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt",
-                "".join(f"{lb + 1}\n" for lb in labels).encode())
+        train = pool.map(_jpegs, [n_images] * n_classes, [[seed, k] for k in range(n_classes)])
+        val = pool.map(_jpegs, [n_val] * n_classes, [[seed, n_classes + k] for k in range(n_classes)])
+        with tarfile.open(root / "ILSVRC2012_img_train.tar", "w") as outer:
+            for wnid, jpegs in zip(wnids, train, strict=True):
+                inner = io.BytesIO()
+                with tarfile.open(fileobj=inner, mode="w") as t:
+                    for i, data in enumerate(jpegs):
+                        tar_add(t, f"{wnid}_{i + 1}.JPEG", data)
+                tar_add(outer, f"{wnid}.tar", inner.getvalue())
+        with tarfile.open(root / "ILSVRC2012_img_val.tar", "w") as t:
+            for i, data in enumerate(jpeg for part in val for jpeg in part):
+                tar_add(t, f"ILSVRC2012_val_{i + 1:08d}.JPEG", data)
+    write_devkit(root, wnids, labels)
     return wnids
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from exit_probe.sitecustomize import PROBE_LINE as EXIT_PROBE_LINE
+from imagenet_archives import jpeg_bytes, make_imagenet_archives, make_imagenet_train_tar, tar_add  # noqa: F401
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -211,83 +212,6 @@ def check_srun_style(rcs, outs, reference_out):
     assert epoch_lines(outs[1]) == [] and '"event"' not in outs[1], "rank 1 must stay quiet"
     assert startup_ranks(outs[1]) == [1]
     assert done_record(outs[0])["param_checksums"] == done_record(reference_out)["param_checksums"]
-
-
-def jpeg_bytes(rng, size, label=0, quality=90):
-    """A real JPEG file's bytes: noise around a colour that depends on the label (so classes are learnable)."""
-    import io
-
-    import numpy as np
-    from PIL import Image
-
-    base = np.array([(label * 67) % 256, (label * 141) % 256, (label * 29 + 100) % 256])
-    pixels = np.clip(base + rng.normal(0, 40, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format="JPEG", quality=quality)
-    return out.getvalue()
-
-
-def tar_add(tar, name, data):
-    import io
-    import tarfile
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tar.addfile(info, io.BytesIO(data))
-
-
-def make_imagenet_train_tar(path, n_classes=3, n_images=4, size=(50, 40), seed=0):
-    """A real ILSVRC2012_img_train.tar in miniature: one tar per class (nXXXXXXXX.tar) of real JPEG files
-    nXXXXXXXX_N.JPEG, written with PIL. Returns the class ids (wnids) in archive order."""
-    import io
-    import tarfile
-
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    wnids = [f"n{1440764 + 1000 * k:08d}" for k in range(n_classes)]
-    with tarfile.open(path, "w") as outer:
-        for label, wnid in enumerate(wnids):
-            inner_bytes = io.BytesIO()
-            with tarfile.open(fileobj=inner_bytes, mode="w") as inner:
-                for i in range(n_images):
-                    tar_add(inner, f"{wnid}_{i + 1}.JPEG", jpeg_bytes(rng, size, label))
-            tar_add(outer, f"{wnid}.tar", inner_bytes.getvalue())
-    return wnids
-
-
-def make_imagenet_archives(folder, n_classes=3, n_train=4, n_val=2, size=(50, 40), seed=0):
-    """The three ImageNet downloads in miniature, in their real layouts: ILSVRC2012_img_train.tar (per-class tars),
-    ILSVRC2012_img_val.tar (flat ILSVRC2012_val_NNNNNNNN.JPEG files, classes interleaved) and
-    ILSVRC2012_devkit_t12.tar.gz
-    (data/meta.mat with the synsets and data/ILSVRC2012_validation_ground_truth.txt with one ILSVRC id per val image).
-    The ILSVRC ids run in reverse wnid order, and meta.mat also holds a non-leaf synset, as the real one does.
-    Returns (wnids, the wnid of each validation image)."""
-    import io
-    import tarfile
-
-    import numpy as np
-    import scipy.io
-
-    folder.mkdir(parents=True, exist_ok=True)
-    wnids = make_imagenet_train_tar(folder / "ILSVRC2012_img_train.tar", n_classes, n_train, size, seed)
-    ilsvrc_id = {w: n_classes - k for k, w in enumerate(wnids)}
-    rng = np.random.default_rng(seed + 1)
-    val_labels = [(i * 7) % n_classes for i in range(n_val * n_classes)]
-    with tarfile.open(folder / "ILSVRC2012_img_val.tar", "w") as tar:
-        for i, label in enumerate(val_labels):
-            tar_add(tar, f"ILSVRC2012_val_{i + 1:08d}.JPEG", jpeg_bytes(rng, size, label))
-    synsets = np.zeros(n_classes + 1,
-                       dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O"), ("words", "O"), ("num_children", "O")])
-    for k, w in enumerate(wnids):
-        synsets[k] = (ilsvrc_id[w], w, f"class {k}", 0)
-    synsets[n_classes] = (n_classes + 1, "n00001740", "entity", 2)
-    mat = io.BytesIO()
-    scipy.io.savemat(mat, {"synsets": synsets})
-    truth = "".join(f"{ilsvrc_id[wnids[label]]}\n" for label in val_labels).encode()
-    with tarfile.open(folder / "ILSVRC2012_devkit_t12.tar.gz", "w:gz") as tar:
-        tar_add(tar, "ILSVRC2012_devkit_t12/data/meta.mat", mat.getvalue())
-        tar_add(tar, "ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt", truth)
-    return wnids, [wnids[label] for label in val_labels]
 
 
 def check_signal_stop(cmd, workdir, expect_checkpoint, to="all", sig=signal.SIGUSR1, wait_for=r"epoch 1 step 0\b",
