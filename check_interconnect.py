@@ -28,7 +28,7 @@ import time
 try:
     import cluster  # the launch code the training scripts use
 except ModuleNotFoundError as e:  # first: copied without it, the script stops at once
-    raise SystemExit(f"ERROR: {__file__} needs cluster.py beside it: copy cluster.py from the same repository") \
+    raise SystemExit(f"ERROR: {__file__} needs the cluster/ folder beside it: copy it from the same repository") \
         if e.name == "cluster" else e from None
 
 import torch

@@ -6,8 +6,8 @@
     sbatch run-imagenet.sh imagenet_ddp.py --data-dir /datasets/imagenet     # the job script: staging, then training
     python imagenet_ddp.py --synthetic --steps-per-epoch=100                 # generated tensors: throughput only
 
-Copy four files: this script, cluster.py (the plumbing it calls), imagenet_staging.py (the copy to local disk) and
-run-imagenet.sh. --data-dir holds either the three archives as downloaded (ILSVRC2012_img_train.tar,
+Copy four things: this script, the cluster/ folder (the plumbing it calls), imagenet_staging.py (the copy to local
+disk) and run-imagenet.sh. --data-dir holds either the three archives as downloaded (ILSVRC2012_img_train.tar,
 ILSVRC2012_img_val.tar, ILSVRC2012_devkit_t12.tar.gz; the devkit needs scipy) or an extracted train/<wnid>/*.JPEG,
 val/<wnid>/*.JPEG tree. Archives are copied once per node to node-local disk (--local-dir, default $SLURM_TMPDIR,
 else $TMPDIR, else /tmp; imagenet_staging.py says how): never train from an extracted copy on a shared filesystem,
@@ -17,9 +17,10 @@ ranks stage after they meet and wait for the slowest node up to --stage-timeout.
 Expected: ResNet-50, 90 epochs, cosine schedule, label smoothing 0.1, bf16: about 76-77% top-1 (the usual figure for
 this recipe). On CPU this script is only a smoke test (see tests/). docs/imagenet.md says more.
 
-Make it yours: another folder-per-class dataset fits as it is; other data needs its own Dataset in place of JPEGs,
-keeping the seeded per-image crop so a resumed epoch sees the same images. Pick the model with --arch; replace
-evaluate()'s top-1/top-5 for other metrics. Keep the cluster.* calls, the samplers' set_epoch and the resume block.
+Make it yours: another folder-per-class dataset fits as it is; other data needs its own Dataset in place of JPEGs
+(cluster.DataLoader seeds each sample's random draws, so a resumed epoch sees the same crops). Pick the model with
+--arch; replace evaluate()'s top-1/top-5 for other metrics. Keep the cluster.* calls, the loader's set_epoch and the
+resume block.
 """
 import argparse
 import math
@@ -33,15 +34,15 @@ try:
     import cluster  # the plumbing every script here shares: each line that calls it is one to keep
     import imagenet_staging  # the copy of ImageNet to each node's local disk
 except ModuleNotFoundError as e:  # first: copied without them, the script stops at once
-    raise SystemExit(f"ERROR: {__file__} needs {e.name}.py beside it: copy {e.name}.py from the same repository") \
-        if e.name in ("cluster", "imagenet_staging") else e from None
+    missing = {"cluster": "the cluster/ folder", "imagenet_staging": "imagenet_staging.py"}.get(e.name)
+    raise SystemExit(f"ERROR: {__file__} needs {missing} beside it: copy it from the same repository") \
+        if missing else e from None
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, DistributedSampler
 from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms import v2
 
@@ -92,7 +93,7 @@ def get_args(argv=None):
     return cluster.parse_args(p, argv, log_interval=50)
 
 
-# --- data: the JPEG dataset, its crop and sampler (the copy to node-local disk: imagenet_staging.py)
+# --- data: the JPEG dataset and its crop (the copy to node-local disk: imagenet_staging.py)
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet RGB statistics
 NORMALIZE = {}  # device -> (mean, std) tensors, made once
 
@@ -102,7 +103,7 @@ class JPEGs(torch.utils.data.Dataset):
     with torchvision.io (libjpeg-turbo) into uint8 tensors, cropped and flipped as uint8: no PIL, no float images in
     the workers (normalization happens on the device, on the whole batch)."""
 
-    def __init__(self, root, split, size, seed):
+    def __init__(self, root, split, size):
         # numpy arrays, not 1.28 M Python tuples: forked DataLoader workers share them, where tuples would slowly be
         # copied into every worker (reading a Python object writes its reference count)
         self.tar, self.fd, self.folder = None, None, os.path.join(root, split)
@@ -116,7 +117,7 @@ class JPEGs(torch.utils.data.Dataset):
                      for name in sorted(os.listdir(os.path.join(self.folder, c)))]
             self.samples = np.array([[label] for label, _ in files], dtype=np.int64).reshape(-1, 1)
             self.names = np.array([name.encode() for _, name in files], dtype=np.bytes_)
-        self.train, self.size, self.seed = split == "train", size, seed
+        self.train, self.size = split == "train", size
         self.val_transform = v2.Compose([v2.Resize(round(size / 0.875), antialias=True), v2.CenterCrop(size)])
 
     def __len__(self):
@@ -136,8 +137,7 @@ class JPEGs(torch.utils.data.Dataset):
         offset, size, label = (int(v) for v in self.samples[i])
         return torch.frombuffer(bytearray(os.pread(self.fd, size, offset)), dtype=torch.uint8), label
 
-    def __getitem__(self, key):
-        epoch, i = key if self.train else (0, key)
+    def __getitem__(self, i):
         try:
             data, label = self.read(i)
             image = decode_image(data, mode=ImageReadMode.RGB)
@@ -147,14 +147,14 @@ class JPEGs(torch.utils.data.Dataset):
             return torch.zeros(3, self.size, self.size, dtype=torch.uint8), -100
         if not self.train:
             return self.val_transform(image), label
-        # the crop of image i in epoch e depends on (seed, e, i) only: the same with any number of workers or ranks,
-        # and again after a resume from the middle of an epoch
-        return random_resized_crop(image, self.size, random.Random(hash((self.seed, epoch, i)))), label
+        # cluster.DataLoader seeds Python's random generator from (seed, epoch, i) before each image: its crop is the
+        # same with any number of workers or ranks, and again after a resume from the middle of an epoch
+        return random_resized_crop(image, self.size, random), label
 
 
 def random_resized_crop(image, size, rng, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
-    """torchvision's RandomResizedCrop + RandomHorizontalFlip of a uint8 CHW image, drawing from rng (random.Random),
-    without their per-call overhead (0.2 ms of a 2.3 ms image)."""
+    """torchvision's RandomResizedCrop + RandomHorizontalFlip of a uint8 CHW image, drawing from rng (the random module,
+    or a random.Random), without their per-call overhead (0.2 ms of a 2.3 ms image)."""
     _, height, width = image.shape
     for _ in range(10):
         area = height * width * rng.uniform(*scale)
@@ -169,23 +169,6 @@ def random_resized_crop(image, size, rng, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3
     crop = image[None, :, top:top + h, left:left + w]
     out = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
     return out.flip(-1) if rng.random() < 0.5 else out
-
-
-class EpochSampler(torch.utils.data.Sampler):
-    """This rank's shard of the epoch from DistributedSampler, as (epoch, index) keys, from step `skip` on (resume)."""
-
-    def __init__(self, sampler, batch_size):
-        self.sampler, self.batch_size, self.epoch, self.skip = sampler, batch_size, 0, 0
-
-    def set_epoch(self, epoch, skip_steps=0):
-        self.sampler.set_epoch(epoch)  # without this every epoch repeats the same shuffle
-        self.epoch, self.skip = epoch, skip_steps * self.batch_size
-
-    def __iter__(self):
-        return ((self.epoch, i) for i in list(self.sampler)[self.skip:])
-
-    def __len__(self):
-        return len(self.sampler) - self.skip
 
 
 def to_device(x, y, device, channels_last):
@@ -254,19 +237,16 @@ def train(args, device, data_root):
         fake = tuple(t.to(device) for t in fake)
         steps_per_epoch = args.steps_per_epoch or 100
     else:
-        train_set = JPEGs(data_root, "train", args.image_size, args.seed)
-        val_set = JPEGs(data_root, "val", args.image_size, args.seed)
+        train_set = JPEGs(data_root, "train", args.image_size)
+        val_set = JPEGs(data_root, "val", args.image_size)
         if len(train_set) == 0 or train_set.classes != val_set.classes:
             cluster.fail(f"{data_root}: train/ has {len(train_set.classes)} classes and {len(train_set)} images, val/ "
                          f"has {len(val_set.classes)} classes: they must be the same non-empty set of class folders")
         num_classes, n_train, n_val = len(train_set.classes), len(train_set), len(val_set)
-        # drop_last keeps the shards equal, so every rank takes the same number of steps
-        sampler = EpochSampler(DistributedSampler(train_set, world_size, rank, shuffle=True, seed=args.seed,
-                                                  drop_last=True), args.batch_size)
-        loader_args = dict(num_workers=args.workers, pin_memory=cuda, persistent_workers=args.workers > 0,
-                           worker_init_fn=cluster.ignore_stop_signals)
-        train_loader = DataLoader(train_set, args.batch_size, sampler=sampler, drop_last=True, **loader_args)
-        val_loader = DataLoader(val_set, args.batch_size, sampler=range(rank, n_val, world_size), **loader_args)
+        # whole batches on every rank, so every rank takes the same number of steps; each image's crop is seeded
+        loader_args = dict(num_workers=args.workers, pin_memory=cuda, persistent_workers=args.workers > 0)
+        train_loader = cluster.DataLoader(train_set, args.batch_size, seed=args.seed, **loader_args)
+        val_loader = cluster.DataLoader(val_set, args.batch_size, shuffle=False, **loader_args)  # each image once
         steps_per_epoch = min(len(train_loader), args.steps_per_epoch or len(train_loader))
         if steps_per_epoch == 0:
             cluster.fail(f"{n_train} training images are fewer than one batch per rank ({world_size} x "
@@ -274,6 +254,7 @@ def train(args, device, data_root):
 
     # model and optimizer
     raw_model = torchvision.models.get_model(args.arch, weights=None, num_classes=num_classes).to(device)
+    cluster.init_weights(args, raw_model)  # --init-from: another run's weights, for a new run
     if channels_last:  # NHWC: what tensor cores and cuDNN's fastest convolutions want
         raw_model = raw_model.to(memory_format=torch.channels_last)
     # evaluation bypasses DDP: the ranks' validation shards differ in size
@@ -293,13 +274,9 @@ def train(args, device, data_root):
 
     # resume: every rank loads the same checkpoint, so the replicas start equal; mid-epoch checkpoints resume at
     # their step. Only a checkpoint of this run: what defines it (`run`) is saved with it and compared
-    run = {"script": "imagenet_ddp.py", "arch": args.arch,
-           "data": "synthetic" if args.synthetic else f"{num_classes} classes, {n_train} training images",
-           "image_size": args.image_size, "batch_size": args.batch_size, "lr": args.lr, "momentum": args.momentum,
-           "weight_decay": args.weight_decay, "label_smoothing": args.label_smoothing,
-           "warmup_epochs": args.warmup_epochs, "schedule": args.schedule, "steps_per_epoch": steps_per_epoch,
-           "seed": args.seed, "precision": precision, "world_size": world_size,
-           "git_commit": os.environ.get("GIT_COMMIT")}
+    run = cluster.run_record(args, script="imagenet_ddp.py", data="synthetic" if args.synthetic else
+                             f"{num_classes} classes, {n_train} training images", steps_per_epoch=steps_per_epoch,
+                             precision=precision)
     start_epoch, start_step = 1, 0
     ckpt = cluster.load_checkpoint(args.checkpoint_dir, run, device)
     if ckpt:
@@ -342,7 +319,7 @@ def train(args, device, data_root):
         if args.synthetic:
             batches = (fake for _ in range(steps_per_epoch - skip))
         else:
-            sampler.set_epoch(epoch, skip)
+            train_loader.set_epoch(epoch, skip)  # without this every epoch repeats the same shuffle
             batches = iter(train_loader)
         stats = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, images, skipped: no host sync per step
         t0 = time.perf_counter()

@@ -7,8 +7,8 @@
     sbatch run-gpu4.sh mnist_lightning_ddp.py --gpus=4 --epochs=100   # the job script does the above for you
 
 --gpus is the number of devices (processes) per node and --nodes the number of nodes; without them both come from the
-launcher. Without a GPU, --gpus=N runs N CPU processes with gloo. Copy three files: this script, cluster.py (the
-plumbing it calls) and a job script. A sibling of mnist_ddp.py (same network, data, output lines and JSON):
+launcher. Without a GPU, --gpus=N runs N CPU processes with gloo. Copy three things: this script, the cluster/ folder
+(the plumbing it calls) and a job script. A sibling of mnist_ddp.py (same network, data, output lines and JSON):
     the training loop        -> LitMNIST.training_step, configure_optimizers
     evaluate()               -> validation_step + on_validation_epoch_end (exact sums over ranks)
     checkpoints and resume   -> ModelCheckpoint(save_last=True) + trainer.fit(ckpt_path=last.ckpt)
@@ -21,11 +21,12 @@ Compute nodes are often offline: download on the login node with
 
 Expected (2 CPU processes, gloo, the 5,000-digit training sample; full MNIST reaches higher):
     python mnist_lightning_ddp.py --gpus=2 --batch-size=32 --epochs=2 --data-dir ../shared/data
-    -> test accuracy about 96% on the 10,000 official test digits, in a few seconds per epoch.
+    -> test accuracy 97.0% on the 10,000 official test digits, about 1 s per epoch (2 vCPUs).
 
 Make it yours: replace MNIST in setup() and the dataloaders (real data: a Dataset with DataLoader workers, as in
-imagenet_ddp.py), Net, and the metrics of validation_step. Keep our own DistributedSampler (exact, per-epoch
-shuffle), the reduce of sums in on_validation_epoch_end, and main()'s Trainer, checkpoint and resume settings.
+docs/your-data.md), Net, and the metrics of validation_step. Keep our own DistributedSampler (exact, per-epoch
+shuffle), the DataLoader's own generator, the reduce of sums in on_validation_epoch_end, and main()'s Trainer,
+checkpoint and resume settings. Dropout and options of any type resume exactly.
 --batch-size is per process: the global batch is world size times larger.
 """
 import argparse
@@ -40,7 +41,7 @@ from datetime import timedelta
 try:
     import cluster  # the plumbing every script here shares: each line that calls it is one to keep
 except ModuleNotFoundError as e:  # first: copied without it, the script stops at once
-    raise SystemExit(f"ERROR: {__file__} needs cluster.py beside it: copy cluster.py from the same repository") \
+    raise SystemExit(f"ERROR: {__file__} needs the cluster/ folder beside it: copy it from the same repository") \
         if e.name == "cluster" else e from None
 
 import pytorch_lightning as pl
@@ -138,12 +139,13 @@ class Net(nn.Module):
         self.conv1 = nn.Conv2d(1, 16, 5, padding=2)   # 28x28 -> 28x28, pooled to 14x14
         self.conv2 = nn.Conv2d(16, 32, 5, padding=2)  # 14x14 -> 14x14, pooled to 7x7
         self.fc1 = nn.Linear(32 * 7 * 7, 128)
+        self.dropout = nn.Dropout(0.25)  # training only: random numbers every step, which a resume puts back
         self.fc2 = nn.Linear(128, 10)
 
     def forward(self, x):
         x = F.max_pool2d(F.relu(self.conv1(x)), 2)
         x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-        return self.fc2(F.relu(self.fc1(x.flatten(1))))
+        return self.fc2(self.dropout(F.relu(self.fc1(x.flatten(1)))))
 
 
 
@@ -170,11 +172,9 @@ class LitMNIST(pl.LightningModule):
         self.train_set = TensorDataset(*load_mnist(self.args.data_dir, True, "cpu"))
         x_test, y_test = load_mnist(self.args.data_dir, False, "cpu")
         # what defines this run: a checkpoint of another run is refused (check_same_run in on_load_checkpoint)
-        self.run = {"script": "mnist_lightning_ddp.py", "model": "Net",
-                    "data": f"MNIST, {len(self.train_set)} training digits", "batch_size": self.args.batch_size,
-                    "lr": self.args.lr, "gamma": self.args.gamma, "seed": self.args.seed,
-                    "precision": self.trainer.precision, "world_size": world_size,
-                    "git_commit": os.environ.get("GIT_COMMIT")}
+        self.run = cluster.run_record(self.args, script="mnist_lightning_ddp.py", model="Net",
+                                      data=f"MNIST, {len(self.train_set)} training digits",
+                                      precision=self.trainer.precision)
         # exact evaluation: rank r scores digits r, r+W, r+2W, ... (no padding, no digit twice)
         self.test_shard = TensorDataset(x_test[rank::world_size], y_test[rank::world_size])
 
@@ -183,7 +183,10 @@ class LitMNIST(pl.LightningModule):
         sampler = DistributedSampler(self.train_set, num_replicas=cluster.WORLD_SIZE, rank=cluster.RANK, shuffle=True,
                                      seed=self.args.seed, drop_last=True)
         batches = ResumedBatches(sampler, self.args.batch_size, *self.resume_at)
-        return DataLoader(self.train_set, batch_sampler=batches, worker_init_fn=cluster.ignore_stop_signals)
+        # its own generator: torch's DataLoader would otherwise draw a seed from the process's random state at every
+        # epoch's start, and a resumed run's dropout would draw other numbers than the uninterrupted run's
+        return DataLoader(self.train_set, batch_sampler=batches, worker_init_fn=cluster.ignore_stop_signals,
+                          generator=torch.Generator())
 
     def val_dataloader(self):
         return DataLoader(self.test_shard, batch_size=self.args.test_batch_size)
@@ -314,6 +317,7 @@ def main(args):
         devices, num_nodes = args.gpus or per_node, args.nodes or nodes
         torch.manual_seed(args.seed)  # same initial weights everywhere (DDP also broadcasts rank 0's)
         model = LitMNIST(args)
+        cluster.init_weights(args, model.net)  # --init-from: another run's weights, for a new run
 
         # resume: Lightning restores weights, optimizer, scheduler and its loop's place (epoch, step) from last.ckpt
         callbacks, ckpt_path = [], None

@@ -334,9 +334,9 @@ def p8_decode(train_dir, batch_size, workers, batches, device):
     from bench_imagenet import loader_rate  # first: it puts imagenet_ddp.py's folder on the path
     import imagenet_ddp
 
-    dataset = imagenet_ddp.JPEGs(str(Path(train_dir).parent), "train", 224, seed=0)
+    dataset = imagenet_ddp.JPEGs(str(Path(train_dir).parent), "train", 224)
     order = np.random.default_rng(0).permutation(len(dataset)).tolist()
-    cpu = loader_rate(dataset, batch_size, workers, batches, [(0, i) for i in order])  # repeated as it needs
+    cpu = loader_rate(dataset, batch_size, workers, batches, order)  # repeated as it needs
 
     files = [read_file(dataset.path(i)) for i in order[:batch_size]]  # bytes in memory: decoding only
 

@@ -22,9 +22,9 @@ EXIT_PROBE = REPO / "tests" / "exit_probe"
 
 # the longest files first: ./dev.sh test runs two pytest-xdist workers, each taking whole files (--dist loadfile), so
 # the Slurm cluster's tests, the longest file, run beside the others rather than after them
-LONGEST_FIRST = ["test_slurm_wrappers.py", "test_mnist_deepspeed.py", "test_mnist_ddp.py", "test_mnist_fsdp.py",
-                 "test_imagenet_ddp.py", "test_mnist_lightning.py", "test_hangs_and_network.py", "test_compile.py",
-                 "test_bench_gpu.py", "test_gpu_paths.py"]
+LONGEST_FIRST = ["test_slurm_wrappers.py", "test_mnist_deepspeed.py", "test_mnist_ddp.py", "test_your_edits.py",
+                 "test_mnist_fsdp.py", "test_imagenet_ddp.py", "test_mnist_lightning.py", "test_hangs_and_network.py",
+                 "test_compile.py", "test_bench_gpu.py", "test_gpu_paths.py"]
 
 
 def pytest_collection_modifyitems(items):
@@ -70,21 +70,29 @@ def timed(fn, *args, **kwargs):
 
 
 # what a training script needs beside it (the copy unit, but for the job script and ds_config.json)
-COMPANIONS = {"imagenet_ddp.py": ["cluster.py", "imagenet_staging.py"]}
+COMPANIONS = {"imagenet_ddp.py": ["cluster", "imagenet_staging.py"]}
 
 
 def companions(script):
-    return COMPANIONS.get(script, ["cluster.py"])
+    return COMPANIONS.get(script, ["cluster"])
+
+
+def copy_into(folder, name):
+    """A file of the repository, or a folder of it (the cluster/ package, without __pycache__), into `folder`."""
+    import shutil
+    if (REPO / name).is_dir():
+        shutil.copytree(REPO / name, Path(folder) / name, ignore=shutil.ignore_patterns("__pycache__"))
+    else:
+        shutil.copy(REPO / name, Path(folder) / name)
 
 
 def copy_alone(folder, script):
-    """A user's copy: the training script and cluster.py (ImageNet's: and imagenet_staging.py) alone in `folder` (made
+    """A user's copy: the training script and cluster/ (ImageNet's: and imagenet_staging.py) alone in `folder` (made
     if needed); the copy's path."""
-    import shutil
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for name in [script] + companions(script):
-        shutil.copy(REPO / name, folder / name)
+        copy_into(folder, name)
     return str(folder / script)
 
 
@@ -215,12 +223,13 @@ def check_srun_style(rcs, outs, reference_out):
 
 
 def check_signal_stop(cmd, workdir, expect_checkpoint, to="all", sig=signal.SIGUSR1, wait_for=r"epoch 1 step 0\b",
-                      timeout=300, **extra):
+                      timeout=300, laps=True, **extra):
     """Start 2 srun-style ranks (`extra`: more environment) in one process group, and once both are up and rank 0's
     log matches `wait_for` (by default: it trains) send `sig` to every process of it, as Slurm signals every process
     of a job step: both ranks, their DataLoader workers and whatever else they started (to=0 or 1: that rank's
     process only). Then check the agreed stop: both ranks exit 75 (EXIT_RESUMABLE), rank 0 names the signal, and a
-    mid-epoch checkpoint matching `expect_checkpoint` exists."""
+    mid-epoch checkpoint matching `expect_checkpoint` exists. laps=False: a script without TIMES's laps, whose time
+    split has no start-up part."""
     job_id = slurm_job_id_with_free_port()
     logs = [open(workdir / f"rank{r}.log", "w+") for r in range(2)]
     procs = []
@@ -246,8 +255,9 @@ def check_signal_stop(cmd, workdir, expect_checkpoint, to="all", sig=signal.SIGU
     outs = [(workdir / f"rank{r}.log").read_text() for r in range(2)]
     assert rcs == [75, 75], outs[0][-3000:] + outs[1][-3000:]
     assert f"stopped on {sig.name}" in outs[0] and "stopped on" not in outs[1], outs[0][-2000:]
-    assert re.search(rf"^stopped on {sig.name}: [^\n]*\ntime on rank 0, [\d.]+ s: start-up \d+%(, staging \d+%)?, "
-                     "data wait", outs[0], re.M), "one stop line, then the stopped run's time split"
+    split = r"start-up \d+%(, staging \d+%)?, data wait" if laps else "compute"
+    assert re.search(rf"^stopped on {sig.name}: [^\n]*\ntime on rank 0, [\d.]+ s: {split}", outs[0], re.M), \
+        "one stop line, then the stopped run's time split"
     assert list(workdir.glob(f"ckpt/{expect_checkpoint}")), sorted(p.name for p in (workdir / "ckpt").iterdir())
     assert '"event": "done"' not in outs[0]
     check_clean_exit(outs[0] + outs[1])

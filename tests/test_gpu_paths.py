@@ -71,19 +71,19 @@ def test_nccl_starts_with_the_group_on_its_gpu(monkeypatch, capfd):
     """init_process_group(device_id=...) on a GPU: NCCL connects at once, and a fault there is the start-up's one
     ERROR line (here NCCL's error, as init_process_group raises it), not a traceback at the first collective."""
     calls = []
-    monkeypatch.setattr(cluster.dist, "init_process_group", lambda backend, **kw: calls.append((backend, kw)))
-    monkeypatch.setattr(cluster.dist, "get_rank", lambda: 0)
-    monkeypatch.setattr(cluster.dist, "get_world_size", lambda: 2)
-    cluster._init_group(torch.device("cuda", 1), 60, False)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend, **kw: calls.append((backend, kw)))
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 0)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
+    cluster.launch._init_group(torch.device("cuda", 1), 60, False)
     assert calls[0][0] == "nccl" and calls[0][1]["device_id"] == torch.device("cuda", 1)
-    cluster._init_group(torch.device("cpu"), 60, False)
+    cluster.launch._init_group(torch.device("cpu"), 60, False)
     assert calls[1][0] == "gloo" and calls[1][1]["device_id"] is None
 
     def fault(backend, **kw):
         raise torch.distributed.DistBackendError("NCCL error in: ProcessGroupNCCL.cpp, remote process exited")
-    monkeypatch.setattr(cluster.dist, "init_process_group", fault)
+    monkeypatch.setattr(torch.distributed, "init_process_group", fault)
     with pytest.raises(SystemExit) as e:
-        cluster._init_group(torch.device("cuda", 0), 60, False)
+        cluster.launch._init_group(torch.device("cuda", 0), 60, False)
     assert e.value.code == 1
     [line] = capfd.readouterr().err.splitlines()
     assert line.startswith("ERROR: rank 0 on ") and "did not meet the other ranks" in line and "NCCL error" in line
@@ -138,21 +138,22 @@ def test_lightning_with_every_gpu_visible_uses_its_local_rank(devices, local_ran
 
 
 def test_the_gpus_random_state_is_saved_and_restored(monkeypatch):
-    """cluster's _rng_state() holds the GPU generator's state next to the CPU's; _set_rng_state() puts both back.
-    Checkpoints from before (a bare CPU state) still load."""
+    """cluster's rng_state() holds the GPU generator's state next to the CPU's (and Python's, and numpy's where it is
+    imported); set_rng_state() puts them back. Checkpoints from before (a bare CPU state) still load."""
     saved, restored = torch.full((16,), 7, dtype=torch.uint8), {}
     monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: saved.clone())
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.update(state=state, device=device))
     gpu = torch.device("cuda", 1)
-    state = cluster._rng_state(gpu)
+    state = cluster.checkpoints.rng_state(gpu)
     assert torch.equal(state["cuda"], saved) and torch.equal(state["cpu"], torch.get_rng_state())
     expected = torch.rand(3)
     torch.manual_seed(123)
-    cluster._set_rng_state(state, gpu)
+    cluster.checkpoints.set_rng_state(state, gpu)
     assert torch.equal(torch.rand(3), expected), "the CPU generator is back where it was"
     assert torch.equal(restored["state"], saved) and restored["device"] == gpu
-    assert set(cluster._rng_state(torch.device("cpu"))) == {"cpu"}
-    cluster._set_rng_state(state["cpu"], torch.device("cpu"))  # an older checkpoint's bare tensor
+    assert set(cluster.checkpoints.rng_state(torch.device("cpu"))) == {"cpu", "python"} | (
+        {"numpy"} if "numpy" in sys.modules else set())
+    cluster.checkpoints.set_rng_state(state["cpu"], torch.device("cpu"))  # an older checkpoint's bare tensor
 
 
 def test_a_rank_that_cannot_meet_the_others_says_so_itself(mnist_dir, tmp_path):
@@ -189,7 +190,7 @@ def test_deepspeed_takes_its_input_dtype_from_the_engine(mnist_dir, tmp_path):
     config.write_text('{"train_micro_batch_size_per_gpu": 32, "zero_optimization": {"stage": 1}, '
                       '"optimizer": {"type": "Adam", "params": {"lr": 0.003, "torch_adam": true}}, '
                       '"bfloat16": {"enabled": true}}')
-    alone = copy_alone(tmp_path / "project", "mnist_ddp_deepspeed.py")  # the script and cluster.py, nothing else
+    alone = copy_alone(tmp_path / "project", "mnist_ddp_deepspeed.py")  # the script and cluster/, nothing else
     rc, out = run([PYTHON, alone,
                    f"--data-dir={mnist_dir}", f"--output-dir={tmp_path}", "--epochs=1", "--device=cpu",
                    f"--deepspeed_config={config}"], env=clean_env(), cwd=tmp_path, timeout=300)
@@ -209,7 +210,7 @@ def test_the_extracted_folders_are_two_numpy_arrays(tmp_path):
             (folder / split / c).mkdir(parents=True)
             for k in range(3):
                 (folder / split / c / f"{c}_{k}.JPEG").write_bytes(b"x")
-    ds = imagenet_ddp.JPEGs(str(folder), "train", 32, 0)
+    ds = imagenet_ddp.JPEGs(str(folder), "train", 32)
     assert type(ds.samples).__name__ == type(ds.names).__name__ == "ndarray" and len(ds) == 6
     assert ds.classes == ["n01", "n02"]
     assert [ds.path(i) for i in range(6)] == [str(folder / "train" / c / f"{c}_{k}.JPEG")

@@ -130,7 +130,7 @@ def test_signal_mid_epoch_then_resume_is_bit_identical(reference, archives, tmp_
     # the same checkpoints under another run's settings: refused in one line naming each difference
     rc, out = run(cmd + ["--lr=0.2", "--epochs=3"], env=clean_env(), cwd=tmp_path, timeout=120)
     [error] = [line for line in out.splitlines() if line.startswith("ERROR:")]
-    assert rc == 1 and "another run: lr 0.1 -> 0.2, steps_per_epoch 20 -> 40, world_size 2 -> 1 (each" in error, \
+    assert rc == 1 and "another run: steps_per_epoch 20 -> 40, lr 0.1 -> 0.2, world_size 2 -> 1 (each" in error, \
         out[-3000:]
 
 
@@ -178,7 +178,7 @@ def test_unreadable_images_are_skipped_and_counted(archives, tmp_path):
     (tree / "STAGED").unlink()  # from here on an extracted train/ val/ tree, used as it is
     victim = sorted((tree / "val" / archives[1][0]).iterdir())[0]
     victim.write_bytes(b"not a jpeg")
-    alone = copy_alone(tmp_path / "project", "imagenet_ddp.py")  # with cluster.py, imagenet_staging.py
+    alone = copy_alone(tmp_path / "project", "imagenet_ddp.py")  # with cluster/, imagenet_staging.py
     rc, out = run([PYTHON, alone, f"--data-dir={tree}", "--epochs=1", "--steps-per-epoch=2", "--arch=resnet18",
                    "--image-size=32", "--batch-size=4", "--workers=0", f"--output-dir={tmp_path}",
                    f"--local-dir={tmp_path}"],

@@ -1,16 +1,16 @@
 """mnist_ddp.py: launch-environment parsing, and real trainings on MNIST digits under every launcher (CPU, gloo)."""
 import os
 import re
-import shutil
 import signal
 import sys
 import time
 
 import pytest
+import torch
 
-from conftest import (EXIT_PROBE_LINE, PYTHON, REPO, TORCHRUN, check_signal_stop, check_srun_style, check_training,
-                      clean_env, check_profile, check_time_split, done_record, epoch_lines, run, run_srun_style,
-                      run_torchrun, start, tensorboard_scalars, timed)
+from conftest import (EXIT_PROBE_LINE, PYTHON, REPO, TORCHRUN, check_profile, check_signal_stop, check_srun_style,
+                      check_time_split, check_training, clean_env, copy_alone, done_record, epoch_lines, run,
+                      run_srun_style, run_torchrun, start, tensorboard_scalars, timed)
 
 sys.path.insert(0, str(REPO))
 import cluster  # noqa: E402  (the plumbing mnist_ddp.py calls)
@@ -107,11 +107,13 @@ def test_slurm_time_left_in_seconds(text, seconds):
     assert cluster.slurm_seconds(text) == seconds
 
 
-def stop(monkeypatch, tmp_path, signals=(), epoch=1, step=10, squeue=None, **env):
+def stop(monkeypatch, tmp_path, signals=(), epoch=1, step=10, squeue=None, loaded=False, saving=True, **env):
     """cluster.stop_check in this process, one rank on the CPU, with no scontrol on PATH (and a squeue printing
-    `squeue`, if given). Returns (exit code or None, rank 0's lines before its time split, the checkpoints it wrote)."""
-    monkeypatch.setattr(cluster, "received_signals", list(signals))
-    monkeypatch.setattr(cluster, "stop_clock", {})
+    `squeue`, if given); `loaded`: the run resumed a checkpoint; `saving`: checkpoints are on. Returns (exit code or
+    None, rank 0's lines before its time split, the checkpoints it wrote)."""
+    monkeypatch.setattr(cluster.stopping, "received_signals", list(signals))
+    monkeypatch.setattr(cluster.stopping, "stop_clock", {})
+    monkeypatch.setattr(cluster.checkpoints, "LOADED_OR_SAVED", loaded)
     for var in ("SLURM_JOB_ID", "SLURM_RESTART_COUNT", "SLURM_JOB_END_TIME", "SLURM_JOB_START_TIME", "MAX_REQUEUES",
                 "STOP_MARGIN", "REQUEUE_REQUEST", "SUBMITIT_EXECUTOR"):
         monkeypatch.delenv(var, raising=False)
@@ -122,9 +124,9 @@ def stop(monkeypatch, tmp_path, signals=(), epoch=1, step=10, squeue=None, **env
         (tmp_path / "squeue").chmod(0o755)
     monkeypatch.setenv("PATH", str(tmp_path))
     saved, code, printed = [], None, []
-    monkeypatch.setattr(cluster, "print0", printed.append)
+    monkeypatch.setattr(cluster.launch, "print0", printed.append)
     try:
-        cluster.stop_check(cluster.torch.device("cpu"), lambda e, s: saved.append((e, s)), epoch, step)
+        cluster.stop_check(torch.device("cpu"), saving and (lambda e, s: saved.append((e, s))), epoch, step)
     except SystemExit as e:
         code = e.code
         assert printed[-1].startswith("time on rank 0, ") and len(printed) >= 2, printed  # this run's split
@@ -144,11 +146,21 @@ def test_requeues_are_bounded_and_a_restart_that_trained_nothing_is_not_requeued
                         "to resume"), "the default cap"
     code, out, _ = stop(monkeypatch, tmp_path, usr1, SLURM_JOB_ID=7, SLURM_RESTART_COUNT=3, MAX_REQUEUES=3)
     assert "; not requeued: job 7 has restarted 3 times (MAX_REQUEUES=3)" in out
-    # the check before the first step: a first run requeues (the next one may have the time), a restart does not
-    code, out, saved = stop(monkeypatch, tmp_path, usr1, epoch=0, step=0, SLURM_JOB_ID=7)
+    # the check before the first step: a run that resumed a checkpoint requeues (the next one may have the time), a
+    # restart does not, and a run with no checkpoint at all is not requeued into a fresh start
+    code, out, saved = stop(monkeypatch, tmp_path, usr1, epoch=0, step=0, loaded=True, SLURM_JOB_ID=7)
     assert (code, saved) == (75, []) and out.startswith("stopped on SIGUSR1: nothing trained yet in this run; could "
                                                         "not requeue job 7: scontrol"), out
-    code, out, saved = stop(monkeypatch, tmp_path, usr1, epoch=0, step=0, SLURM_JOB_ID=7, SLURM_RESTART_COUNT=1)
+    code, out, saved = stop(monkeypatch, tmp_path, usr1, epoch=0, step=0, SLURM_JOB_ID=7)
+    assert (code, saved) == (75, []) and out == (
+        "stopped on SIGUSR1: nothing trained yet in this run; not requeued: there is no checkpoint to resume from, and "
+        "a requeued job would start afresh"), out
+    code, out, saved = stop(monkeypatch, tmp_path, usr1, saving=False, SLURM_JOB_ID=7)
+    assert (code, saved) == (75, []) and out == (
+        "stopped on SIGUSR1: no --checkpoint-dir, nothing saved; not requeued: there is no checkpoint to resume from, "
+        "and a requeued job would start afresh"), "checkpoints off (--checkpoint-dir none)"
+    code, out, saved = stop(monkeypatch, tmp_path, usr1, epoch=0, step=0, loaded=True, SLURM_JOB_ID=7,
+                            SLURM_RESTART_COUNT=1)
     assert (code, saved) == (75, []) and out == (
         "stopped on SIGUSR1: nothing trained yet in this run; not requeued: this restart of job 7 stopped before its "
         "first step, as the next would. Resubmit the same command to resume")
@@ -173,6 +185,29 @@ def test_the_end_time_near_stops_like_the_time_limit_signal(monkeypatch, tmp_pat
     assert stop(monkeypatch, tmp_path, squeue="1:50:00", SLURM_JOB_ID=7)[0] is None
     assert stop(monkeypatch, tmp_path, squeue="UNLIMITED", SLURM_JOB_ID=7)[0] is None
     assert stop(monkeypatch, tmp_path, SLURM_JOB_ID=7)[0] is None, "no squeue: no end time, no stop"
+
+
+def test_checkpoint_every_saves_mid_epoch_on_rank_0s_clock_and_trains_on(monkeypatch, tmp_path):
+    """--checkpoint-every: at a step check once that long has passed since the last checkpoint (or the start), every
+    rank saves a mid-epoch checkpoint and training goes on; at an epoch's end (saved there anyway) the clock restarts;
+    with checkpoints off, nothing."""
+    monkeypatch.setattr(cluster.stopping, "CHECKPOINT_EVERY", 60)
+    assert stop(monkeypatch, tmp_path) == (None, "", []), "the first check starts the clock"
+    monkeypatch.setattr(cluster.stopping, "stop_clock", {"end": None, "margin": 60, "last": time.time(), "gap": 0.0,
+                                                         "saved": time.time() - 61})
+    saved, printed = [], []
+    monkeypatch.setattr(cluster.launch, "print0", printed.append)
+    cluster.stop_check(torch.device("cpu"), lambda e, s: saved.append((e, s)), 2, 40)
+    assert saved == [(2, 40)] and printed == ["checkpoint at epoch 2 step 40 (every 1 min, --checkpoint-every)"]
+    cluster.stop_check(torch.device("cpu"), lambda e, s: saved.append((e, s)), 2, 50)
+    assert saved == [(2, 40)], "the clock restarted at that checkpoint"
+    cluster.stopping.stop_clock["saved"] -= 61
+    cluster.stop_check(torch.device("cpu"), lambda e, s: saved.append((e, s)), 3, 0)  # an epoch's end
+    cluster.stop_check(torch.device("cpu"), lambda e, s: saved.append((e, s)), 3, 10)
+    assert saved == [(2, 40)], "the epoch's end was a checkpoint: the clock restarted there"
+    cluster.stopping.stop_clock["saved"] -= 61
+    cluster.stop_check(torch.device("cpu"), None, 3, 20)
+    assert saved == [(2, 40)], "checkpoints off: nothing to save"
 
 
 def test_submitits_sigusr2_stops_and_requeues_like_sigusr1(monkeypatch, tmp_path):
@@ -220,7 +255,7 @@ def test_a_time_limit_shorter_than_the_default_margin_caps_it(monkeypatch, tmp_p
 
 def test_time_split_in_words_and_a_hint_when_a_rank_waits_for_data(monkeypatch):
     printed = []
-    monkeypatch.setattr(cluster, "print0", printed.append)
+    monkeypatch.setattr(cluster.launch, "print0", printed.append)
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", "8")
     split = cluster.TimeSplit()
     split.seconds.update(startup=2.0, data=3.0, compute=4.0, eval=1.0)
@@ -245,11 +280,10 @@ def test_the_time_split_starts_when_the_process_started_not_at_import():
 
 @pytest.fixture(scope="module")
 def single(mnist_dir, tmp_path_factory):
-    """One process, run as a user who copied the script and cluster.py into an empty directory (data from $DATA_DIR),
+    """One process, run as a user who copied the script and cluster/ into an empty directory (data from $DATA_DIR),
     in an environment without tensorboard (a package of that name that fails to import stands first on the path)."""
     alone = tmp_path_factory.mktemp("single")
-    shutil.copy(SCRIPT, alone / "mnist_ddp.py")
-    shutil.copy(REPO / "cluster.py", alone / "cluster.py")
+    copy_alone(alone, "mnist_ddp.py")
     no_tensorboard = tmp_path_factory.mktemp("no-tensorboard")
     (no_tensorboard / "tensorboard").mkdir()
     (no_tensorboard / "tensorboard" / "__init__.py").write_text("raise ImportError('No module named tensorboard')\n")
@@ -271,13 +305,20 @@ def test_single_process(single):
     check_time_split(out, wall, checkpointed=False)
     assert "--amp is mixed precision on GPU only" in out and "| fp32 on cpu" in out
     assert sorted(p.name for p in out_dir.iterdir() if p.name != "__pycache__") == [
-        "cluster.py", "mnist_ddp.py", "out"], "nothing else needed, outputs in ./out"
+        "cluster", "mnist_ddp.py", "out"], "nothing else needed, outputs in ./out"
     assert out.count("NOTE: tensorboard is not installed") == 1 and not (out_dir / "out" / "tensorboard").exists()
     check_profile(out, out_dir / "out")
     metrics = list((out_dir / "out").glob("metrics-*.jsonl"))
     assert len(metrics) == 1
     events = [line for line in metrics[0].read_text().splitlines()]
     assert len(events) == 3 and '"event": "done"' in events[-1] and str(done["test_acc"]) in events[-1]
+    # the final weights: a plain state_dict, which torch alone loads (in a folder without cluster/)
+    weights = out_dir / done["weights"]
+    assert weights.parent == out_dir / "out" and f"final weights: {done['weights']}" in out
+    code = ("import sys, torch; print({k: tuple(v.shape) for k, v in torch.load(sys.argv[1], weights_only=True)"
+            ".items()})")
+    rc, shapes = run([PYTHON, "-c", code, str(weights)], env=clean_env(), cwd=out_dir / "out")
+    assert rc == 0 and "'fc1.weight': (128, 1568)" in shapes and "'fc2.bias': (10,)" in shapes, shapes[-2000:]
 
 
 def test_torchrun_two_processes(torchrun2):
@@ -381,22 +422,22 @@ def _parent(pid):
 ])
 def test_gpus_given_but_unusable_is_an_error(env, given, monkeypatch):
     """The cluster's driver older than torch's CUDA build: torch sees no GPU although the job was given some."""
-    monkeypatch.setattr(cluster.torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(cluster.torch.version, "cuda", "13.0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
     error = cluster.unusable_gpus(env)
     if given is None:
         assert error is None
     else:
         assert f"this job was given GPUs ({given})" in error and "NVIDIA driver >= 580" in error, error
         assert "compute capability >= 7.5" in error and "HINT:" in error and "--device=cpu" in error
-    monkeypatch.setattr(cluster.torch.cuda, "is_available", lambda: True)  # torch can use them: no error
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # torch can use them: no error
     assert cluster.unusable_gpus(env) is None
-    monkeypatch.setattr(cluster.torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(cluster.torch.version, "cuda", "12.6")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", "12.6")
     assert given is None or "CUDA 12.6, which needs an NVIDIA driver >= 525 " in cluster.unusable_gpus(env)
 
 
-@pytest.mark.skipif(cluster.torch.cuda.is_available(), reason="torch can use this machine's GPUs: they are usable")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="torch can use this machine's GPUs: they are usable")
 def test_every_rank_stops_when_its_gpus_are_unusable(mnist_dir, tmp_path):
     """Two srun-style ranks given GPUs that torch cannot use (this machine has no driver at all): one ERROR line from
     rank 0, every rank exits 1 at once, nothing trains; --device=cpu is the way to train on CPU anyway."""
@@ -486,6 +527,16 @@ def test_kill_during_save_and_corrupt_newest_checkpoint_fall_back(mnist_dir, tmp
     assert rc == 0, out[-3000:]
     assert f"WARNING: cannot load {newest}" in out and "continuing at epoch 2" in out
     assert done_record(out)["param_checksums"] == reference
+
+    # none loads (damaged, or a file weights_only refuses): one ERROR line, no training from scratch over them
+    for path in ckpt.iterdir():
+        path.write_bytes(path.read_bytes()[:1000])
+    before = {p.name: p.stat().st_mtime_ns for p in ckpt.iterdir()}
+    rc, out = run([PYTHON, SCRIPT] + args, env=clean_env(), cwd=tmp_path)
+    [error] = [line for line in out.splitlines() if line.startswith("ERROR:")]
+    assert rc == 1 and error.startswith(f"ERROR: none of the 2 checkpoints in {ckpt} loads (the newest: "), out[-3000:]
+    assert "will not start afresh over them. HINT:" in error and epoch_lines(out) == [], out[-3000:]
+    assert {p.name: p.stat().st_mtime_ns for p in ckpt.iterdir()} == before, "nothing written over them"
 
 
 def test_bad_checkpoint_dirs_are_refused(tmp_path, mnist_dir):

@@ -223,12 +223,38 @@ def test_deepspeeds_runner_takes_the_gpus_slurm_gave_from_cuda_visible_devices(t
     """run-gpu4-deepspeed.sh gives DeepSpeed's runner no --num_gpus where Slurm set CUDA_VISIBLE_DEVICES: the runner
     then starts one process per GPU listed there, not on GPUs 0..N-1, which on a node without ConstrainDevices may be
     another job's. Here Slurm gave this job GPUs 2 and 3 of a 4-GPU node (LOCAL_SIZE: the CPU accelerator's count)."""
-    (tmp_path / "show.py").write_text("import os\nprint('worker', os.environ['LOCAL_RANK'], 'sees GPUs', "
-                                      "os.environ.get('CUDA_VISIBLE_DEVICES'), flush=True)\n")
+    # each worker writes its line into a file of its own: the two share the runner's stdout, where their writes may
+    # interleave ("workerworker 0 sees ..."), as two processes' prints in one pipe do
+    (tmp_path / "show.py").write_text(
+        "import os\nrank, gpus = os.environ['LOCAL_RANK'], os.environ.get('CUDA_VISIBLE_DEVICES')\n"
+        "with open(f'worker-{rank}.txt', 'w') as f:\n    f.write(f'worker {rank} sees GPUs {gpus}')\n")
     env = clean_env(CUDA_VISIBLE_DEVICES="2,3", LOCAL_SIZE="4", DS_ACCELERATOR="cpu")
     rc, out = run([PYTHON, "-m", "deepspeed.launcher.runner", "--master_port=0", "show.py"], env=env, cwd=tmp_path,
                   timeout=180)
     assert rc == 0, out[-3000:]
     assert "setting --include=localhost:2,3" in out, out[-3000:]
-    assert sorted(line for line in out.splitlines() if line.startswith("worker")) == [
+    assert sorted(p.read_text() for p in tmp_path.glob("worker-*.txt")) == [
         "worker 0 sees GPUs 2,3", "worker 1 sees GPUs 2,3"], out[-3000:]
+
+
+def test_gradient_accumulation_resumes_exactly(mnist_dir, tmp_path):
+    """gradient_accumulation_steps 3 (a researcher's config; Net has dropout): SIGUSR1 to every process mid-epoch, and
+    the resume ends bit-identical to the uninterrupted run. DeepSpeed's checkpoint holds no partial gradients and its
+    micro-step count restarts at 0, so the ranks stop only between optimizer steps (here after micro-step 30, not 10
+    or 20), and an epoch is whole optimizer steps (measured: a stop after micro-step 20 of 3-step accumulations
+    resumed to other weights)."""
+    config = {**json.loads(Path(CONFIG).read_text()), "gradient_accumulation_steps": 3}
+    (tmp_path / "accumulate.json").write_text(json.dumps(config))
+    cmd = [PYTHON, SCRIPT, "--epochs=1", "--batch-size=32", "--deepspeed", "--deepspeed_config=accumulate.json",
+           f"--data-dir={mnist_dir}", "--log-interval=1"]
+    rcs, outs = run_srun_style(cmd + ["--output-dir=whole", "--checkpoint-dir=none"], 2, cwd=tmp_path)
+    assert rcs == [0, 0], outs[0][-3000:]
+    assert "global batch 192" in outs[0], "32 x 3 accumulated x 2 ranks"
+    reference = done_record(outs[0])
+    stop = [f"--output-dir={tmp_path / 'out'}", f"--checkpoint-dir={tmp_path / 'ckpt'}"]
+    outs = check_signal_stop(cmd + stop, tmp_path, expect_checkpoint="epoch_0000_step_0000030",
+                             wait_for=r"epoch 1 step 12\b")
+    assert re.search(r"^stopped on SIGUSR1: checkpoint at epoch 1 step 30;", outs[0], re.M), outs[0][-3000:]
+    rcs, resumed = run_srun_style(cmd + stop, 2, cwd=tmp_path)
+    assert rcs == [0, 0] and "epoch 0 done and 30 steps of epoch 1" in resumed[0], resumed[0][-3000:]
+    assert done_record(resumed[0])["param_checksums"] == reference["param_checksums"], "interrupted + resumed"

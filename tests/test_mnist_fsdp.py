@@ -4,6 +4,7 @@ import re
 import sys
 
 import pytest
+import torch
 
 from conftest import (PYTHON, REPO, check_clean_exit, check_signal_stop, check_time_split,
                       check_training, clean_env, done_record, epoch_lines, run, run_srun_style, run_torchrun,
@@ -23,14 +24,18 @@ def fsdp2(mnist_dir, tmp_path_factory):
     (rcs, outs), wall = timed(run_srun_style, [PYTHON, SCRIPT] + ARGS + [f"--data-dir={mnist_dir}",
                                                                           f"--output-dir={out_dir}"],
                               ntasks=2, cwd=out_dir)
-    return rcs, outs, wall
+    return rcs, outs, wall, out_dir
 
 
 def test_srun_style_two_tasks(fsdp2):
-    rcs, outs, wall = fsdp2
+    """In a Slurm job (SLURM_JOB_ID) without --checkpoint-dir: checkpoints all the same, in checkpoints/JOBID."""
+    rcs, outs, wall, out_dir = fsdp2
     check_training(rcs[0], outs[0] + outs[1], world_size=2)
     assert rcs[1] == 0 and epoch_lines(outs[1]) == [] and startup_ranks(outs[1]) == [1], "rank 1 stays quiet"
-    check_time_split(outs[0], wall, checkpointed=False)
+    check_time_split(outs[0], wall, checkpointed=True)
+    assert sorted(p.name for p in out_dir.glob("checkpoints/*/epoch_*")) == ["epoch_0001", "epoch_0002"]
+    weights = torch.load(out_dir / done_record(outs[0])["weights"], weights_only=True)  # gathered from both ranks
+    assert weights["fc1.weight"].shape == (128, 1568) and not hasattr(weights["fc1.weight"], "full_tensor")
     assert "Net, FSDP2 over 2 processes x 32 samples, 5000 training / 10000 test digits" in outs[0]
     assert "| fp32 on cpu" in outs[0]
 
@@ -128,7 +133,7 @@ def test_foreign_checkpoints_are_refused(foreign, tmp_path, capsys):
     path.parent.mkdir(parents=True)
     path.write_bytes(b"not from mnist_fsdp.py")
     with pytest.raises(SystemExit) as stop:
-        cluster.load_checkpoint(str(tmp_path / "ckpt"), {"script": "mnist_fsdp.py"}, cluster.torch.device("cpu"),
+        cluster.load_checkpoint(str(tmp_path / "ckpt"), {"script": "mnist_fsdp.py"}, torch.device("cpu"),
                                 sharded=True)
     err = capsys.readouterr().err
     assert stop.value.code == 1 and "holds checkpoints that are not DCP folders of mnist_fsdp.py" in err, err

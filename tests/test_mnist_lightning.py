@@ -15,9 +15,9 @@ SCRIPT = str(REPO / "mnist_lightning_ddp.py")
 
 @pytest.fixture(scope="module")
 def lightning_spawned(mnist_dir, tmp_path_factory):
-    """plain python --gpus=2 on CPU, of a copy with cluster.py alone: Lightning starts the second process itself."""
+    """plain python --gpus=2 on CPU, of a copy with cluster/ alone: Lightning starts the second process itself."""
     out_dir = tmp_path_factory.mktemp("lightning")
-    alone = copy_alone(out_dir / "project", "mnist_lightning_ddp.py")  # the script and cluster.py, nothing else
+    alone = copy_alone(out_dir / "project", "mnist_lightning_ddp.py")  # the script and cluster/, nothing else
     (rc, out), wall = timed(run, [PYTHON, alone, "--gpus=2", "--epochs=2", "--batch-size=32",
                                   f"--data-dir={mnist_dir}", f"--output-dir={out_dir}"], env=clean_env(), cwd=out_dir)
     return rc, out, wall
@@ -75,7 +75,8 @@ def test_resume_from_last_checkpoint(mnist_dir, tmp_path, lightning_spawned):
     # another run's settings: refused in one line, before anything is trained or written
     rcs, outs = run_srun_style(base + ["--epochs=3", "--batch-size=16", "--amp"], ntasks=2, cwd=tmp_path)
     [error] = [line for line in outs[0].splitlines() if line.startswith("ERROR:")]
-    assert rcs[0] == 1 and "was written by another run: batch_size 32 -> 16. HINT" in error, outs[0][-3000:]
+    assert rcs[0] == 1 and "was written by another run: amp False -> True, batch_size 32 -> 16. HINT" in error, \
+        outs[0][-3000:]
     assert epoch_lines(outs[0]) == []
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (LAUNCH_VARS, REPO, STARTUP_LINE, clean_env, companions, done_record, epoch_lines,
+from conftest import (LAUNCH_VARS, REPO, STARTUP_LINE, clean_env, companions, copy_into, done_record, epoch_lines,
                       make_imagenet_archives)
 from slurm_cluster import SlurmCluster, missing_requirements
 
@@ -41,12 +41,12 @@ def cluster():
 
 def project(tmp_path_factory, *files):
     """A user's project directory, with a space in its path, holding copies of just these files of the repo, and of
-    cluster.py (ImageNet's: and imagenet_staging.py) beside a training script: the copy unit is a training script,
-    cluster.py and a job script."""
+    cluster/ (ImageNet's: and imagenet_staging.py) beside a training script: the copy unit is a training script,
+    the cluster/ folder and a job script."""
     d = tmp_path_factory.mktemp("proj") / "my project"
     d.mkdir()
     for name in set(files) | {c for f in files if f.endswith(".py") for c in companions(f)}:
-        shutil.copy(REPO / name, d)
+        copy_into(d, name)
     return d
 
 
@@ -110,6 +110,7 @@ SEEDS = [  # (the README's command, world size, nodes the ranks must span)
 MULTI_WORD_PYTHON = "run-gpu4.sh mnist_lightning_ddp.py --gpus=4 --epochs=100"
 
 RESULTS = {}  # seed command -> its done record, for the requeue tests to compare with
+PROJECTS = {}  # seed command -> the project directory it ran in (its outputs: out/, checkpoints/)
 
 
 def test_the_seed_commands_are_the_readmes():
@@ -124,7 +125,7 @@ def seed_project(tmp_path_factory, command):
 
 @pytest.mark.parametrize("command, world_size, nodes", SEEDS, ids=[s[0].split(" --")[0] for s in SEEDS])
 def test_seed_command(command, world_size, nodes, cluster, tmp_path_factory, mnist_dir):
-    proj = seed_project(tmp_path_factory, command)
+    proj = PROJECTS[command] = seed_project(tmp_path_factory, command)
     if command == MULTI_WORD_PYTHON:
         state, exit_code, out = submit(cluster, proj, None, command.split() + FAST,
                                        PYTHON=f"env DATA_DIR={mnist_dir} python")
@@ -164,7 +165,7 @@ def test_each_task_of_a_real_srun_step_gets_a_gpu_of_its_own(options, expected, 
     physical = []
     for env in envs:
         visible = env["CUDA_VISIBLE_DEVICES"].split(",")
-        monkeypatch.setattr(plumbing.torch.cuda, "device_count", lambda n=len(visible): n)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda n=len(visible): n)
         local_rank = int(env["SLURM_LOCALID"])
         if expected == "error":
             with pytest.raises(ValueError, match="4 processes on .* share 2 visible GPU"):
@@ -284,7 +285,7 @@ def test_safe_sbatch_runs_the_committed_code(cluster, workdir, mnist_dir, tmp_pa
 
 @pytest.fixture(scope="module")
 def imagenet_job(tmp_path_factory):
-    """run-imagenet.sh and imagenet_ddp.py (and cluster.py, imagenet_staging.py) alone in a project, a miniature
+    """run-imagenet.sh and imagenet_ddp.py (and cluster/, imagenet_staging.py) alone in a project, a miniature
     ImageNet in its download layout (20 steps per epoch for 2 ranks x 2 images), and the job's arguments."""
     workdir = project(tmp_path_factory, "run-imagenet.sh", "imagenet_ddp.py")
     data = tmp_path_factory.mktemp("imagenet")
@@ -351,11 +352,13 @@ def test_sigterm_to_every_process_of_an_imagenet_job_with_workers_checkpoints_an
 
 
 def preempt_and_requeue(cluster, proj, mnist_dir, args, log_prefix, tmp_path, **env_extra):
-    """Submit ARGS with a --checkpoint-dir; once rank 0 logs step 20, send SIGUSR1 (what #SBATCH --signal sends before
-    the time limit) to every process of the job's steps, as Slurm does: launchers, workers and all. The workers must
-    checkpoint mid-epoch, requeue the job, and the rerun (SLURM_RESTART_COUNT=1) resume. Returns the job's log."""
+    """Submit ARGS (with a --checkpoint-dir where tmp_path is given; else as the README writes it, without one); once
+    rank 0 logs step 20, send SIGUSR1 (what #SBATCH --signal sends before the time limit) to every process of the
+    job's steps, as Slurm does: launchers, workers and all. The workers must checkpoint mid-epoch, requeue the job, and
+    the rerun (SLURM_RESTART_COUNT=1) resume. Returns the job's log."""
     env = clean_env(DATA_DIR=mnist_dir, SLURM_CONF=cluster.conf, **node_devices(args), **env_extra)
-    r = subprocess.run(["sbatch", "--parsable"] + args + [f"--checkpoint-dir={tmp_path / 'ckpt'}"], cwd=proj, env=env,
+    ckpt = [f"--checkpoint-dir={tmp_path / 'ckpt'}"] if tmp_path else []
+    r = subprocess.run(["sbatch", "--parsable"] + args + ckpt, cwd=proj, env=env,
                        text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     assert r.returncode == 0, r.stdout
     job_id = r.stdout.strip()
@@ -366,15 +369,39 @@ def preempt_and_requeue(cluster, proj, mnist_dir, args, log_prefix, tmp_path, **
     assert f"== job {job_id} (restart 0)" in out and f"== job {job_id} (restart 1)" in out
     assert "stopped on SIGUSR1: checkpoint at epoch 1 step" in out and f"requeued job {job_id}" in out, out[-5000:]
     assert "resumed from" in out and "steps of epoch 1, continuing at epoch 1" in out
+    if not tmp_path:  # the job's own folder, which its requeue found again
+        assert f"resumed from checkpoints/{job_id}/" in out, out[-5000:]
     return out
 
 
 def reference_run(cluster, tmp_path_factory, mnist_dir, command):
     """The uninterrupted seed run's done record (run again if its test did not run first)."""
     if not RESULTS.get(command):
-        proj = seed_project(tmp_path_factory, command)
+        proj = PROJECTS[command] = seed_project(tmp_path_factory, command)
         RESULTS[command] = done_record(submit(cluster, proj, mnist_dir, command.split() + FAST)[2])
     return RESULTS[command]
+
+
+def test_init_from_starts_a_changed_run_from_a_finished_one(cluster, tmp_path_factory, mnist_dir):
+    """The finished seed run left its final weights in out/model-JOBID.pt, a plain state_dict. A new job with another
+    learning rate starts from them (--init-from): a fresh optimizer at epoch 1, in a checkpoint folder of its own,
+    whose first loss is a trained model's, not random weights' (about 2.3)."""
+    command = SEEDS[0][0]
+    finished = reference_run(cluster, tmp_path_factory, mnist_dir, command)
+    proj, weights = PROJECTS[command], finished["weights"]
+    state = torch.load(proj / weights, weights_only=True)  # no cluster/ needed: tensors by name
+    assert sorted(state) == sorted(f"{layer}.{p}" for layer in ("conv1", "conv2", "fc1", "fc2") for p in ("weight",
+                                                                                                       "bias"))
+    state, exit_code, out = submit(cluster, proj, mnist_dir, command.split() + FAST + [
+        "--lr=0.001", "--log-interval=1", f"--init-from={weights}"])
+    assert (state, exit_code) == ("COMPLETED", "0:0"), out[-4000:]
+    assert f"initialized from {weights}: its weights, for a new run" in out, out[-4000:]
+    first = float(re.search(r"^  epoch 1 step 0 loss ([\d.]+)", out, re.M)[1])
+    assert first < 0.7, f"the first loss, {first}, is not a trained model's"
+    done = done_record(out)
+    assert done["test_acc"] >= finished["test_acc"] - 0.01 and "resumed from" not in out, out[-3000:]
+    job_id = re.search(r"== job (\d+) \(restart 0\)", out)[1]
+    assert (proj / "checkpoints" / job_id / "epoch_0001.pt").is_file(), "its own folder: the job's id"
 
 
 def test_time_limit_signal_then_the_end_time_alone_through_torchrun_checkpoint_requeue_and_resume_exactly(
@@ -416,12 +443,14 @@ def test_time_limit_signal_then_the_end_time_alone_through_torchrun_checkpoint_r
 
 
 def test_time_limit_signal_through_deepspeeds_launcher_checkpoints_requeues_and_resumes_exactly(
-        cluster, tmp_path_factory, mnist_dir, tmp_path):
-    """Through run-gpu4-deepspeed.sh: one Slurm task runs DeepSpeed's launcher, which starts the 4 workers."""
+        cluster, tmp_path_factory, mnist_dir):
+    """Through run-gpu4-deepspeed.sh: one Slurm task runs DeepSpeed's launcher, which starts the 4 workers. The
+    README's command as written, without --checkpoint-dir: the job checkpoints into checkpoints/JOBID, which its
+    requeue finds again."""
     command = SEEDS[4][0]
     reference = reference_run(cluster, tmp_path_factory, mnist_dir, command)
     proj = seed_project(tmp_path_factory, command)
-    out = preempt_and_requeue(cluster, proj, mnist_dir, command.split() + FAST, "deepspeed-gpu4", tmp_path)
+    out = preempt_and_requeue(cluster, proj, mnist_dir, command.split() + FAST, "deepspeed-gpu4", None)
     assert "deepspeed.launcher.launch" in out, "DeepSpeed's launcher started the workers"
     assert "Detected VISIBLE_DEVICES=0,1,2,3: setting --include=localhost:0,1,2,3" in out, \
         "the runner took the GPUs Slurm gave the job (CUDA_VISIBLE_DEVICES), not GPUs 0..N-1 of --num_gpus"
@@ -431,15 +460,16 @@ def test_time_limit_signal_through_deepspeeds_launcher_checkpoints_requeues_and_
 
 
 def test_time_limit_signal_to_every_fsdp2_rank_checkpoints_requeues_and_resumes_exactly(
-        cluster, tmp_path_factory, mnist_dir, tmp_path):
+        cluster, tmp_path_factory, mnist_dir):
     """Through run-gpu4-dist.sh: torchrun starts 4 FSDP2 ranks, and scancel signals every process. Every rank writes
-    its shards of a DCP checkpoint mid-epoch, the job requeues itself, and the rerun loads them and ends with the
-    weights of the uninterrupted seed run, which srun started (run-gpu4.sh): the same 4 ranks, another launcher."""
+    its shards of a DCP checkpoint mid-epoch (into the job's own checkpoints/JOBID: no --checkpoint-dir), the job
+    requeues itself, and the rerun loads them and ends with the weights of the uninterrupted seed run, which srun
+    started (run-gpu4.sh): the same 4 ranks, another launcher."""
     reference = reference_run(cluster, tmp_path_factory, mnist_dir, SEEDS[6][0])
     proj = project(tmp_path_factory, "run-gpu4-dist.sh", "mnist_fsdp.py")
     out = preempt_and_requeue(cluster, proj, mnist_dir, ["run-gpu4-dist.sh", "mnist_fsdp.py"] + FAST, "ddp-gpu4",
-                              tmp_path)
-    [stopped] = (tmp_path / "ckpt").glob("epoch_0000_step_*")
+                              None)
+    [stopped] = proj.glob("checkpoints/*/epoch_0000_step_*")
     assert sorted(p.name for p in stopped.glob("__*.distcp")) == [f"__{r}_0.distcp" for r in range(4)]
     done = done_record(out)
     assert done["world_size"] == 4 and hosts(out) == {"n1"}
@@ -484,15 +514,16 @@ def test_submitits_sigusr2_checkpoints_and_the_job_is_requeued_once(cluster, tmp
 
 
 def test_time_limit_signal_to_every_lightning_rank_checkpoints_requeues_and_resumes_exactly(
-        cluster, tmp_path_factory, mnist_dir, tmp_path):
+        cluster, tmp_path_factory, mnist_dir):
     """Through run-gpu4.sh: srun starts the 4 Lightning ranks, and scancel signals each. The script's callback, not
     Lightning's own SLURM requeue (which would save inside the handler, into the working directory), agrees on a
-    batch, writes last.ckpt into --checkpoint-dir and requeues; the rerun resumes at that batch."""
+    batch, writes last.ckpt into the job's checkpoints/JOBID (the README's command has no --checkpoint-dir) and
+    requeues; the rerun resumes at that batch, its dropout drawing what the uninterrupted run's drew."""
     command = SEEDS[2][0]
     reference = reference_run(cluster, tmp_path_factory, mnist_dir, command)
     proj = seed_project(tmp_path_factory, command)
-    out = preempt_and_requeue(cluster, proj, mnist_dir, command.split() + FAST, "srun-gpu4", tmp_path)
-    assert (tmp_path / "ckpt" / "last.ckpt").exists() and not list(proj.rglob("hpc_ckpt_*.ckpt"))
+    out = preempt_and_requeue(cluster, proj, mnist_dir, command.split() + FAST, "srun-gpu4", None)
+    assert list(proj.glob("checkpoints/*/last.ckpt")) and not list(proj.rglob("hpc_ckpt_*.ckpt"))
     done = done_record(out)
     assert done["world_size"] == 4 and hosts(out) == {"n1"}
     assert done["param_checksums"] == reference["param_checksums"], "interrupted + requeued != uninterrupted"

@@ -27,6 +27,12 @@ COLLECTIVES_LINE = "COLLECTIVE PROBE:"
 SCRIPTS = {name for name in os.listdir(os.path.join(os.path.dirname(__file__), "..", "..")) if name.endswith(".py")}
 
 
+def say(line):
+    """One write per line: the ranks of a run may share one pipe, and print() writes the text and its newline apart."""
+    sys.stderr.write(f"{line}\n")
+    sys.stderr.flush()
+
+
 def native_threads_left():
     python_threads = {str(t.native_id) for t in threading.enumerate()}  # the main thread among them
     with open("/proc/self/comm") as f:
@@ -43,7 +49,7 @@ def native_threads_left():
         if name != unnamed and not name.startswith("pt_autograd_"):  # every GPU run has them; FSDP2's backward
             names.append(name)  # starts them on the CPU too
     if names:
-        print(f"{PROBE_LINE} {', '.join(sorted(names))}", file=sys.stderr, flush=True)
+        say(f"{PROBE_LINE} {', '.join(sorted(names))}")
 
 
 def count_collectives():
@@ -58,8 +64,7 @@ def count_collectives():
 
     for name in ("broadcast", "all_reduce", "barrier"):  # looked up by name at each call: Lightning's, ours
         setattr(dist, name, counted(name, getattr(dist, name)))
-    atexit.register(lambda: print(f"{COLLECTIVES_LINE} {json.dumps({'rank': os.environ.get('RANK'), **calls})}",
-                                  file=sys.stderr, flush=True))
+    atexit.register(lambda: say(f"{COLLECTIVES_LINE} {json.dumps({'rank': os.environ.get('RANK'), **calls})}"))
 
 
 if os.path.isdir("/proc/self/task") and sys.argv and os.path.basename(sys.argv[0]) in SCRIPTS:
