@@ -13,6 +13,7 @@ workers outlive the stop signals. Three things make that so:
 import contextlib
 import random
 import signal
+import multiprocessing
 import sys
 from multiprocessing import resource_tracker
 
@@ -42,9 +43,10 @@ class DataLoader(torch.utils.data.DataLoader):
         signals = [*stopping.STOP_SIGNALS, hangs.DUMP_SIGNAL]
         old = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
         try:  # a signal that comes meanwhile waits, and reaches the training process once unblocked
-            if self.num_workers:  # forkserver and spawn start multiprocessing's resource tracker first, which then
-                resource_tracker.ensure_running()  # unblocks SIGTERM: started now, with our mask, and blocked again
-                signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+            context = self.multiprocessing_context or multiprocessing.get_context()
+            if self.num_workers and context.get_start_method() != "fork":  # forkserver and spawn start a resource
+                resource_tracker.ensure_running()  # tracker first, which then unblocks SIGTERM: started now, with our
+                signal.pthread_sigmask(signal.SIG_BLOCK, signals)  # mask, and blocked again
             return super().__iter__()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)

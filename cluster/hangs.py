@@ -59,6 +59,7 @@ def watch():
         os.write(write, b"\0")  # 0 is no signal: the watcher's cue to end
         thread.join()
         os.close(read), os.close(write)
+        WATCH["store"] = None  # its connection closes with the process group
     return unwatch
 
 

@@ -51,6 +51,8 @@ def parse_args(parser, argv=None, log_interval=20, env=os.environ):
     p.add_argument("--dist-timeout", type=positive_int, default=600,
                    help="seconds the ranks wait for each other, at start and in every collective (default: 600)")
     args = p.parse_args(list(sys.argv[1:] if argv is None else argv) + _sweep_line(env))
+    if args.checkpoint_every < 0:
+        p.error(f"argument --checkpoint-every: must be 0 or more minutes, got {args.checkpoint_every:g}")
     stopping.RESUME_HINT = ""
     if args.checkpoint_dir is not None and args.checkpoint_dir.lower() in ("", "none"):
         args.checkpoint_dir = None
