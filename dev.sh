@@ -16,14 +16,16 @@ PYTHON=${PYTHON:-python3}
 usage() { sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; }
 
 ensure_venv() {
-  # reinstall only when requirements.txt changed since the last install
-  if [ -x "$VENV/bin/python" ] && cmp -s requirements.txt "$VENV/.installed-requirements.txt"; then
+  # everything (requirements-dev.txt: every script's needs, the optional parts, the tests' tools); reinstalled only
+  # when a requirements file changed since the last install
+  local reqs=(requirements.txt requirements-deepspeed.txt requirements-mpi.txt requirements-dev.txt)
+  if [ -x "$VENV/bin/python" ] && cat "${reqs[@]}" | cmp -s - "$VENV/.installed-requirements.txt"; then
     return
   fi
   echo "== setting up $VENV (first run: about 90 s) =="
   [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-  "$VENV/bin/pip" install --quiet --disable-pip-version-check -r requirements.txt
-  cp requirements.txt "$VENV/.installed-requirements.txt"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check -r requirements-dev.txt
+  cat "${reqs[@]}" > "$VENV/.installed-requirements.txt"
 }
 
 ensure_apt_tools() {

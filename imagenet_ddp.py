@@ -9,10 +9,10 @@
 Copy four things: this script, the cluster/ folder (the plumbing it calls), imagenet_staging.py (the copy to local
 disk) and run-imagenet.sh. --data-dir holds either the three archives as downloaded (ILSVRC2012_img_train.tar,
 ILSVRC2012_img_val.tar, ILSVRC2012_devkit_t12.tar.gz; the devkit needs scipy) or an extracted train/<wnid>/*.JPEG,
-val/<wnid>/*.JPEG tree. Archives are copied once per node to node-local disk (--local-dir, default $SLURM_TMPDIR,
-else $TMPDIR, else /tmp; imagenet_staging.py says how): never train from an extracted copy on a shared filesystem,
-they are slow at millions of small files. run-imagenet.sh stages in a step of its own; launched any other way, the
-ranks stage after they meet and wait for the slowest node up to --stage-timeout.
+val/<wnid>/*.JPEG tree, which is read where it is: keep such a tree on node-local disk, never on a shared filesystem,
+slow at millions of small files. Archives are copied to node-local disk per node (--local-dir, default $SLURM_TMPDIR,
+else $TMPDIR, else /tmp; imagenet_staging.py says how). run-imagenet.sh stages in a step of its own; launched any
+other way, the ranks stage after they meet and wait for the slowest node up to --stage-timeout.
 
 Expected: ResNet-50, 90 epochs, cosine schedule, label smoothing 0.1, bf16: about 76-77% top-1 (the usual figure for
 this recipe). On CPU this script is only a smoke test (see tests/). docs/imagenet.md says more.

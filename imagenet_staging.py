@@ -1,11 +1,12 @@
 """
-ImageNet's copy to node-local disk, for imagenet_ddp.py, which imports it: copy it beside the script with cluster.py.
+ImageNet's copy to node-local disk, for imagenet_ddp.py, which imports it: copy it beside the script with cluster/.
 
 Shared filesystems are slow at millions of small files, so each node gets its own copy of the archives, once, on
 node-local disk (--local-dir, default $SLURM_TMPDIR, else $TMPDIR, else /tmp): one process per node extracts them
 (or, with --from-tar, copies the two tars and indexes every JPEG's byte range) while the others of that node wait on
-a lock, and a marker written last makes later runs on that node skip it. run-imagenet.sh stages in a step of its own
-first; launched any other way, the ranks stage once they have met, and wait for the slowest node.
+a lock, and a marker written last makes later runs on that node skip it (where the disk keeps it: a per-job
+$SLURM_TMPDIR is wiped at the job's end). run-imagenet.sh stages in a step of its own first; launched any other way,
+the ranks stage once they have met, and wait for the slowest node.
 
     find_data(args)                               the folder holding train/ and val/: as given, or this node's copy
     stage(data_dir, local_dir, workers, from_tar)  the copy itself

@@ -21,6 +21,7 @@ import torch.distributed.nn  # noqa: F401
 from . import hangs, stopping
 
 RANK, LOCAL_RANK, WORLD_SIZE = 0, 0, 1  # who this process is: set by process_group()
+TF32 = None  # on a GPU: are float32 matmuls and convolutions computed in TF32 (tf32())
 
 # --- who this process is, and its device -------------------------------------
 def first_host(nodelist):
@@ -121,7 +122,17 @@ def _pick_device(args, env=os.environ):
     except ValueError as e:  # every process of that node knows; its local rank 0 says it
         fail(str(e), speak=LOCAL_RANK == 0)
     torch.cuda.set_device(device)
+    tf32(getattr(args, "tf32", True))
     return device
+
+
+def tf32(on):
+    """float32 matmuls and convolutions in TF32 on GPUs that have it (Ampere and newer: tensor cores, 10 bits of
+    mantissa), or in full float32; the start-up line says which."""
+    global TF32
+    torch.set_float32_matmul_precision("high" if on else "highest")  # torch's default for matmuls: "highest"
+    torch.backends.cudnn.allow_tf32 = on  # cuDNN's default for convolutions: TF32
+    TF32 = on
 
 
 def autocast_dtype(device, amp=True):
@@ -216,7 +227,8 @@ def started(rank, local_rank, world_size, device):
     RANK, LOCAL_RANK, WORLD_SIZE = rank, local_rank, world_size
     if RANK != 0:
         warnings.filterwarnings("ignore")
-    print_line(f"[rank {RANK}/{WORLD_SIZE}] local_rank {LOCAL_RANK} host {socket.gethostname()} device {device}")
+    fp32 = {True: ", float32 as TF32", False: ", float32 in full"}.get(TF32, "") if device.type == "cuda" else ""
+    print_line(f"[rank {RANK}/{WORLD_SIZE}] local_rank {LOCAL_RANK} host {socket.gethostname()} device {device}{fp32}")
 
 
 def _free_port():

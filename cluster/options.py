@@ -45,6 +45,9 @@ def parse_args(parser, argv=None, log_interval=20, env=os.environ):
                         "after a bug fix (default: refused)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto: a GPU if there is one (default: auto)")
+    p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                   help="on a GPU from Ampere on, float32 matmuls and convolutions on tensor cores in TF32 (10 bits of "
+                        "mantissa, many times faster); --no-tf32: full float32 (default: on)")
     p.add_argument("--profile", action="store_true",
                    help="trace 5 training steps on rank 0 with torch.profiler (after 8 to warm up): a table of the "
                         "slowest operators and a trace file for Perfetto or TensorBoard (default: off)")

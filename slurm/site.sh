@@ -5,7 +5,8 @@
 # Uncomment and adapt what your cluster needs:
 #
 # module purge
-# module load cuda/12.4 gcc/12
+# module load gcc/12                          # pip's torch brings its own CUDA libraries: a cuda module only
+#                                             # to build extensions, and of torch.version.cuda's version (13.0)
 # source "$HOME/venvs/torch/bin/activate"     # or: conda activate torch
 # export DATA_DIR=/scratch/$USER/data         # where MNIST/ImageNet live (download on the login node)
 # Network (docs/network.md says which your fabric needs; check with: sbatch run-gpu8-dist.sh check_interconnect.py)

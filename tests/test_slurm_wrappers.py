@@ -255,25 +255,38 @@ def test_wrapper_without_a_valid_script_fails_fast(args, message, cluster, workd
 
 
 def test_safe_sbatch_runs_the_committed_code(cluster, workdir, mnist_dir, tmp_path):
+    """safe-sbatch.sh refuses an uncommitted change to a tracked file, not the untracked outputs of earlier runs;
+    sbatch options with their value as the next word (-p PART, --time VALUE) go to sbatch; the job runs the snapshot
+    of the commit even when the working copy is broken right after submitting; a snapshot older than SNAPSHOT_DAYS
+    is removed."""
     proj = tmp_path / "proj"
-    shutil.copytree(workdir, proj, ignore=shutil.ignore_patterns("*.out", "out"))
+    shutil.copytree(workdir, proj, ignore=shutil.ignore_patterns("*.out", "out", "checkpoints"))
     shutil.copy(REPO / "safe-sbatch.sh", proj)
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(proj)]
     subprocess.run(git + ["init", "-q"], check=True)
-    (proj / ".gitignore").write_text(".snapshots/\n*.out\nout/\n")
+    (proj / ".gitignore").write_text(".snapshots/\n")  # a project's own: the run outputs are not ignored
     subprocess.run(git + ["add", "-A"], check=True)
     subprocess.run(git + ["commit", "-qm", "v1"], check=True)
     commit = subprocess.run(git + ["rev-parse", "HEAD"], check=True, text=True, stdout=subprocess.PIPE).stdout.strip()
     env = clean_env(DATA_DIR=mnist_dir, SLURM_CONF=cluster.conf)
-    cmd = ["./safe-sbatch.sh", "--ntasks-per-node=2", "--gpus-per-node=2", "run-gpu4.sh", "mnist_ddp.py"] + FAST
+    cmd = ["./safe-sbatch.sh", "-p", "debug", "--time", "10:00", "--ntasks-per-node=2", "--gpus-per-node=2",
+           "run-gpu4.sh", "mnist_ddp.py"] + FAST
 
-    (proj / "notes.txt").write_text("not committed")
+    original = (proj / "mnist_ddp.py").read_text()
+    (proj / "mnist_ddp.py").write_text(original + "# not committed\n")
     r = subprocess.run(cmd, cwd=proj, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    assert r.returncode == 1 and "uncommitted or untracked" in r.stdout and "notes.txt" in r.stdout
-    (proj / "notes.txt").unlink()
+    assert r.returncode == 1 and "tracked files have uncommitted changes" in r.stdout and "mnist_ddp.py" in r.stdout
+    (proj / "mnist_ddp.py").write_text(original)
 
+    for output in ("out/metrics-1.jsonl", "checkpoints/1/epoch_0001.pt", "srun-gpu4-1.out"):  # an earlier run's
+        (proj / output).parent.mkdir(parents=True, exist_ok=True)
+        (proj / output).write_text("")
+    old = proj / ".snapshots" / ("0" * 40)
+    old.mkdir(parents=True)
+    os.utime(old, (time.time() - 40 * 86400,) * 2)
     r = subprocess.run(cmd, cwd=proj, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     assert r.returncode == 0, r.stdout
+    assert not old.exists(), "a snapshot 40 days old (SNAPSHOT_DAYS: 30)"
     job_id = r.stdout.split("Submitted batch job")[1].split()[0]
     (proj / "mnist_ddp.py").write_text("raise SystemExit(3)\n")  # edit the working copy right after submitting
     state, exit_code, out = wait_for_job(cluster, job_id, proj)
@@ -281,6 +294,8 @@ def test_safe_sbatch_runs_the_committed_code(cluster, workdir, mnist_dir, tmp_pa
     assert f".snapshots/{commit}/mnist_ddp.py" in out
     assert done_record(out)["world_size"] == 2
     assert list((proj / "out").glob("metrics-*.jsonl")), "outputs land in the submit directory, not the snapshot"
+    show = subprocess.run(["scontrol", "show", "job", "-o", job_id], env=env, text=True, stdout=subprocess.PIPE).stdout
+    assert "Partition=debug " in show and "TimeLimit=00:10:00 " in show, show
 
 
 @pytest.fixture(scope="module")
@@ -476,9 +491,19 @@ def test_time_limit_signal_to_every_fsdp2_rank_checkpoints_requeues_and_resumes_
     assert done["param_checksums"] == reference["param_checksums"], "interrupted + requeued != uninterrupted"
 
 
+def documented_train_class():
+    """docs/preemption.md's submitit example's class: the command submitit checkpoints (its code, run here)."""
+    doc = (REPO / "docs" / "preemption.md").read_text()
+    [code] = re.findall(r"^```python\n(import submitit\n.*?)^executor = ", doc, re.M | re.S)
+    namespace = {"__name__": "docs_preemption"}  # not a module one can import: submitit's cloudpickle sends the code
+    exec(code, namespace)  # the docs' own example
+    return namespace["Train"]
+
+
 def test_submitits_sigusr2_checkpoints_and_the_job_is_requeued_once(cluster, tmp_path_factory, mnist_dir, tmp_path,
                                                                      monkeypatch):
-    """submitit 1.5.4 runs mnist_ddp.py as a command in each of 4 tasks (CommandFunction) and asks Slurm for SIGUSR2
+    """submitit 1.5.4 runs mnist_ddp.py as a command in each of 4 tasks (docs/preemption.md's Train, a CommandFunction
+    with a checkpoint method) and asks Slurm for SIGUSR2
     before the time limit. scancel --signal=USR2 mid-epoch reaches every process of the step, submitit's and the
     script's: submitit judges the early signal a preemption and requeues the job itself, the ranks checkpoint and
     leave the requeue to it, and the rerun resumes and ends with the uninterrupted run's parameters. Once: one
@@ -493,7 +518,7 @@ def test_submitits_sigusr2_checkpoints_and_the_job_is_requeued_once(cluster, tmp
     executor = submitit.AutoExecutor(folder=tmp_path / "logs", cluster="slurm")
     # 20 minutes: a signal in the first 10 is a preemption to submitit (one later would be its time-out)
     executor.update_parameters(nodes=1, tasks_per_node=4, cpus_per_task=1, timeout_min=20)
-    job = executor.submit(submitit.helpers.CommandFunction(
+    job = executor.submit(documented_train_class()(
         ["python", "mnist_ddp.py"] + FAST + [f"--checkpoint-dir={tmp_path / 'ckpt'}"], cwd=proj))
     log = tmp_path / "logs" / f"{job.job_id}_0_log.out"
     signal_once_logged(log, "epoch 1 step 20 ", job.job_id, "USR2", clean_env(SLURM_CONF=cluster.conf))
