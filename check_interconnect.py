@@ -14,7 +14,7 @@ Output:
 - a final JSON line: {"event": "done", ..., "rows": [{"bytes": ..., "busbw": GB/s, "slowest_rank": ...}, ...]}.
 
 How to read it, and the figures to expect on NVLink, InfiniBand, RoCE, Slingshot and EFA: docs/network.md.
-Copy it with cluster.py, which it calls to launch.
+Copy it with the cluster/ folder, which it calls to launch.
 """
 import argparse
 import glob

@@ -43,8 +43,12 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms import v2
+
+try:  # JPEG decoding by TorchCodec (libjpeg-turbo, as torchvision's own, whose decoders 0.29 deprecates)
+    from torchcodec.decoders import ImageReadMode, decode_image
+except (ImportError, OSError, RuntimeError):  # an older stack without it: torchvision's, the same pixels
+    from torchvision.io import ImageReadMode, decode_image
 
 # --- options -----------------------------------------------------------------
 def default_workers():
@@ -100,7 +104,7 @@ NORMALIZE = {}  # device -> (mean, std) tensors, made once
 
 class JPEGs(torch.utils.data.Dataset):
     """The images of root/<split>/<class>/ (or, after --from-tar staging, byte ranges of root's tar copies), decoded
-    with torchvision.io (libjpeg-turbo) into uint8 tensors, cropped and flipped as uint8: no PIL, no float images in
+    with TorchCodec (libjpeg-turbo) into uint8 tensors, cropped and flipped as uint8: no PIL, no float images in
     the workers (normalization happens on the device, on the whole batch)."""
 
     def __init__(self, root, split, size):
@@ -130,7 +134,8 @@ class JPEGs(torch.utils.data.Dataset):
     def read(self, i):
         """The image file's bytes as a uint8 tensor, and its label."""
         if self.tar is None:
-            return read_file(self.path(i)), int(self.samples[i][0])
+            with open(self.path(i), "rb") as f:
+                return torch.frombuffer(bytearray(f.read()), dtype=torch.uint8), int(self.samples[i][0])
         if self.fd is None:
             # pread() keeps no file position: one descriptor serves every worker
             self.fd = os.open(self.tar, os.O_RDONLY)
@@ -143,7 +148,8 @@ class JPEGs(torch.utils.data.Dataset):
             image = decode_image(data, mode=ImageReadMode.RGB)
         except Exception as e:  # a corrupt or unreadable file is skipped and counted, not fatal (label -100 is ignored)
             where = self.path(i) if self.tar is None else f"{self.tar} at byte {int(self.samples[i][0])}"
-            cluster.print_line(f"WARNING: skipping unreadable image {where} ({type(e).__name__}: {e})", sys.stderr)
+            why = " ".join(f"{type(e).__name__}: {e}".split())[:300]  # one line, however long the decoder's error
+            cluster.print_line(f"WARNING: skipping unreadable image {where} ({why})", sys.stderr)
             return torch.zeros(3, self.size, self.size, dtype=torch.uint8), -100
         if not self.train:
             return self.val_transform(image), label

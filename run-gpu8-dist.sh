@@ -13,9 +13,8 @@
 #
 # 2 nodes x 4 GPUs, one torchrun per node, each starting one process per GPU.
 #   e.g.   sbatch run-gpu8-dist.sh mnist_ddp.py --epochs=100
-#   sweep: SWEEP=lines.txt sbatch --array=0-N --output=%x-%A_%a.out run-gpu8-dist.sh SCRIPT.py [ARGS...]
-# No account or partition here: add them when you submit (sbatch --account=ACC --partition=PART ...). PYTHON may
-# be a command with arguments, e.g. a container's: PYTHON="apptainer exec --nv image.sif python" sbatch ...
+# No account or partition here: add them when you submit (sbatch --account=ACC --partition=PART ...). Containers
+# (docs/containers.md): PYTHON="apptainer exec --nv image.sif python", or SRUN_ARGS="--container-image=..." (pyxis)
 set -euo pipefail
 wrapper=run-gpu8-dist.sh  # sbatch runs a copy of this file under another name
 usage="usage: sbatch $wrapper SCRIPT.py [ARGS...]"
@@ -23,28 +22,29 @@ usage="usage: sbatch $wrapper SCRIPT.py [ARGS...]"
 script=$1 && shift
 [ -f "$script" ] || { echo "ERROR: training script '$script' not found in $PWD. $usage" >&2; exit 2; }
 : "${SLURM_JOB_ID:?submit this file with sbatch. $usage}"
-# Site set-up (module loads, venv or conda activation): sourced if the file is there; every task inherits it
-site=${SITE_SETUP:-slurm/site.sh}
+site=${SITE_SETUP:-slurm/site.sh}  # module loads, venv or conda activation: sourced if there; every task inherits it
 # shellcheck source=/dev/null
 if [ -f "$site" ]; then echo "== site set-up: $site =="; source "$site"; fi
-# Every rank must agree where rank 0 listens: the job's first node, on a port derived from the job id. A training
-# process that cannot run scontrol (a container without Slurm's client) asks for its requeue in REQUEUE_REQUEST.
-MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1) MASTER_PORT=$((10000 + SLURM_JOB_ID % 20000))
-REQUEUE_REQUEST=$PWD/.requeue-$SLURM_JOB_ID && rm -f "$REQUEUE_REQUEST"
+read -ra python <<< "${PYTHON:-python}" && read -ra srun_args <<< "${SRUN_ARGS:-}"  # commands with arguments: words
+# Rank 0 listens on the job's first node (where this shell has no scontrol, as in a container: from the node list)
+MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" 2>/dev/null | head -n 1 || true)
+MASTER_ADDR=${MASTER_ADDR:-$("${python[@]}" -c "import cluster; print(cluster.first_host('$SLURM_JOB_NODELIST'))")}
+MASTER_PORT=$((10000 + SLURM_JOB_ID % 20000)) REQUEUE_REQUEST=$PWD/.requeue-$SLURM_JOB_ID && rm -f "$REQUEUE_REQUEST"
 export MASTER_ADDR MASTER_PORT REQUEUE_REQUEST PYTHONUNBUFFERED=1  # log lines appear as they are printed
-read -ra python <<< "${PYTHON:-python}"  # a command with arguments is split into words
 nodes=$SLURM_JOB_NUM_NODES gpus=${SLURM_GPUS_ON_NODE:-1} cpus=${SLURM_CPUS_PER_TASK:-1}
 echo "== job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST: $nodes node(s) x $gpus GPU(s) =="
 echo "== rank 0 at $MASTER_ADDR:$MASTER_PORT; ${python[*]} $script $* =="
 
-# Launch: one torchrun per node starts a process per GPU; they meet at rank 0's node. Slurm signals every process of
-# the step: torchrun passes the stop signals on and waits up to --shutdown-timeout s for the workers' checkpoint.
+# Launch: one torchrun per node, a process per GPU; they meet at rank 0's node. torchrun passes Slurm's signals on.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cpus / gpus > 0 ? cpus / gpus : 1 ))}
+signals=("--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2" --shutdown-timeout=100)
+if [[ $("${python[@]}" -m torch.distributed.run --help 2>&1 || true) != *--signals-to-handle* ]]; then signals=()
+  echo "NOTE: this torchrun has no --signals-to-handle: SIGUSR1 may end it, and the ranks, before they save"; fi
 srun --nodes="$nodes" --ntasks="$nodes" --ntasks-per-node=1 --cpus-per-task="$cpus" --kill-on-bad-exit=1 \
-  "${python[@]}" -m torch.distributed.run --nnodes="$nodes" --nproc-per-node="$gpus" \
-  --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv-id="$SLURM_JOB_ID" \
-  --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2 --shutdown-timeout=100 \
+  "${srun_args[@]}" "${python[@]}" -m torch.distributed.run --nnodes="$nodes" --nproc-per-node="$gpus" \
+  --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv-id="$SLURM_JOB_ID" "${signals[@]}" \
   "$script" "$@" && rc=0 || rc=$?
-# The step stopped with a checkpoint and asked for a requeue it could not make itself: once (said first: it ends us)
-[ -f "$REQUEUE_REQUEST" ] && rm "$REQUEUE_REQUEST" && echo "== requeueing ==" && scontrol requeue "$SLURM_JOB_ID"
+# The step asked for a requeue it could not make itself (REQUEUE_REQUEST): once, said first (it ends us), or why not
+[ -f "$REQUEUE_REQUEST" ] && rm "$REQUEUE_REQUEST" && echo "== requeueing ==" && { scontrol requeue "$SLURM_JOB_ID" \
+  || echo "ERROR: job $SLURM_JOB_ID not requeued: no scontrol in the job script either (see the stop line)" >&2; }
 exit "$rc"

@@ -25,6 +25,34 @@ TOY = ["--arch=resnet18", "--image-size=64", "--batch-size=2", "--epochs=2", "--
        "--log-interval=5"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def no_deprecated_decoder():
+    """Every run here turns torchvision's deprecation of its image decoders into an error: the script decodes with
+    TorchCodec."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PYTHONWARNINGS", "error::DeprecationWarning:torchvision.io.image")
+        yield
+
+
+def test_torchcodec_decodes_the_same_pixels_as_torchvision(archives, tmp_path):
+    """The script's decoder is TorchCodec's, and its pixels are torchvision's (the same libjpeg-turbo): the same crops
+    as before, on the miniature ImageNet's JPEGs."""
+    import warnings
+
+    import torch
+    from torchvision.io import ImageReadMode, decode_image
+    assert imagenet_ddp.decode_image.__module__.startswith("torchcodec"), imagenet_ddp.decode_image.__module__
+    rc, out = stage_only(archives, tmp_path)
+    assert rc == 0, out
+    files = sorted((tmp_path / "train").rglob("*.JPEG"))[:8]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torchvision's, here only to compare
+        for path in files:
+            data = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
+            assert torch.equal(imagenet_ddp.decode_image(data, mode=imagenet_ddp.ImageReadMode.RGB),
+                               decode_image(data, mode=ImageReadMode.RGB)), path
+
+
 @pytest.fixture(scope="module")
 def archives(tmp_path_factory):
     folder = tmp_path_factory.mktemp("imagenet")

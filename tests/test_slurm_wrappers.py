@@ -109,6 +109,18 @@ SEEDS = [  # (the README's command, world size, nodes the ranks must span)
 # job where the data is: without its arguments reaching the training processes, they would find no MNIST
 MULTI_WORD_PYTHON = "run-gpu4.sh mnist_lightning_ddp.py --gpus=4 --epochs=100"
 
+# python, whose torchrun is as an older torch's: it refuses --signals-to-handle and --shutdown-timeout, and its --help
+# lists neither; everything else goes to the real python
+OLDER_TORCHRUN = """#!/usr/bin/env bash
+if [ "${1:-}" = -m ] && [ "${2:-}" = torch.distributed.run ]; then
+  for arg in "$@"; do case $arg in --signals-to-handle*|--shutdown-timeout*)
+    echo "torchrun: error: unrecognized arguments: $arg" >&2; exit 2;; esac; done
+  case " $* " in *" --help "*) python "$@" | grep -v -e --signals-to-handle -e --shutdown-timeout; exit;; esac
+fi
+exec python "$@"
+"""
+OLD_TORCHRUN_SEED = "run-gpu8-dist.sh mnist_ddp.py --epochs=100"
+
 RESULTS = {}  # seed command -> its done record, for the requeue tests to compare with
 PROJECTS = {}  # seed command -> the project directory it ran in (its outputs: out/, checkpoints/)
 
@@ -125,13 +137,23 @@ def seed_project(tmp_path_factory, command):
 
 @pytest.mark.parametrize("command, world_size, nodes", SEEDS, ids=[s[0].split(" --")[0] for s in SEEDS])
 def test_seed_command(command, world_size, nodes, cluster, tmp_path_factory, mnist_dir):
+    """Every seed runs with SRUN_ARGS=-v (a site's srun options, as pyxis's --container-image would be): each srun of
+    the job script says its options. The 2-node torchrun seed runs with an older torchrun (OLDER_TORCHRUN)."""
     proj = PROJECTS[command] = seed_project(tmp_path_factory, command)
     if command == MULTI_WORD_PYTHON:
-        state, exit_code, out = submit(cluster, proj, None, command.split() + FAST,
+        state, exit_code, out = submit(cluster, proj, None, command.split() + FAST, SRUN_ARGS="-v",
                                        PYTHON=f"env DATA_DIR={mnist_dir} python")
         assert f"; env DATA_DIR={mnist_dir} python mnist_lightning_ddp.py --gpus=4" in out, out[-3000:]
+    elif command == OLD_TORCHRUN_SEED:
+        (proj / "older-torchrun").write_text(OLDER_TORCHRUN)
+        (proj / "older-torchrun").chmod(0o755)
+        state, exit_code, out = submit(cluster, proj, mnist_dir, command.split() + FAST, SRUN_ARGS="-v",
+                                       PYTHON="./older-torchrun")
+        assert out.count("NOTE: this torchrun has no --signals-to-handle: SIGUSR1 may end it, and the ranks, before "
+                         "they save") == 1 and "unrecognized arguments" not in out, out[-4000:]
     else:
-        state, exit_code, out = submit(cluster, proj, mnist_dir, command.split() + FAST)
+        state, exit_code, out = submit(cluster, proj, mnist_dir, command.split() + FAST, SRUN_ARGS="-v")
+    assert out.count("srun: defined options") == 1 and "srun: verbose             : 1" in out, out[-4000:]
     RESULTS[command] = done_record(out) if '"event": "done"' in out else None
     assert (state, exit_code) == ("COMPLETED", "0:0"), out[-4000:]
     done = done_record(out)
@@ -314,8 +336,10 @@ def imagenet_job(tmp_path_factory):
 
 def test_imagenet_wrapper_stages_once_per_node_then_trains_on_two_nodes(cluster, imagenet_job, tmp_path):
     workdir, args = imagenet_job
-    state, exit_code, out = submit(cluster, workdir, None, args + ["--workers=1", f"--output-dir={tmp_path}"])
+    state, exit_code, out = submit(cluster, workdir, None, args + ["--workers=1", f"--output-dir={tmp_path}"],
+                                   SRUN_ARGS="-v")
     assert (state, exit_code) == ("COMPLETED", "0:0"), out[-4000:]
+    assert out.count("srun: defined options") == 2, "SRUN_ARGS reached both steps: staging, then training"
     local = next(a for a in args if a.startswith("--local-dir=")).split("=", 1)[1]
     assert "== staging: imagenet_ddp.py --stage-only, once on each of the 2 node(s) ==" in out
     assert out.count("staged 4 classes and 12 validation images") == 1, "one node extracts; the other finds its marker"
@@ -479,11 +503,22 @@ def test_time_limit_signal_to_every_fsdp2_rank_checkpoints_requeues_and_resumes_
     """Through run-gpu4-dist.sh: torchrun starts 4 FSDP2 ranks, and scancel signals every process. Every rank writes
     its shards of a DCP checkpoint mid-epoch (into the job's own checkpoints/JOBID: no --checkpoint-dir), the job
     requeues itself, and the rerun loads them and ends with the weights of the uninterrupted seed run, which srun
-    started (run-gpu4.sh): the same 4 ranks, another launcher."""
+    started (run-gpu4.sh): the same 4 ranks, another launcher. The job script runs as in a container without Slurm's
+    client: no scontrol on its PATH (it finds rank 0's node from the node list); the training processes have it."""
     reference = reference_run(cluster, tmp_path_factory, mnist_dir, SEEDS[6][0])
     proj = project(tmp_path_factory, "run-gpu4-dist.sh", "mnist_fsdp.py")
+    path = os.environ["PATH"]
+    without = proj.parent / "bin-without-scontrol"  # every command of this machine's PATH but scontrol
+    without.mkdir()
+    for folder in reversed(path.split(":")):
+        for tool in Path(folder).glob("*") if Path(folder).is_dir() else []:
+            if tool.name != "scontrol" and os.access(tool, os.X_OK):
+                (without / tool.name).unlink(missing_ok=True)
+                (without / tool.name).symlink_to(tool)
     out = preempt_and_requeue(cluster, proj, mnist_dir, ["run-gpu4-dist.sh", "mnist_fsdp.py"] + FAST, "ddp-gpu4",
-                              None)
+                              None, PATH=f"{Path(sys.executable).parent}:{without}",
+                              PYTHON=f"env PATH={Path(sys.executable).parent}:{path} python")
+    assert re.search(r"^== rank 0 at n1:\d+;", out, re.M) and "== requeueing ==" not in out, out[-3000:]
     [stopped] = proj.glob("checkpoints/*/epoch_0000_step_*")
     assert sorted(p.name for p in stopped.glob("__*.distcp")) == [f"__{r}_0.distcp" for r in range(4)]
     done = done_record(out)
