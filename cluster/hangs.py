@@ -26,7 +26,8 @@ from . import launch
 
 DUMP_SIGNAL = signal.SIGURG  # scancel --signal=URG JOBID: bash, srun, torchrun and the DataLoader workers ignore it
 STALL_MARGIN = 10
-POLL = 1.0  # seconds between the watcher's looks for news of a timed-out collective
+POLL = 1.0  # seconds between the watcher's looks at the signals it was sent
+NEWS_EVERY = 5.0  # seconds between its looks in the store for news of a timed-out collective (a request to rank 0's)
 PACKAGE = os.path.dirname(os.path.abspath(__file__))
 # armed: training has begun; last: this rank's last progress, gap: the longest between two (perf_counter seconds);
 # dumped: the progress whose stall has been reported; store: the watcher's own connection to the ranks' store
@@ -64,7 +65,7 @@ def watch():
 
 
 def _watcher(read):
-    term, news = None, None  # when a SIGTERM came; which rank's collective timed out
+    term, news, asked = None, None, 0.0  # when a SIGTERM came; which rank's collective timed out; when we last asked
     while True:
         data = os.read(read, 512) if select.select([read], [], [], POLL)[0] else b""
         if 0 in data:
@@ -72,8 +73,8 @@ def _watcher(read):
         if DUMP_SIGNAL in data:
             _print_stacks(f"stacks on {DUMP_SIGNAL.name}, as asked; training goes on")
         term = time.perf_counter() if signal.SIGTERM in data else term
-        if news is None and not WATCH["timed_out"]:
-            news = _news()
+        if news is None and WATCH["armed"] and not WATCH["timed_out"] and time.monotonic() - asked >= NEWS_EVERY:
+            news, asked = _news(), time.monotonic()
         stalled = time.perf_counter() - WATCH["last"]
         if WATCH["dumped"] == WATCH["last"] or WATCH["stopping"] or WATCH["timed_out"]:
             continue
@@ -119,7 +120,7 @@ def _tell_the_others(what):
     try:
         if store:
             store.set("timed-out", what)
-            deadline = time.monotonic() + 3 * POLL + 2
+            deadline = time.monotonic() + 2 * NEWS_EVERY + 2
             while store.add("seen", 0) < launch.WORLD_SIZE - 1 and time.monotonic() < deadline:
                 time.sleep(0.1)
     except Exception:
