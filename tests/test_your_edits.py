@@ -262,3 +262,41 @@ def test_the_loaders_workers_outlive_the_stop_signals_under_every_start_method(m
     assert p.returncode == 0, out[-3000:]
     assert f"SEEN True NOTED [{int(signal.SIGUSR1)}, {int(signal.SIGTERM)}]" in out, out[-3000:]
     assert len(list(tmp_path.glob("theirs-*"))) == 2, "their own worker_init_fn, in each of the 2 workers"
+
+
+def test_init_from_reads_every_kind_of_weights_and_checkpoint(tmp_path, capsys):
+    """--init-from takes a run's final weights, our .pt checkpoint, FSDP2's DCP folder, DeepSpeed's folder (through
+    `latest`), Lightning's .ckpt (keys under "net."), or a checkpoint folder: each loads the same weights into a fresh
+    model; a model of other layers is one ERROR line; a checkpoint folder that already holds checkpoints skips it
+    (the run resumes those)."""
+    import argparse
+
+    from torch.distributed import checkpoint as dcp
+    sys.path.insert(0, str(REPO))
+    from mnist_ddp import Net
+    torch.manual_seed(0)
+    weights = Net().state_dict()
+    torch.save(weights, tmp_path / "model-1.pt")
+    (tmp_path / "pt").mkdir()
+    torch.save({"model": weights, "epoch": 2}, tmp_path / "pt" / "epoch_0002.pt")
+    dcp.save({"model": weights}, checkpoint_id=tmp_path / "dcp" / "epoch_0002", no_dist=True)
+    (tmp_path / "ds" / "epoch_0002").mkdir(parents=True)
+    (tmp_path / "ds" / "latest").write_text("epoch_0002")
+    torch.save({"module": weights, "global_steps": 3}, tmp_path / "ds" / "epoch_0002" / "mp_rank_00_model_states.pt")
+    torch.save({"state_dict": {f"net.{k}": v for k, v in weights.items()}}, tmp_path / "last.ckpt")
+    sources = ["model-1.pt", "pt/epoch_0002.pt", "pt", "dcp/epoch_0002", "dcp", "ds", "last.ckpt"]
+    for source in sources:
+        model = Net()
+        cluster.init_weights(argparse.Namespace(init_from=str(tmp_path / source), checkpoint_dir=None), model)
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items()), source
+    assert capsys.readouterr().out.count("its weights, for a new run (a fresh optimizer, epoch 1") == len(sources)
+
+    model = Net()
+    cluster.init_weights(argparse.Namespace(init_from=str(tmp_path / "model-1.pt"), checkpoint_dir=tmp_path / "pt"),
+                         model)
+    assert not torch.equal(model.fc1.weight, weights["fc1.weight"]), "a requeue resumes its own checkpoints instead"
+    with pytest.raises(SystemExit):
+        cluster.init_weights(argparse.Namespace(init_from=str(tmp_path / "model-1.pt"), checkpoint_dir=None),
+                             torch.nn.Linear(3, 2))
+    [error] = capsys.readouterr().err.splitlines()
+    assert error.startswith(f"ERROR: --init-from {tmp_path / 'model-1.pt'}: RuntimeError: ") and "HINT" in error, error
