@@ -280,7 +280,7 @@ def train(args, device, data_root):
 
     # resume: every rank loads the same checkpoint, so the replicas start equal; mid-epoch checkpoints resume at
     # their step. Only a checkpoint of this run: what defines it (`run`) is saved with it and compared
-    run = cluster.run_record(args, script="imagenet_ddp.py", data="synthetic" if args.synthetic else
+    run = cluster.run_record(args, script=os.path.basename(__file__), data="synthetic" if args.synthetic else
                              f"{num_classes} classes, {n_train} training images", steps_per_epoch=steps_per_epoch,
                              precision=precision)
     start_epoch, start_step = 1, 0

@@ -172,7 +172,7 @@ class LitMNIST(pl.LightningModule):
         self.train_set = TensorDataset(*load_mnist(self.args.data_dir, True, "cpu"))
         x_test, y_test = load_mnist(self.args.data_dir, False, "cpu")
         # what defines this run: a checkpoint of another run is refused (check_same_run in on_load_checkpoint)
-        self.run = cluster.run_record(self.args, script="mnist_lightning_ddp.py", model="Net",
+        self.run = cluster.run_record(self.args, script=os.path.basename(__file__), model="Net",
                                       data=f"MNIST, {len(self.train_set)} training digits",
                                       precision=self.trainer.precision)
         # exact evaluation: rank r scores digits r, r+W, r+2W, ... (no padding, no digit twice)

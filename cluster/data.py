@@ -18,7 +18,6 @@ import sys
 from multiprocessing import resource_tracker
 
 import torch
-import torch.distributed as dist
 
 from . import hangs, launch, stopping
 
@@ -59,9 +58,7 @@ class ShardSampler(torch.utils.data.Sampler):
     def __init__(self, size, batch_size, seed, shuffle):
         self.size, self.batch_size, self.seed, self.shuffle = size, batch_size, seed, shuffle
         self.epoch, self.skip = 0, 0
-        self.rank, self.world_size = launch.RANK, launch.WORLD_SIZE
-        if dist.is_initialized():  # a framework's group (Lightning's): who we are there
-            self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.rank, self.world_size = launch.RANK, launch.WORLD_SIZE  # process_group (or Lightning's started) set them
 
     def set_epoch(self, epoch, skip=0):
         self.epoch, self.skip = epoch, skip * self.batch_size
