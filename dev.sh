@@ -4,6 +4,8 @@
 #   ./dev.sh quickstart [ARGS...]   2-process DDP training of mnist_ddp.py on CPU (gloo), ARGS passed on
 #   ./dev.sh test [PYTEST ARGS...]  the whole test suite (this is what .ci/run calls); as root it also
 #                                   installs Slurm (for the tests' own 2-node cluster) and shellcheck with apt
+#   ./dev.sh test-oldest [ARGS...]  the same suite in .venv-oldest, with the oldest supported releases
+#                                   (requirements-oldest.txt: torch 2.8, Lightning 2.5, DeepSpeed 0.19.8)
 #
 # Overrides: VENV (default .venv), PYTHON (default python3), DATA_DIR (default: ../shared/data when it
 # holds MNIST, as on the project's own machines, else ./data, where the script downloads MNIST).
@@ -13,12 +15,13 @@ cd "$(dirname "${BASH_SOURCE[0]}")"
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 
-usage() { sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; }
 
 ensure_venv() {
   # everything (requirements-dev.txt: every script's needs, the optional parts, the tests' tools); reinstalled only
   # when a requirements file changed since the last install
-  local reqs=(requirements.txt requirements-deepspeed.txt requirements-mpi.txt requirements-dev.txt)
+  local reqs=(requirements.txt requirements-deepspeed.txt requirements-mpi.txt requirements-wandb.txt
+              requirements-dev.txt)
   if [ -x "$VENV/bin/python" ] && cat "${reqs[@]}" | cmp -s - "$VENV/.installed-requirements.txt"; then
     return
   fi
@@ -26,6 +29,19 @@ ensure_venv() {
   [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
   "$VENV/bin/pip" install --quiet --disable-pip-version-check -r requirements-dev.txt
   cat "${reqs[@]}" > "$VENV/.installed-requirements.txt"
+}
+
+ensure_oldest_venv() {
+  # torch first: DeepSpeed's setup.py imports it (--no-build-isolation: against this torch, not a newer one)
+  if [ -x "$VENV/bin/python" ] && cmp -s requirements-oldest.txt "$VENV/.installed-requirements.txt"; then
+    return
+  fi
+  echo "== setting up $VENV with the oldest supported releases (about 3 min) =="
+  [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check setuptools wheel \
+    "$(grep '^torch==' requirements-oldest.txt)"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check --no-build-isolation -r requirements-oldest.txt
+  cp requirements-oldest.txt "$VENV/.installed-requirements.txt"
 }
 
 ensure_apt_tools() {
@@ -62,8 +78,13 @@ case "$cmd" in
     echo "== 2-process DDP on CPU, data from $DATA_DIR =="
     exec "$VENV/bin/torchrun" --standalone --nproc_per_node=2 mnist_ddp.py --device=cpu --epochs=2 "$@"
     ;;
-  test)
-    ensure_venv
+  test | test-oldest)
+    if [ "$cmd" = test-oldest ]; then
+      VENV=${VENV_OLDEST:-.venv-oldest}
+      ensure_oldest_venv
+    else
+      ensure_venv
+    fi
     ensure_apt_tools
     export PATH="$PWD/$VENV/bin:$PATH"
     # DeepSpeed JIT-builds one C++ op for CPU runs (~60 s once): build it now, not inside a timed test

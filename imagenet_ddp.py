@@ -261,6 +261,7 @@ def train(args, device, data_root):
     # model and optimizer
     raw_model = torchvision.models.get_model(args.arch, weights=None, num_classes=num_classes).to(device)
     cluster.init_weights(args, raw_model)  # --init-from: another run's weights, for a new run
+    flops = cluster.train_flops(raw_model, (3, args.image_size, args.image_size))  # per image: the efficiency line
     if channels_last:  # NHWC: what tensor cores and cuDNN's fastest convolutions want
         raw_model = raw_model.to(memory_format=torch.channels_last)
     # evaluation bypasses DDP: the ranks' validation shards differ in size
@@ -301,7 +302,8 @@ def train(args, device, data_root):
                              torch.zeros(args.batch_size, dtype=torch.long), device, channels_last)
             cluster.replay_first_backward(raw_model, lambda: F.cross_entropy(model(x), y), amp_dtype)
     # rank 0's metrics file, TensorBoard curves (x: optimizer steps over the whole training) and --profile
-    outputs = cluster.Outputs(args, device, ckpt, purge_step=(start_epoch - 1) * steps_per_epoch + start_step + 1)
+    outputs = cluster.Outputs(args, device, ckpt, purge_step=(start_epoch - 1) * steps_per_epoch + start_step + 1,
+                              run=run, flops=flops)
 
     def checkpoint(epoch, step):
         cluster.save_checkpoint(args.checkpoint_dir, epoch, step, device, outputs, {

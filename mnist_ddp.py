@@ -142,6 +142,7 @@ def train(args, device):
     # model and optimizer
     raw_model = Net().to(device)
     cluster.init_weights(args, raw_model)  # --init-from: another run's weights, for a new run
+    flops = cluster.train_flops(raw_model, (1, 28, 28))  # a training step's FLOPs per digit: the efficiency line
     model = torch.compile(raw_model) if args.compile else raw_model
     if world_size > 1:  # averages gradients across ranks during backward()
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -171,7 +172,8 @@ def train(args, device):
             cluster.replay_first_backward(raw_model, lambda: F.cross_entropy(
                 model(x_train[:batch_size]), y_train[:batch_size]), amp_dtype)
     # rank 0's metrics file, TensorBoard curves (x: optimizer steps over the whole training) and --profile
-    outputs = cluster.Outputs(args, device, ckpt, purge_step=(start_epoch - 1) * steps_per_epoch + start_step + 1)
+    outputs = cluster.Outputs(args, device, ckpt, purge_step=(start_epoch - 1) * steps_per_epoch + start_step + 1,
+                              run=run, flops=flops)
 
     def checkpoint(epoch, step):
         cluster.save_checkpoint(args.checkpoint_dir, epoch, step, device, outputs, {

@@ -157,6 +157,7 @@ def train(args, device):
     # model and optimizer: an engine that averages (ZeRO: partitions) gradients and optimizer state across ranks
     raw_model = Net()  # DeepSpeed builds the optimizer and scheduler from the config
     cluster.init_weights(args, raw_model)  # --init-from: another run's weights, for a new run
+    flops = cluster.train_flops(raw_model, (1, 28, 28))  # a training step's FLOPs per digit: the efficiency line
     # device_rank: our GPU (cluster's choice), not DeepSpeed's default, GPU LOCAL_RANK
     engine, optimizer, _, scheduler = deepspeed.initialize(args=argparse.Namespace(device_rank=device.index or 0),
                                                            model=raw_model, config=config)
@@ -182,7 +183,8 @@ def train(args, device):
     if ckpt:
         start_epoch, start_step = ckpt["epoch"] + 1, ckpt["step"]
     # rank 0's metrics file, TensorBoard curves (x: optimizer steps over the whole training) and --profile
-    outputs = cluster.Outputs(args, device, ckpt, purge_step=(start_epoch - 1) * steps_per_epoch + start_step + 1)
+    outputs = cluster.Outputs(args, device, ckpt, purge_step=(start_epoch - 1) * steps_per_epoch + start_step + 1,
+                              run=run, flops=flops)
 
     def checkpoint(epoch, step):
         cluster.save_checkpoint(args.checkpoint_dir, epoch, step, device, outputs, {"args": vars(args), "run": run},

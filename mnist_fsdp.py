@@ -150,6 +150,7 @@ def train(args, device):
     # each rank keeps the averaged gradient of its own shard, and the optimizer updates (and keeps state for) that
     raw_model = Net().to(device)
     cluster.init_weights(args, raw_model)  # --init-from: another run's weights, for a new run
+    flops = cluster.train_flops(raw_model, (1, 28, 28))  # a training step's FLOPs per digit: the efficiency line
     mixed = MixedPrecisionPolicy(param_dtype=amp_dtype, reduce_dtype=torch.float32, output_dtype=torch.float32)
     for layer in (raw_model.conv1, raw_model.conv2, raw_model.fc1, raw_model.fc2):  # a unit each, then the rest
         fully_shard(layer, mp_policy=mixed)
@@ -177,7 +178,8 @@ def train(args, device):
         scheduler.load_state_dict(ckpt["scheduler"])
         start_epoch, start_step = ckpt["epoch"] + 1, ckpt["step"]
     # rank 0's metrics file, TensorBoard curves (x: optimizer steps over the whole training) and --profile
-    outputs = cluster.Outputs(args, device, ckpt, purge_step=(start_epoch - 1) * steps_per_epoch + start_step + 1)
+    outputs = cluster.Outputs(args, device, ckpt, purge_step=(start_epoch - 1) * steps_per_epoch + start_step + 1,
+                              run=run, flops=flops)
 
     def checkpoint(epoch, step):
         model_state, optimizer_state = get_state_dict(raw_model, optimizer)  # this rank's shards

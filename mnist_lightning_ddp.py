@@ -30,6 +30,7 @@ checkpoint and resume settings. Dropout and options of any type resume exactly.
 --batch-size is per process: the global batch is world size times larger.
 """
 import argparse
+import inspect
 import io
 import os
 import struct
@@ -156,6 +157,7 @@ class LitMNIST(pl.LightningModule):
         super().__init__()
         self.args = args
         self.net = Net()
+        self.flops = cluster.train_flops(self.net, (1, 28, 28))  # a training step's FLOPs per digit (efficiency line)
         self.result = None  # the last epoch's metrics; saved in checkpoints for the final report
         self.stop_step, self.resume_at = 0, (-1, 0)  # a mid-epoch checkpoint's step; (epoch, step) it resumes at
         self.resumed = None  # main()'s peek at last.ckpt: the TensorBoard run that requeues and resumes go on in
@@ -219,8 +221,8 @@ class LitMNIST(pl.LightningModule):
         if cluster.RANK == 0 and batch_idx % self.args.log_interval == 0:  # .item() syncs, so only now and then
             value = loss.item()
             cluster.print_line(f"  epoch {self.current_epoch + 1} step {batch_idx} loss {value:.4f}")
-            if self.logger:  # x: optimizer steps done, this one included
-                self.logger.log_metrics({"train/loss": value}, step=self.global_step + 1)
+            for logger in self.loggers:  # TensorBoard, W&B; x: optimizer steps done, this one included
+                logger.log_metrics({"train/loss": value}, step=self.global_step + 1)
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
@@ -250,10 +252,10 @@ class LitMNIST(pl.LightningModule):
                        f"test loss {self.result['test_loss']:.4f} | test acc {100 * self.result['test_acc']:.2f}% | "
                        f"{seconds:.1f} s | {samples / seconds:.0f} samples/s")
         self.outputs.write({"event": "epoch", **self.result})
-        if self.logger:  # rank 0 writes (Lightning's loggers log from rank 0 only)
-            self.logger.log_metrics({"epoch/lr": self.lr, **{f"epoch/{key}": self.result[key] for key in (
+        for logger in self.loggers:  # rank 0 writes (Lightning's loggers log from rank 0 only)
+            logger.log_metrics({"epoch/lr": self.lr, **{f"epoch/{key}": self.result[key] for key in (
                 "train_loss", "test_loss", "test_acc", "samples_per_s")}}, step=self.global_step)
-            self.logger.save()
+            logger.save()
 
     # checkpoints: Lightning saves weights, optimizer, scheduler, loop state; we add the last metrics and, mid-epoch,
     # the step (Lightning's "epoch" is the epoch in progress then, else the last one done, counted from 0)
@@ -271,7 +273,10 @@ class LitMNIST(pl.LightningModule):
                        f"epoch {done + 1}")
 
     def on_fit_start(self):  # rank 0's metrics file (TensorBoard: Lightning's logger, made in main)
-        self.outputs = cluster.Outputs(self.args, self.device, self.resumed, tensorboard=False)
+        self.outputs = cluster.Outputs(self.args, self.device, self.resumed, curves=False, run=self.run,
+                                       flops=self.flops)
+        for logger in self.loggers:  # the run's settings in TensorBoard's HPARAMS tab and W&B's config
+            logger.log_hyperparams(self.outputs.config)
         self.trained, self.train_seconds = 0, 0.0
 
     # summary
@@ -334,8 +339,10 @@ def main(args):
         if ckpt_path:  # mmap: only the two small entries are read, not the weights (Lightning loads those in fit)
             model.resumed = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
             purge_step = model.resumed["global_step"] + 1
-        logger = tensorboard(args.output_dir, (model.resumed or {}).get("tensorboard") or cluster.run_name(),
-                             purge_step)
+        name = (model.resumed or {}).get("tensorboard") or cluster.run_name()
+        # and W&B (--wandb, WANDB_PROJECT): the same run id across requeues and resumes
+        logger = [lg for lg in (tensorboard(args.output_dir, name, purge_step), cluster.lightning_wandb(args, name))
+                  if lg] or False
         # stop_check and the time split, where Lightning's loop has room for them (its callbacks, in order)
         stop, laps = cluster.lightning_callbacks(args)  # StopOnSignal, TimeLaps
         callbacks = [stop] + callbacks + [laps]
@@ -350,7 +357,9 @@ def main(args):
                        f"{precision}{', compiled' * args.compile} on {device.type}")
         if args.compile:  # the network, in place (its checkpoint keys stay): torch.compile(model) would also compile
             model.net.compile()  # the steps, whose Python logging recompiles at every batch index
-        trainer.fit(model, ckpt_path=ckpt_path, weights_only=True)
+        # Lightning >= 2.6 is told to load weights only; older ones load as torch does (weights only from torch 2.6)
+        weights_only = {"weights_only": True} if "weights_only" in inspect.signature(trainer.fit).parameters else {}
+        trainer.fit(model, ckpt_path=ckpt_path, **weights_only)
 
 
 def tensorboard(output_dir, name, purge_step):

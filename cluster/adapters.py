@@ -1,5 +1,5 @@
 """The same plumbing for the frameworks: Lightning's callbacks (the stop check, the time split, every rank's random
-state in its checkpoints), DeepSpeed's accelerator and its config."""
+state in its checkpoints) and its W&B logger, DeepSpeed's accelerator and its config."""
 import argparse
 import copy
 import json
@@ -66,6 +66,23 @@ def lightning_callbacks(args):
                        "on_train_epoch_end": "compute", "on_train_end": between}.items():
         setattr(TimeLaps, hook, lambda self, *_, part=part, **__: TIMES.lap(part))
     return [StopOnSignal(), TimeLaps()]
+
+
+def lightning_wandb(args, name, project="mnist_lightning_ddp"):
+    """Lightning's WandbLogger where W&B is asked for (--wandb, WANDB_PROJECT), else None. Its id is the run's stored
+    name (`name`, the TensorBoard folder's), so every requeue and resume continues the same W&B run; offline where
+    WANDB_MODE says so or the server does not answer (tracking.mode, decided and said on rank 0). Lightning starts
+    wandb on rank 0 only."""
+    from . import tracking
+    if not tracking.wanted(args):
+        return None
+    from pytorch_lightning.loggers import WandbLogger
+    where, line = tracking.mode() if launch.RANK == 0 else ("offline", None)
+    if line:
+        launch.print_line(line)
+    return WandbLogger(project=os.environ.get("WANDB_PROJECT") or project, id=name, resume="allow",
+                       offline=where == "offline", save_dir=args.output_dir,
+                       settings={"silent": True, "console": "off", "init_timeout": 90})
 
 
 # --- DeepSpeed: its accelerator and its config -------------------------------

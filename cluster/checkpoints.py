@@ -10,6 +10,7 @@ import collections
 import dataclasses
 import enum
 import glob
+import inspect
 import io
 import os
 import pathlib
@@ -372,7 +373,8 @@ def _weights_in(path, model):
         if os.path.exists(os.path.join(path, ".metadata")):  # FSDP2: DCP reshards to the whole weights
             from torch.distributed import checkpoint as dcp
             weights = model.state_dict()
-            dcp.load({"model": weights}, checkpoint_id=path, no_dist=True)
+            alone = {"no_dist": True} if "no_dist" in inspect.signature(dcp.load).parameters else {}  # torch >= 2.7
+            dcp.load({"model": weights}, checkpoint_id=path, **alone)  # (older: on every rank of the group)
             return weights
         if os.path.exists(os.path.join(path, "latest")):  # DeepSpeed's folder: the checkpoint `latest` names
             path = os.path.join(path, open(os.path.join(path, "latest")).read().strip())

@@ -217,6 +217,10 @@ def _init_group(device, seconds, use_deepspeed):
                 deepspeed.utils.logger.setLevel("ERROR")
     except (dist.DistNetworkError, dist.DistStoreError, dist.DistBackendError) as e:  # backend: NCCL's connect
         _init_failed(e, seconds)
+    except RuntimeError as e:  # torch < 2.7: the TCPStore's refusal to listen is a plain RuntimeError
+        if "EADDRINUSE" not in str(e):
+            raise
+        _init_failed(e, seconds)
     global RANK, WORLD_SIZE
     RANK, WORLD_SIZE = dist.get_rank(), dist.get_world_size()  # MPI discovery may have filled them in
 

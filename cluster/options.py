@@ -12,7 +12,7 @@ from . import launch, outputs, stopping
 MAY_CHANGE = {"epochs", "output_dir", "checkpoint_dir", "checkpoint_every", "log_interval", "profile", "dist_timeout",
               "device", "data_dir", "download_only", "init_from", "allow_commit_change", "test_batch_size", "compile",
               "workers", "local_dir", "stage_only", "stage_timeout", "from_tar", "deepspeed", "deepspeed_config",
-              "local_rank", "gpus", "nodes"}
+              "local_rank", "gpus", "nodes", "wandb"}
 CHECKPOINT_EVERY = 30  # minutes between mid-epoch checkpoints where checkpoints are on: a crash loses at most this
 
 
@@ -48,6 +48,9 @@ def parse_args(parser, argv=None, log_interval=20, env=os.environ):
     p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
                    help="on a GPU from Ampere on, float32 matmuls and convolutions on tensor cores in TF32 (10 bits of "
                         "mantissa, many times faster); --no-tf32: full float32 (default: on)")
+    p.add_argument("--wandb", action="store_true",
+                   help="log to Weights & Biases from rank 0 (pip install -r requirements-wandb.txt), offline where "
+                        "its server does not answer; WANDB_PROJECT set turns it on too (default: off)")
     p.add_argument("--profile", action="store_true",
                    help="trace 5 training steps on rank 0 with torch.profiler (after 8 to warm up): a table of the "
                         "slowest operators and a trace file for Perfetto or TensorBoard (default: off)")

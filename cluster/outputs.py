@@ -3,12 +3,13 @@ at the end the done line and the final weights, a plain state_dict that torch.lo
 import hashlib
 import json
 import os
+import sys
 import time
 from datetime import datetime
 
 import torch
 
-from . import checkpoints, hangs, launch
+from . import checkpoints, efficiency, hangs, launch, tracking
 
 # --- where the time went -----------------------------------------------------
 # TIMES is a stopwatch whose laps name what the time since the previous lap was spent on, so the parts add up to the
@@ -78,16 +79,28 @@ _STARTED = datetime.now().strftime("%Y%m%d-%H%M%S")
 class Outputs:
     """Rank 0's metrics-RUN.jsonl, TensorBoard run and --profile; a resumed training continues its TensorBoard run."""
 
-    def __init__(self, args, device, resumed=None, purge_step=1, tensorboard=True):
+    def __init__(self, args, device, resumed=None, purge_step=1, curves=True, *, run, flops):
+        """`run`: the run record (run_record's); `flops`: one training step's FLOPs per sample (train_flops');
+        curves=False: the framework's own loggers draw the curves (Lightning's TensorBoard and W&B loggers)."""
         self.run_id, self.t_start, self.metrics, self.tb, self.prof = run_name(), time.perf_counter(), None, None, None
-        self.output_dir = args.output_dir
+        self.wandb = None
+        self.output_dir, self.device, self.flops = args.output_dir, device, flops
         self.tb_name = resumed.get("tensorboard", self.run_id) if resumed else self.run_id
+        self.config = settings(args, run)
+        precision = str(self.config.get("precision", ""))
+        self.precision = "16-bit" if "16" in precision else "tf32" if device.type == "cuda" and launch.TF32 else "fp32"
+        self.gpu_use = efficiency.GpuUse(device).start()
         if launch.RANK == 0:
             os.makedirs(args.output_dir, exist_ok=True)
             self.metrics = open(os.path.join(args.output_dir, f"metrics-{self.run_id}.jsonl"), "a")
+            self.write({"event": "config", **self.config})  # each requeue and resume too: what it ran with
             # from purge_step on, TensorBoard drops what an interrupted run wrote: no point shows twice
-            self.tb = tensorboard and _summary_writer(os.path.join(args.output_dir, "tensorboard", self.tb_name),
+            self.tb = curves and _summary_writer(os.path.join(args.output_dir, "tensorboard", self.tb_name),
                                                       purge_step)  # Lightning: its own logger
+            if self.tb:
+                write_hparams(self.tb, self.config)
+            # W&B (--wandb or WANDB_PROJECT): the same run as the TensorBoard folder's, across requeues and resumes
+            self.wandb = tracking.WandB(args, self.config, self.tb_name) if curves and tracking.wanted(args) else None
             self.prof = profiler(args, device, self.run_id)
 
     def step(self):
@@ -96,9 +109,11 @@ class Outputs:
             self.prof.step()
 
     def scalar(self, tag, value, step):
-        """A point of a TensorBoard curve (x: optimizer steps over the whole training)."""
+        """A point of a TensorBoard curve, and of W&B's (x: optimizer steps over the whole training)."""
         if self.tb:
             self.tb.add_scalar(tag, value, step)
+        if self.wandb:
+            self.wandb.log({tag: value}, step)
 
     def epoch(self, result, step):
         """An epoch's metrics: a JSON line, and its numbers as epoch/ curves at optimizer step `step`."""
@@ -133,15 +148,59 @@ class Outputs:
                               "weights_only=True), or --init-from it)")
         checksums = launch.all_gather(_checksum(weights))  # each rank's own hash: the tests compare them
         time_split = TIMES.report(loader)
+        figures, line, hints = efficiency.efficiency(
+            self.device, self.precision, self.flops, result.get("samples_per_s") or result.get("images_per_s"),
+            self.gpu_use.stop(), time_split)
+        for text in [line, *hints]:
+            launch.print0(text)
         done = {"event": "done", **result, "world_size": launch.WORLD_SIZE, "seconds": time.perf_counter() -
-                self.t_start, "weights": path, "param_checksums": checksums, "time_split": time_split}
+                self.t_start, "weights": path, "param_checksums": checksums, "time_split": time_split,
+                "efficiency": figures}
         launch.print0(json.dumps(done))
         self.write(done)
         if self.metrics:
             self.metrics.close()
         if self.tb:
             self.tb.close()
+        if self.wandb:
+            self.wandb.finish({f"efficiency/{k}": v for k, v in figures.items() if v is not None})
         return done
+
+
+def settings(args, run):
+    """What a run ran with, for its outputs: every option, the facts of its run record (script, model, data, precision,
+    world size), the versions of Python, torch and the framework, and the git commit where there is one."""
+    import platform
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for framework in ("pytorch_lightning", "deepspeed", "torchvision"):
+        if framework in sys.modules:
+            versions[framework] = getattr(sys.modules[framework], "__version__", None)
+    options = checkpoints.plain(vars(args))
+    return {"run": run_name(), "options": options, **{k: v for k, v in run.items() if k not in options},
+            "versions": versions, "git_commit": run.get("git_commit") or _git_commit()}
+
+
+def _git_commit():
+    """The commit of the checkout the script runs from, or None (not a git checkout, no git)."""
+    import subprocess
+    try:
+        out = subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(sys.argv[0])), "rev-parse", "HEAD"],
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def write_hparams(writer, config):
+    """The run's settings as TensorBoard's hparams (its HPARAMS tab), in the run's own folder: options flat, versions
+    as version/NAME."""
+    from torch.utils.tensorboard.summary import hparams
+    flat = {**{k: v for k, v in config.items() if k not in ("options", "versions")}, **config["options"],
+            **{f"version/{k}": v for k, v in config["versions"].items()}}
+    # numbers stay numbers (sortable); the rest as text: True, None, a list (torch's would show a bool as 1)
+    flat = {k: v if isinstance(v, int | float | str) and not isinstance(v, bool) else str(v) for k, v in flat.items()}
+    for summary in hparams(flat, {}):
+        writer.file_writer.add_summary(summary)
 
 
 def full_state_dict(model):

@@ -23,8 +23,8 @@ EXIT_PROBE = REPO / "tests" / "exit_probe"
 # the longest files first: ./dev.sh test runs two pytest-xdist workers, each taking whole files (--dist loadfile), so
 # the Slurm cluster's tests, the longest file, run beside the others rather than after them
 LONGEST_FIRST = ["test_slurm_wrappers.py", "test_mnist_deepspeed.py", "test_mnist_ddp.py", "test_your_edits.py",
-                 "test_mnist_fsdp.py", "test_imagenet_ddp.py", "test_mnist_lightning.py", "test_hangs_and_network.py",
-                 "test_compile.py", "test_bench_gpu.py", "test_gpu_paths.py"]
+                 "test_mnist_fsdp.py", "test_imagenet_ddp.py", "test_tracking.py", "test_mnist_lightning.py",
+                 "test_hangs_and_network.py", "test_compile.py", "test_bench_gpu.py", "test_gpu_paths.py"]
 
 
 def pytest_collection_modifyitems(items):
@@ -292,3 +292,25 @@ def run_torchrun(args, cwd, nproc=2, timeout=300, **env_extra):
     ranks = ["".join(f.read_text() for kind in ("stdout", "stderr")
                      for f in sorted(log_dir.glob(f"*/attempt_*/{r}/{kind}.log"))) for r in range(nproc)]
     return rc, "".join(ranks) + agent, ranks
+
+
+def hand_count_train_flops(model, sample_shape):
+    """One training step's FLOPs per sample, counted by hand from the shapes a real forward pass gives: 2 per
+    multiply-add of every convolution and linear layer forward, twice that backward (the gradients of the input and
+    of the weights), but for the first layer, whose input needs no gradient."""
+    import torch
+    layers = []
+
+    def count(module, inputs, output):
+        if isinstance(module, torch.nn.Conv2d):
+            k = module.kernel_size[0] * module.kernel_size[1] * module.in_channels // module.groups
+            layers.append(2 * k * output.numel())
+        elif isinstance(module, torch.nn.Linear):
+            layers.append(2 * module.in_features * output.numel())
+
+    hooks = [m.register_forward_hook(count) for m in model.modules()]
+    with torch.no_grad():
+        model.eval()(torch.zeros(1, *sample_shape))
+    for hook in hooks:
+        hook.remove()
+    return 3 * sum(layers) - layers[0]

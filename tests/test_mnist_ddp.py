@@ -1,19 +1,23 @@
 """mnist_ddp.py: launch-environment parsing, and real trainings on MNIST digits under every launcher (CPU, gloo)."""
+import json
 import os
 import re
 import signal
+import socket
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import (EXIT_PROBE_LINE, PYTHON, REPO, TORCHRUN, check_profile, check_signal_stop, check_srun_style,
-                      check_time_split, check_training, clean_env, copy_alone, done_record, epoch_lines, run,
-                      run_srun_style, run_torchrun, start, tensorboard_scalars, timed)
+                      check_time_split, check_training, clean_env, copy_alone, done_record, epoch_lines,
+                      hand_count_train_flops, run, run_srun_style, run_torchrun, start, tensorboard_scalars, timed)
 
 sys.path.insert(0, str(REPO))
 import cluster  # noqa: E402  (the plumbing mnist_ddp.py calls)
+import mnist_ddp  # noqa: E402
 
 SCRIPT = str(REPO / "mnist_ddp.py")
 
@@ -82,16 +86,23 @@ def test_launch_env_single_process():
 
 # ---------------------------------------------------------------------------- unit: the exit probe
 
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_the_exit_probe_names_a_process_group_left_running(tmp_path):
     """check_clean_exit relies on tests/exit_probe: it must load in a script's run and see gloo's threads when a
     process group is never destroyed (here a named copy of a script that forgets it), and see none when it is."""
     (tmp_path / "mnist_ddp.py").write_text(
         "import sys\nimport torch.distributed as dist\n"
-        f"dist.init_process_group('gloo', init_method='file://{tmp_path}/store' + sys.argv[1], rank=0, world_size=1)\n"
+        "dist.init_process_group('gloo', init_method='tcp://127.0.0.1:' + sys.argv[2], rank=0, world_size=1)\n"
         "if sys.argv[1] == 'destroy':\n    dist.destroy_process_group()\n")
-    _, out = run([PYTHON, "mnist_ddp.py", "leak"], env=clean_env(), cwd=tmp_path, timeout=60)
-    assert re.search(rf"^{re.escape(EXIT_PROBE_LINE)} .*pt_gloo_runloop", out, re.M), out[-2000:]
-    rc, out = run([PYTHON, "mnist_ddp.py", "destroy"], env=clean_env(), cwd=tmp_path, timeout=60)
+    _, out = run([PYTHON, "mnist_ddp.py", "leak", str(free_port())], env=clean_env(), cwd=tmp_path, timeout=60)
+    # gloo's loop (torch >= 2.9 names it) or the store's (the TCPStore rank 0 serves)
+    assert re.search(rf"^{re.escape(EXIT_PROBE_LINE)} .*(pt_gloo_runloop|pt_tcpstore)", out, re.M), out[-2000:]
+    rc, out = run([PYTHON, "mnist_ddp.py", "destroy", str(free_port())], env=clean_env(), cwd=tmp_path, timeout=60)
     assert rc == 0 and EXIT_PROBE_LINE not in out, out[-2000:]
 
 
@@ -311,7 +322,8 @@ def test_single_process(single):
     metrics = list((out_dir / "out").glob("metrics-*.jsonl"))
     assert len(metrics) == 1
     events = [line for line in metrics[0].read_text().splitlines()]
-    assert len(events) == 3 and '"event": "done"' in events[-1] and str(done["test_acc"]) in events[-1]
+    assert len(events) == 4 and '"event": "done"' in events[-1] and str(done["test_acc"]) in events[-1]
+    assert json.loads(events[0])["event"] == "config", "the settings first"
     # the final weights: a plain state_dict, which torch alone loads (in a folder without cluster/)
     weights = out_dir / done["weights"]
     assert weights.parent == out_dir / "out" and f"final weights: {done['weights']}" in out
@@ -333,6 +345,46 @@ def test_ddp_matches_single_process(single, torchrun2):
     acc1 = done_record(single[1])["test_acc"]
     acc2 = done_record(torchrun2[1])["test_acc"]
     assert abs(acc1 - acc2) <= 0.003
+
+
+def test_the_efficiency_line_and_the_settings_in_every_output(torchrun2, mnist_dir):
+    """2 ranks under torchrun: rank 0 prints the efficiency line once, after the time split, and the done record holds
+    its figures: throughput per process (the done record's over the world size), the MNIST CNN's FLOPs per digit (a
+    hand count), MFU n/a on the CPU, a peak memory, the data-wait share of the steps' time. The metrics file starts
+    with a config record (every option, the run record's facts, the versions, the commit), and TensorBoard's hparams
+    hold the same options."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+    rc, out, _ = torchrun2
+    lines = [line for line in out.splitlines() if "efficiency: " in line]
+    assert len(lines) == 1 and lines[0].startswith("efficiency: "), lines
+    line = lines[0]
+    assert out.index("time on rank 0") < out.index(line) < out.index('"event": "done"')
+    done = done_record(out)
+    figures, split = done["efficiency"], done["time_split"]
+    assert figures["samples_per_s_per_gpu"] == pytest.approx(done["samples_per_s"] / 2)
+    assert f"{figures['samples_per_s_per_gpu']:.0f} samples/s per process" in line
+    assert figures["flops_per_sample"] == hand_count_train_flops(mnist_ddp.Net(), (1, 28, 28))
+    assert figures["mfu"] is None and "MFU n/a (CPU)" in line and "GPU use n/a" in line
+    assert figures["peak_memory_bytes"] > 100 * 2**20 and "GiB (resident, the most on any rank)" in line
+    assert figures["data_wait"] == pytest.approx(split["data"] / (split["data"] + split["compute"]))
+
+    out_dir = Path(torchrun2[1].split("final weights: ")[1].split()[0]).parent
+    [metrics] = out_dir.glob("metrics-*.jsonl")
+    config = json.loads(metrics.read_text().splitlines()[0])
+    args = vars(mnist_ddp.get_args(["--epochs=2", "--batch-size=32", f"--data-dir={mnist_dir}",
+                                    f"--output-dir={out_dir}"]))
+    assert config["event"] == "config" and config["options"] == json.loads(json.dumps(args)), config
+    assert config["world_size"] == 2 and config["script"] == "mnist_ddp.py" and config["precision"] == "fp32"
+    assert config["versions"]["torch"] == torch.__version__ and config["run"] in metrics.name
+    [run_dir] = (out_dir / "tensorboard").iterdir()
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    start = HParamsPluginData.FromString(events.PluginTagToContent("hparams")["_hparams_/session_start_info"])
+    shown = start.session_start_info.hparams
+    assert shown["batch_size"].number_value == 32 and shown["lr"].number_value == args["lr"]
+    assert shown["data_dir"].string_value == mnist_dir and shown["world_size"].number_value == 2
+    assert shown["version/torch"].string_value == torch.__version__
 
 
 def test_signal_mid_epoch_then_resume_is_bit_identical(mnist_dir, tmp_path, torchrun2):

@@ -504,7 +504,8 @@ def test_time_limit_signal_to_every_fsdp2_rank_checkpoints_requeues_and_resumes_
     its shards of a DCP checkpoint mid-epoch (into the job's own checkpoints/JOBID: no --checkpoint-dir), the job
     requeues itself, and the rerun loads them and ends with the weights of the uninterrupted seed run, which srun
     started (run-gpu4.sh): the same 4 ranks, another launcher. The job script runs as in a container without Slurm's
-    client: no scontrol on its PATH (it finds rank 0's node from the node list); the training processes have it."""
+    client: no scontrol on its PATH (it finds rank 0's node from the node list); the training processes have it.
+    With --wandb and WANDB_MODE=offline, the first run and its requeue log into one W&B run, the job's id."""
     reference = reference_run(cluster, tmp_path_factory, mnist_dir, SEEDS[6][0])
     proj = project(tmp_path_factory, "run-gpu4-dist.sh", "mnist_fsdp.py")
     path = os.environ["PATH"]
@@ -515,10 +516,15 @@ def test_time_limit_signal_to_every_fsdp2_rank_checkpoints_requeues_and_resumes_
             if tool.name != "scontrol" and os.access(tool, os.X_OK):
                 (without / tool.name).unlink(missing_ok=True)
                 (without / tool.name).symlink_to(tool)
-    out = preempt_and_requeue(cluster, proj, mnist_dir, ["run-gpu4-dist.sh", "mnist_fsdp.py"] + FAST, "ddp-gpu4",
-                              None, PATH=f"{Path(sys.executable).parent}:{without}",
-                              PYTHON=f"env PATH={Path(sys.executable).parent}:{path} python")
+    # and W&B, offline (requirements-dev.txt installs wandb): one W&B run across the requeue
+    out = preempt_and_requeue(cluster, proj, mnist_dir, ["run-gpu4-dist.sh", "mnist_fsdp.py"] + FAST + ["--wandb"],
+                              "ddp-gpu4", None, PATH=f"{Path(sys.executable).parent}:{without}",
+                              PYTHON=f"env PATH={Path(sys.executable).parent}:{path} python", WANDB_MODE="offline")
     assert re.search(r"^== rank 0 at n1:\d+;", out, re.M) and "== requeueing ==" not in out, out[-3000:]
+    job_id = re.search(r"== job (\d+) \(restart 0\)", out)[1]
+    runs = sorted(p.name for p in (proj / "out" / "wandb").glob("offline-run-*"))  # the first run's, the requeue's
+    assert len(runs) == 2 and all(name.endswith(f"-{job_id}") for name in runs), runs
+    assert out.count(f"W&B: offline run {job_id} in ") == 2, out[-3000:]
     [stopped] = proj.glob("checkpoints/*/epoch_0000_step_*")
     assert sorted(p.name for p in stopped.glob("__*.distcp")) == [f"__{r}_0.distcp" for r in range(4)]
     done = done_record(out)

@@ -279,7 +279,7 @@ def test_init_from_reads_every_kind_of_weights_and_checkpoint(tmp_path, capsys):
     torch.save(weights, tmp_path / "model-1.pt")
     (tmp_path / "pt").mkdir()
     torch.save({"model": weights, "epoch": 2}, tmp_path / "pt" / "epoch_0002.pt")
-    dcp.save({"model": weights}, checkpoint_id=tmp_path / "dcp" / "epoch_0002", no_dist=True)
+    dcp.save({"model": weights}, checkpoint_id=tmp_path / "dcp" / "epoch_0002")  # no group: DCP saves as one process
     (tmp_path / "ds" / "epoch_0002").mkdir(parents=True)
     (tmp_path / "ds" / "latest").write_text("epoch_0002")
     torch.save({"module": weights, "global_steps": 3}, tmp_path / "ds" / "epoch_0002" / "mp_rank_00_model_states.pt")

@@ -13,6 +13,8 @@ With COLLECTIVE_PROBE=1 it also counts the calls, from any library, of torch.dis
 barrier, and prints them at exit as a JSON line: a collective per training step shows as a count of at least the
 steps.
 
+With WANDB_PROBE=1 it says at exit whether the process imported wandb.
+
 With HANG_AT_STEP=N (HANG_RANK, default 1; HANG_WHEN=FILE) one rank of a training script gets stuck: see hang_at."""
 import atexit
 import json
@@ -71,6 +73,8 @@ if os.path.isdir("/proc/self/task") and sys.argv and os.path.basename(sys.argv[0
     atexit.register(native_threads_left)
     if os.environ.get("COLLECTIVE_PROBE"):
         count_collectives()
+    if os.environ.get("WANDB_PROBE"):  # did this process import wandb (only rank 0 may)
+        atexit.register(lambda: say(f"WANDB PROBE: wandb imported: {'yes' if 'wandb' in sys.modules else 'no'}"))
 
 
 def hang_at(step, when=None):
