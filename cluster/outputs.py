@@ -169,7 +169,8 @@ class Outputs:
 
 def settings(args, run):
     """What a run ran with, for its outputs: every option, the facts of its run record (script, model, data, precision,
-    world size), the versions of Python, torch and the framework, and the git commit where there is one."""
+    world size), the versions of Python, torch and the framework, and the git commit where there is one (asked of
+    git on rank 0 only, which writes the outputs)."""
     import platform
     versions = {"python": platform.python_version(), "torch": torch.__version__}
     for framework in ("pytorch_lightning", "deepspeed", "torchvision"):
@@ -177,7 +178,7 @@ def settings(args, run):
             versions[framework] = getattr(sys.modules[framework], "__version__", None)
     options = checkpoints.plain(vars(args))
     return {"run": run_name(), "options": options, **{k: v for k, v in run.items() if k not in options},
-            "versions": versions, "git_commit": run.get("git_commit") or _git_commit()}
+            "versions": versions, "git_commit": run.get("git_commit") or (_git_commit() if launch.RANK == 0 else None)}
 
 
 def _git_commit():
