@@ -2,9 +2,8 @@
 
 train_flops() counts one training step's floating-point operations per sample with torch's own counter
 (torch.utils.flop_counter), once, on a copy of the model on the meta device: nothing is computed, no random number
-is drawn. GpuUse samples the rank's own GPU's utilisation through NVML
-(nvidia-ml-py), found by its UUID, not its index. efficiency() puts them together with the throughput, the peak
-memory and the time split."""
+is drawn. GpuUse samples the rank's own GPU's utilisation through NVML (nvidia-ml-py), found by its UUID, not its
+index. efficiency() puts them together with the throughput, the peak memory and the time split."""
 import copy
 import resource
 import threading
@@ -15,7 +14,7 @@ from . import launch
 
 # Dense peak TFLOP/s per device as torch sees it (an MI250X's two dies are two devices): 16-bit tensor cores (bf16 and
 # fp16 alike), TF32 tensor cores, plain float32. The first name found in torch.cuda.get_device_name() counts, so the
-# longer names come first. Sources: the vendors' data sheets, listed in docs/efficiency.md.
+# longer names come first. Sources: the vendors' data sheets, listed in docs/outputs.md.
 PEAK_TFLOPS = {
     "H100 PCIe": (756, 378, 51), "H100 NVL": (835, 418, 60), "H100": (989, 495, 67), "H200": (989, 495, 67),
     "GH200": (989, 495, 67), "B200": (2250, 1100, 80), "A100": (312, 156, 19.5), "A40": (150, 75, 37.4),
@@ -56,7 +55,7 @@ def peak_flops(device, precision):
 
 class GpuUse:
     """Samples this rank's GPU's utilisation (NVML's, in %) every `every` seconds in a thread, from start() to
-    stop(). Silent where there is no GPU or no nvidia-ml-py: mean() is then None."""
+    stop(), which returns their mean. Silent where there is no GPU or no nvidia-ml-py: stop() then returns None."""
 
     def __init__(self, device, every=2.0):
         self.samples, self.every, self.handle, self.stopped = [], every, None, threading.Event()
@@ -100,8 +99,9 @@ def efficiency(device, precision, flops_per_sample, samples_per_s, gpu_use, time
     per_gpu = samples_per_s / launch.WORLD_SIZE if samples_per_s else None
     peak = peak_flops(device, precision)
     mfu = flops_per_sample * per_gpu / peak if peak and per_gpu and flops_per_sample else None
-    memory = max(launch.all_gather(peak_memory(device)))  # the rank that needed most
-    uses = [u for u in launch.all_gather(gpu_use) if u is not None]
+    ranks = launch.all_gather((peak_memory(device), gpu_use))  # one collective for both
+    memory = max(m for m, _ in ranks)  # the rank that needed most
+    uses = [u for _, u in ranks if u is not None]
     steps = time_split["data"] + time_split["compute"]
     figures = {"samples_per_s_per_gpu": per_gpu, "flops_per_sample": flops_per_sample, "precision": precision,
                "peak_flops": peak, "mfu": mfu, "peak_memory_bytes": memory,
@@ -112,7 +112,8 @@ def efficiency(device, precision, flops_per_sample, samples_per_s, gpu_use, time
         f"efficiency: {per_gpu:.0f} samples/s per {unit}" if per_gpu else "efficiency: no training step timed",
         f"{flops_per_sample / 1e9:.3g} GFLOP per sample" if flops_per_sample else "FLOPs n/a",
         f"MFU {100 * mfu:.1f}% of {peak / 1e12:g} TFLOP/s ({precision})" if mfu is not None else
-        f"MFU n/a ({'no peak known for ' + torch.cuda.get_device_name(device) if unit == 'GPU' else 'CPU'})",
+        "MFU n/a (CPU)" if unit == "process" else "MFU n/a (FLOPs or throughput unknown)" if peak else
+        f"MFU n/a (no {precision} peak known for {torch.cuda.get_device_name(device)})",
         f"peak memory {memory / 2**30:.2f} GiB ({'GPU' if unit == 'GPU' else 'resident'}, the most on any rank)",
         f"GPU use {figures['gpu_utilization']:.0f}%" if uses else "GPU use n/a",
         f"data wait {100 * figures['data_wait']:.0f}%" if steps else "data wait n/a"])
