@@ -4,8 +4,8 @@ that resumes exactly, checkpoint files, outputs, hang evidence. Each script keep
 by name (cluster.stop_check(...)), so every line that calls it is one to keep. Copy the cluster/ folder beside your
 script; it imports the standard library and torch (tensorboard, Lightning and DeepSpeed only inside the functions
 that use them). One file per concern: options.py, launch.py (who this process is, its device, the group, how ranks
-speak), stopping.py, data.py, checkpoints.py, outputs.py, efficiency.py, tracking.py (W&B), hangs.py, adapters.py
-(Lightning, DeepSpeed).
+speak), stopping.py, data.py, tokens.py (token shards: gpt_fsdp.py), checkpoints.py, outputs.py, efficiency.py,
+tracking.py (W&B), hangs.py, adapters.py (Lightning, DeepSpeed).
 
 A script calls, in this order:
     parse_args(parser)                 its options, the shared ones (--checkpoint-dir, --init-from ...), a sweep line
@@ -33,7 +33,7 @@ deepspeed_accelerator() (before its import) and deepspeed_config().
 A hang leaves evidence (process_group's watcher thread): a collective that timed out is named in one line and the
 other ranks hear of it, a rank without progress then prints every thread's stack; SIGURG asks every rank for its stacks.
 """
-from . import checkpoints, data, efficiency, hangs, launch, options, outputs, stopping, tracking
+from . import checkpoints, data, efficiency, hangs, launch, options, outputs, stopping, tokens, tracking
 from .adapters import deepspeed_accelerator, deepspeed_config, lightning_callbacks, lightning_wandb
 from .checkpoints import (check_same_run, init_weights, load_checkpoint, load_shards, plain, replay_first_backward,
                           run_record, save_checkpoint)
@@ -45,14 +45,14 @@ from .options import MAY_CHANGE, parse_args, positive_int
 from .outputs import TIMES, Outputs, TimeSplit, param_checksum, run_name
 from .stopping import EXIT_RESUMABLE, STOP_CHECK_EVERY, ignore_stop_signals, job_end_time, slurm_seconds, stop_check
 
-__all__ = ["checkpoints", "data", "efficiency", "hangs", "launch", "options", "outputs", "stopping", "tracking",
-           "deepspeed_accelerator", "deepspeed_config", "lightning_callbacks", "lightning_wandb", "check_same_run",
-           "init_weights", "load_checkpoint", "load_shards", "plain", "replay_first_backward", "run_record",
-           "save_checkpoint", "DataLoader", "train_flops", "CLOSE_FIRST", "all_gather", "all_ranks_ok", "all_sum",
-           "autocast_dtype", "fail", "first_host", "gpu_index", "launch_env", "print0", "print_line", "process_group",
-           "started", "unusable_gpus", "MAY_CHANGE", "parse_args", "positive_int", "TIMES", "Outputs", "TimeSplit",
-           "param_checksum", "run_name", "EXIT_RESUMABLE", "STOP_CHECK_EVERY", "ignore_stop_signals", "job_end_time",
-           "slurm_seconds", "stop_check", "RANK", "LOCAL_RANK", "WORLD_SIZE"]
+__all__ = ["checkpoints", "data", "efficiency", "hangs", "launch", "options", "outputs", "stopping", "tokens",
+           "tracking", "deepspeed_accelerator", "deepspeed_config", "lightning_callbacks", "lightning_wandb",
+           "check_same_run", "init_weights", "load_checkpoint", "load_shards", "plain", "replay_first_backward",
+           "run_record", "save_checkpoint", "DataLoader", "train_flops", "CLOSE_FIRST", "all_gather", "all_ranks_ok",
+           "all_sum", "autocast_dtype", "fail", "first_host", "gpu_index", "launch_env", "print0", "print_line",
+           "process_group", "started", "unusable_gpus", "MAY_CHANGE", "parse_args", "positive_int", "TIMES", "Outputs",
+           "TimeSplit", "param_checksum", "run_name", "EXIT_RESUMABLE", "STOP_CHECK_EVERY", "ignore_stop_signals",
+           "job_end_time", "slurm_seconds", "stop_check", "RANK", "LOCAL_RANK", "WORLD_SIZE"]
 
 
 def __getattr__(name):

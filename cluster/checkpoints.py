@@ -34,10 +34,12 @@ _proven = False          # the first save's state has been loaded back with weig
 def run_record(args, may_change=(), **facts):
     """What defines this run, saved with each checkpoint and compared on resume: `facts` (script, model, data,
     precision ...), every option but those that may change between its runs (options.MAY_CHANGE, and `may_change`),
-    the world size and the git commit (GIT_COMMIT, which safe-sbatch.sh sets; not with --allow-commit-change)."""
+    the world size (unless `may_change` names it: a script whose data and global batch do not depend on it) and the git
+    commit (GIT_COMMIT, which safe-sbatch.sh sets; not with --allow-commit-change)."""
     skip = options.MAY_CHANGE | set(may_change) | set(facts)  # a fact (the steps an epoch has) over its option
-    record = {**facts, **{k: v for k, v in sorted(vars(args).items()) if k not in skip},
-              "world_size": launch.WORLD_SIZE}
+    record = {**facts, **{k: v for k, v in sorted(vars(args).items()) if k not in skip}}
+    if "world_size" not in may_change:
+        record["world_size"] = launch.WORLD_SIZE
     if not getattr(args, "allow_commit_change", False):
         record["git_commit"] = os.environ.get("GIT_COMMIT")
     return plain(record)
@@ -166,8 +168,17 @@ def _accept(path, state, run, device):
     check_same_run(path, state.get("run"), run)
     if len(state.get("rng", [])) == launch.WORLD_SIZE:
         set_rng_state(state["rng"][launch.RANK], device)
-    steps = f" and {state['step']} steps of epoch {state['epoch'] + 1}" if state["step"] else ""
-    launch.print0(f"resumed from {path}: epoch {state['epoch']} done{steps}, continuing at epoch {state['epoch'] + 1}")
+    else:  # another number of processes (a script whose run record allows it): the random numbers start afresh
+        launch.print0(f"NOTE: {path} was saved by {len(state.get('rng', []))} processes, resumed by "
+                      f"{launch.WORLD_SIZE}: the weights and optimizer state reshard, random numbers (dropout) start "
+                      "afresh")
+    if "global_step" in state:  # a run counted in steps (gpt_fsdp.py)
+        launch.print0(f"resumed from {path}: {state['global_step']} steps done, continuing at step "
+                      f"{state['global_step'] + 1}")
+    else:
+        steps = f" and {state['step']} steps of epoch {state['epoch'] + 1}" if state["step"] else ""
+        launch.print0(f"resumed from {path}: epoch {state['epoch']} done{steps}, continuing at epoch "
+                      f"{state['epoch'] + 1}")
     LOADED_OR_SAVED = True
     return state
 

@@ -26,15 +26,15 @@ MFU_HINT = 0.10  # a HINT below this MFU, on a GPU, for a model of at least HINT
 HINT_FLOPS = 1e9  # (ResNet-50 at 224 px: 12 GFLOP; such models reach 30-50% in bf16)
 
 
-def train_flops(model, sample_shape, batch=2):
-    """FLOPs of one training step (forward and backward) per sample of shape `sample_shape`, counted by torch's
-    FlopCounterMode on a meta-device copy of `model` (call it before DDP, fully_shard or torch.compile wrap it).
-    None where the copy cannot run on the meta device."""
+def train_flops(model, sample_shape, batch=2, dtype=torch.float32):
+    """FLOPs of one training step (forward and backward) per sample of shape `sample_shape` (and `dtype`: token ids are
+    torch.long), counted by torch's FlopCounterMode on a meta-device copy of `model` (call it before DDP, fully_shard
+    or torch.compile wrap it). None where the copy cannot run on the meta device."""
     from torch.utils.flop_counter import FlopCounterMode
     try:
         ghost = copy.deepcopy(model).to("meta")
         with FlopCounterMode(display=False) as counter:
-            ghost(torch.empty(batch, *sample_shape, device="meta")).float().sum().backward()
+            ghost(torch.empty(batch, *sample_shape, device="meta", dtype=dtype)).float().sum().backward()
     except (RuntimeError, NotImplementedError, TypeError):
         return None
     return counter.get_total_flops() / batch
@@ -94,8 +94,9 @@ def peak_memory(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
-def efficiency(device, precision, flops_per_sample, samples_per_s, gpu_use, time_split):
-    """The efficiency figures (a dict for the done record) and their line; `samples_per_s` is all ranks' together."""
+def efficiency(device, precision, flops_per_sample, samples_per_s, gpu_use, time_split, per="sample"):
+    """The efficiency figures (a dict for the done record) and their line; `samples_per_s` is all ranks' together, of
+    samples or (per="token") tokens."""
     per_gpu = samples_per_s / launch.WORLD_SIZE if samples_per_s else None
     peak = peak_flops(device, precision)
     mfu = flops_per_sample * per_gpu / peak if peak and per_gpu and flops_per_sample else None
@@ -103,14 +104,14 @@ def efficiency(device, precision, flops_per_sample, samples_per_s, gpu_use, time
     memory = max(m for m, _ in ranks)  # the rank that needed most
     uses = [u for _, u in ranks if u is not None]
     steps = time_split["data"] + time_split["compute"]
-    figures = {"samples_per_s_per_gpu": per_gpu, "flops_per_sample": flops_per_sample, "precision": precision,
+    figures = {f"{per}s_per_s_per_gpu": per_gpu, f"flops_per_{per}": flops_per_sample, "precision": precision,
                "peak_flops": peak, "mfu": mfu, "peak_memory_bytes": memory,
                "gpu_utilization": sum(uses) / len(uses) if uses else None,
                "data_wait": time_split["data"] / steps if steps else None}
     unit = "GPU" if device.type == "cuda" else "process"
     line = " | ".join([
-        f"efficiency: {per_gpu:.0f} samples/s per {unit}" if per_gpu else "efficiency: no training step timed",
-        f"{flops_per_sample / 1e9:.3g} GFLOP per sample" if flops_per_sample else "FLOPs n/a",
+        f"efficiency: {per_gpu:.0f} {per}s/s per {unit}" if per_gpu else "efficiency: no training step timed",
+        f"{flops_per_sample / 1e9:.3g} GFLOP per {per}" if flops_per_sample else "FLOPs n/a",
         f"MFU {100 * mfu:.1f}% of {peak / 1e12:g} TFLOP/s ({precision})" if mfu is not None else
         "MFU n/a (CPU)" if unit == "process" else "MFU n/a (FLOPs or throughput unknown)" if peak else
         f"MFU n/a (no {precision} peak known for {torch.cuda.get_device_name(device)})",
@@ -118,8 +119,8 @@ def efficiency(device, precision, flops_per_sample, samples_per_s, gpu_use, time
         f"GPU use {figures['gpu_utilization']:.0f}%" if uses else "GPU use n/a",
         f"data wait {100 * figures['data_wait']:.0f}%" if steps else "data wait n/a"])
     hints = []
-    if mfu is not None and mfu < MFU_HINT and flops_per_sample >= HINT_FLOPS:
-        hints.append(f"HINT: MFU {100 * mfu:.1f}% is far below the 30-50% a model of {flops_per_sample / 1e9:.0f} "
-                     "GFLOP per sample reaches: try --amp (bf16), a larger --batch-size, --compile, and see the data "
-                     "wait above")
+    if mfu is not None and mfu < MFU_HINT and (flops_per_sample >= HINT_FLOPS or per == "token"):
+        what = "a transformer" if per == "token" else f"a model of {flops_per_sample / 1e9:.0f} GFLOP per sample"
+        hints.append(f"HINT: MFU {100 * mfu:.1f}% is far below the 30-50% {what} reaches: try --amp (bf16), a larger "
+                     "--batch-size, --compile, and see the data wait above")
     return figures, line, hints

@@ -79,12 +79,13 @@ _STARTED = datetime.now().strftime("%Y%m%d-%H%M%S")
 class Outputs:
     """Rank 0's metrics-RUN.jsonl, TensorBoard run and --profile; a resumed training continues its TensorBoard run."""
 
-    def __init__(self, args, device, resumed=None, purge_step=1, curves=True, *, run, flops):
-        """`run`: the run record (run_record's); `flops`: one training step's FLOPs per sample (train_flops');
-        curves=False: the framework's own loggers draw the curves (Lightning's TensorBoard and W&B loggers)."""
+    def __init__(self, args, device, resumed=None, purge_step=1, curves=True, *, run, flops, per="sample"):
+        """`run`: the run record (run_record's); `flops`: one training step's FLOPs per sample (train_flops'), or per
+        token with per="token"; curves=False: the framework's own loggers draw the curves (Lightning's TensorBoard and
+        W&B loggers)."""
         self.run_id, self.t_start, self.metrics, self.tb, self.prof = run_name(), time.perf_counter(), None, None, None
         self.wandb = None
-        self.output_dir, self.device, self.flops = args.output_dir, device, flops
+        self.output_dir, self.device, self.flops, self.per = args.output_dir, device, flops, per
         self.tb_name = resumed.get("tensorboard", self.run_id) if resumed else self.run_id
         self.config = settings(args, run)
         precision = str(self.config.get("precision", ""))
@@ -149,8 +150,8 @@ class Outputs:
         checksums = launch.all_gather(_checksum(weights))  # each rank's own hash: the tests compare them
         time_split = TIMES.report(loader)
         figures, line, hints = efficiency.efficiency(
-            self.device, self.precision, self.flops, result.get("samples_per_s") or result.get("images_per_s"),
-            self.gpu_use.stop(), time_split)
+            self.device, self.precision, self.flops, result.get(f"{self.per}s_per_s") or result.get("images_per_s"),
+            self.gpu_use.stop(), time_split, self.per)
         for text in [line, *hints]:
             launch.print0(text)
         done = {"event": "done", **result, "world_size": launch.WORLD_SIZE, "seconds": time.perf_counter() -

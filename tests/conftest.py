@@ -23,8 +23,8 @@ EXIT_PROBE = REPO / "tests" / "exit_probe"
 # the longest files first: ./dev.sh test runs two pytest-xdist workers, each taking whole files (--dist loadfile), so
 # the Slurm cluster's tests, the longest file, run beside the others rather than after them
 LONGEST_FIRST = ["test_slurm_wrappers.py", "test_mnist_deepspeed.py", "test_mnist_ddp.py", "test_your_edits.py",
-                 "test_mnist_fsdp.py", "test_imagenet_ddp.py", "test_tracking.py", "test_mnist_lightning.py",
-                 "test_hangs_and_network.py", "test_compile.py", "test_bench_gpu.py", "test_gpu_paths.py"]
+                 "test_mnist_fsdp.py", "test_gpt_fsdp.py", "test_imagenet_ddp.py", "test_tracking.py",
+                 "test_mnist_lightning.py", "test_hangs_and_network.py", "test_compile.py", "test_bench_gpu.py", "test_gpu_paths.py"]
 
 
 def pytest_collection_modifyitems(items):
@@ -70,7 +70,7 @@ def timed(fn, *args, **kwargs):
 
 
 # what a training script needs beside it (the copy unit, but for the job script and ds_config.json)
-COMPANIONS = {"imagenet_ddp.py": ["cluster", "imagenet_staging.py"]}
+COMPANIONS = {"imagenet_ddp.py": ["cluster", "imagenet_staging.py"], "gpt_fsdp.py": ["cluster", "prepare_tokens.py"]}
 
 
 def companions(script):

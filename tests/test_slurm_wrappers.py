@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import time
 from pathlib import Path
 
@@ -530,6 +531,31 @@ def test_time_limit_signal_to_every_fsdp2_rank_checkpoints_requeues_and_resumes_
     done = done_record(out)
     assert done["world_size"] == 4 and hosts(out) == {"n1"}
     assert done["param_checksums"] == reference["param_checksums"], "interrupted + requeued != uninterrupted"
+
+
+def test_a_gpt_trains_on_two_nodes_through_a_job_script(cluster, tmp_path_factory):
+    """gpt_fsdp.py through run-gpu8-dist.sh, unchanged: a torchrun on each of the 2 nodes starts 4 FSDP2 ranks, which
+    read the token shards that prepare_tokens.py made on the 'login node' (Python's json package, as bytes), train the
+    tiny model (8 ranks x 4 sequences of 64 tokens: 2,048 tokens a step, no accumulation), validate exactly, and
+    write every rank's shard of the final DCP checkpoint into the job's checkpoints/JOBID."""
+    proj = project(tmp_path_factory, "run-gpu8-dist.sh", "gpt_fsdp.py")
+    stdlib = sysconfig.get_paths()["stdlib"]
+    r = subprocess.run([sys.executable, "prepare_tokens.py", f"{stdlib}/json", "--pattern=*.py", "--out-dir=tokens",
+                        "--val-tokens=8192"], cwd=proj, env=clean_env(), text=True, stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT)
+    assert r.returncode == 0, r.stdout
+    state, exit_code, out = submit(cluster, proj, None, [
+        "run-gpu8-dist.sh", "gpt_fsdp.py", "--device=cpu", "--model=tiny", "--seq-len=64", "--batch-size=4",
+        "--batch-tokens=2048", "--max-steps=20", "--eval-every=10", "--samples=1", "--data-dir=tokens"])
+    assert (state, exit_code) == ("COMPLETED", "0:0"), out[-4000:]
+    done = done_record(out)
+    assert done["world_size"] == 8 and hosts(out) == {"n1", "n2"} and len(set(done["param_checksums"])) == 1
+    # the val shard's 8,192 tokens in windows of 64 and their next token: 127 windows, each scored once
+    assert done["step"] == 20 and done["val_tokens"] == 127 * 64 and done["val_bpb"] < 8, done
+    assert "FSDP2 over 8 processes x 4 x 64 tokens x 1 micro-steps = 2,048 tokens per step" in out, out[-4000:]
+    assert len(re.findall(r"^(?:\[default\d\]:)?step (?:10|20)/20 \| val loss", out, re.M)) == 2, out[-4000:]
+    [final] = proj.glob("checkpoints/*/epoch_0001")
+    assert sorted(p.name for p in final.glob("__*.distcp")) == [f"__{r}_0.distcp" for r in range(8)]
 
 
 def documented_train_class():
