@@ -166,8 +166,8 @@ def process_group(args, deepspeed=False, group=True):
         if device.type == "cuda":
             hangs.flight_recorder(args.output_dir)
         if group and (WORLD_SIZE > 1 or deepspeed or group == "always"):
-            if WORLD_SIZE == 1 and not addr:
-                addr, port = "127.0.0.1", str(_free_port())
+            if WORLD_SIZE == 1 and not addr and "RANK" not in os.environ:  # python alone (torchrun with one process
+                addr, port = "127.0.0.1", str(_free_port())  # has set RANK and its own store's MASTER_PORT: keep them)
             if addr:  # launched by srun or mpirun: tell init_process_group where rank 0 listens
                 os.environ.update(RANK=str(RANK), LOCAL_RANK=str(LOCAL_RANK), WORLD_SIZE=str(WORLD_SIZE),
                                   MASTER_ADDR=addr, MASTER_PORT=port)

@@ -24,7 +24,8 @@ EXIT_PROBE = REPO / "tests" / "exit_probe"
 # the Slurm cluster's tests, the longest file, run beside the others rather than after them
 LONGEST_FIRST = ["test_slurm_wrappers.py", "test_mnist_deepspeed.py", "test_mnist_ddp.py", "test_your_edits.py",
                  "test_mnist_fsdp.py", "test_gpt_fsdp.py", "test_imagenet_ddp.py", "test_tracking.py",
-                 "test_mnist_lightning.py", "test_hangs_and_network.py", "test_compile.py", "test_bench_gpu.py", "test_gpu_paths.py"]
+                 "test_mnist_lightning.py", "test_hangs_and_network.py", "test_compile.py", "test_bench_gpu.py",
+                 "test_gpu_paths.py"]
 
 
 def pytest_collection_modifyitems(items):

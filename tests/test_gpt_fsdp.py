@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import (PYTHON, REPO, check_clean_exit, check_signal_stop, check_time_split, clean_env, done_record,
-                      run, run_srun_style, startup_ranks, timed)
+                      run, run_srun_style, run_torchrun, startup_ranks, timed)
 
 sys.path.insert(0, str(REPO))
 import cluster  # noqa: E402  (the plumbing gpt_fsdp.py calls)
@@ -50,6 +50,31 @@ def gpt2(token_dir, tmp_path_factory):
                                                                           f"--output-dir={out_dir}"],
                               ntasks=2, cwd=out_dir)
     return rcs, outs, wall, out_dir
+
+
+# torch 2.8's gloo returns the sum for a reduce-scatter that FSDP2 asks to average (pytorch/pytorch#162338): there a
+# 2-rank run on the CPU trains with twice the gradient of a 1-process run (AdamW hardly minds; clipping does)
+GLOO_AVERAGE_PROBE = """
+import torch, torch.distributed as dist
+dist.init_process_group("gloo")
+out = torch.zeros(1)
+dist.reduce_scatter_tensor(out, torch.ones(2), op=dist.ReduceOp.AVG)
+print(f"reduce-scatter AVG of 1 and 1: {out.item()}", flush=True)
+dist.destroy_process_group()
+"""
+
+
+def gloo_averages(tmp_path):
+    """Does this torch's gloo average a reduce-scatter that asks for AVG (2 processes)?"""
+    (tmp_path / "probe.py").write_text(GLOO_AVERAGE_PROBE)
+    rc, out, _ = run_torchrun([str(tmp_path / "probe.py")], cwd=tmp_path, timeout=120)
+    assert rc == 0 and "reduce-scatter AVG of 1 and 1: " in out, out[-3000:]
+    return "reduce-scatter AVG of 1 and 1: 1.0" in out
+
+
+def train_losses(out):
+    """{step: training loss} of each loss line."""
+    return {int(m[1]): float(m[2]) for m in re.finditer(r"^step (\d+)/\d+ \| loss ([\d.]+) \|", out, re.M)}
 
 
 def val_lines(out):
@@ -92,8 +117,9 @@ def test_a_signal_mid_run_resumes_bit_exactly_and_on_one_rank_at_the_same_step(t
     """SIGUSR1 to every process: each rank writes its shards of a DCP checkpoint mid-run and exits 75. Resumed on 2
     ranks, the run ends with the uninterrupted run's weights, bit for bit. The same checkpoint on 1 rank (DCP
     reshards; the data order and the 4,096-token global batch do not depend on the ranks) continues at the same
-    global step and ends with the uninterrupted run's validation loss, but for the float rounding of the other
-    summation order."""
+    global step: 10 steps later its loss is the uninterrupted run's but for float rounding (the gradients are summed in
+    another order), and it ends with the same tokens seen and nearly the same validation loss (with torch 2.14 the
+    losses agree to 4 decimals; torch 2.8's gloo breaks the comparison, and the test says so)."""
     ckpt = tmp_path / "ckpt"
     cmd = [PYTHON, SCRIPT] + ARGS + [f"--data-dir={token_dir}", f"--output-dir={tmp_path}", f"--checkpoint-dir={ckpt}"]
     check_signal_stop(cmd, tmp_path, expect_checkpoint="epoch_0000_step_*", wait_for=r"(?m)^step 50/200 \| loss")
@@ -118,12 +144,17 @@ def test_a_signal_mid_run_resumes_bit_exactly_and_on_one_rank_at_the_same_step(t
     assert f"NOTE: {one_rank / stopped.name} was saved by 2 processes, resumed by 1" in out, out[-3000:]
     assert f"resumed from {one_rank / stopped.name}: {at} steps done, continuing at step {at + 1}" in out
     assert "FSDP2 over 1 processes x 8 x 128 tokens x 4 micro-steps = 4,096 tokens per step" in out
-    steps = [int(s) for s in re.findall(r"^step (\d+)/200 \| loss", out, re.M)]
-    assert steps[0] == at + 10 and steps[-1] == 200, steps
+    losses, reference_losses = train_losses(out), train_losses(gpt2[1][0])
+    assert list(losses)[0] == at + 10 and list(losses)[-1] == 200, losses
     reference, resumed = done_record(gpt2[1][0]), done_record(out)
     assert resumed["step"] == 200 and resumed["tokens_seen"] == reference["tokens_seen"]
-    assert resumed["val_loss"] == pytest.approx(reference["val_loss"], abs=0.01), (resumed, reference)
     check_clean_exit(out)
+    if not gloo_averages(tmp_path):
+        pytest.skip(f"torch {torch.__version__}'s gloo sums the gradients FSDP2 asks it to average (pytorch/pytorch"
+                    "#162338): the 2-rank run trained with twice a 1-process run's gradient, so their losses differ")
+    # 10 steps after the resume the loss is the uninterrupted run's but for rounding; by the end rounding has grown
+    assert losses[at + 10] == pytest.approx(reference_losses[at + 10], abs=0.002), (losses, reference_losses)
+    assert resumed["val_loss"] == pytest.approx(reference["val_loss"], abs=0.01), (resumed, reference)
 
 
 def test_the_mfu_counts_the_flops_torch_counts():
@@ -222,3 +253,21 @@ def test_compile_keeps_the_weights_names(token_dir, tmp_path):
     weights = torch.load(tmp_path / done_record(out)["weights"], weights_only=True)
     plain = gpt_fsdp.GPT(256, 64, *gpt_fsdp.SIZES["tiny"]).state_dict()
     assert list(weights) == list(plain) and all(weights[k].shape == plain[k].shape for k in plain)
+
+
+def test_torchrun_with_one_process_init_from_and_checkpoint_every(token_dir, tmp_path, gpt2):
+    """Under torchrun with one process (which keeps torchrun's own store: a free port of its own would hang),
+    --init-from the 2-rank run's final weights (a plain file): a new run whose first loss is a trained model's, not
+    random weights' (ln 256 = 5.5 nats); --checkpoint-every 6 milliseconds: a time-based DCP checkpoint at the first
+    stop check (step 10) beside the finished run's."""
+    weights = gpt2[3] / done_record(gpt2[1][0])["weights"]
+    rc, out, _ = run_torchrun([SCRIPT] + ARGS[:3] + ["--batch-tokens=1024", "--max-steps=20", "--log-interval=1",
+                                                     "--val-tokens=4096", "--samples=0", f"--init-from={weights}",
+                                                     "--checkpoint-every=0.0001", f"--data-dir={token_dir}",
+                                                     f"--checkpoint-dir={tmp_path / 'ckpt'}",
+                                                     f"--output-dir={tmp_path}"], cwd=tmp_path, nproc=1, timeout=120)
+    assert rc == 0 and f"initialized from {weights}: its weights, for a new run" in out, out[-3000:]
+    first = float(re.search(r"^step 1/20 \| loss ([\d.]+)", out, re.M)[1])
+    assert first < 3.0, out[-3000:]
+    assert "checkpoint at epoch 1 step 10 (every 0.0001 min, --checkpoint-every)" in out, out[-3000:]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["epoch_0000_step_0000010", "epoch_0001"]
