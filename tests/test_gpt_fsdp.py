@@ -22,9 +22,9 @@ SCRIPT, PREPARE = str(REPO / "gpt_fsdp.py"), str(REPO / "prepare_tokens.py")
 # the tiny model, 2 ranks x 8 sequences of 128 bytes x 2 micro-steps = 4,096 tokens a step, 200 steps (819,200 tokens)
 ARGS = ["--model=tiny", "--seq-len=128", "--batch-size=8", "--batch-tokens=4096", "--max-steps=200",
         "--eval-every=100", "--log-interval=10", "--lr=3e-3", "--warmup-steps=20", "--val-tokens=32768", "--samples=2"]
-# measured: 2.44 bits per byte after 200 steps (2.16 after 300); a model that learned nothing has 8, one that
-# learned only how often each byte comes about 5
-MAX_BPB = 2.7
+# measured: 2.66 bits per byte after these 200 steps (torch 2.14 and 2.8); the bytes' frequencies alone give 4.41 on
+# these validation bytes, a model that learned nothing 8
+MAX_BPB = 3.0
 STDLIB_PACKAGES = ["asyncio", "email", "json", "logging", "unittest"]  # 113 files, 2.0 MB of Python
 
 
