@@ -118,6 +118,11 @@ def bus_bandwidth(nbytes, seconds, n):
     return nbytes / seconds / 1e9 * 2 * (n - 1) / n
 
 
+def figure(value):
+    """A bandwidth for the JSON record, to 4 significant digits (a slow link's small figure does not round to 0)."""
+    return float(f"{value:.4g}")
+
+
 def check(args, device):
     rank, world = cluster.RANK, cluster.WORLD_SIZE
     hosts = cluster.all_gather(socket.gethostname())
@@ -144,10 +149,10 @@ def check(args, device):
             times = cluster.all_gather(seconds_per_all_reduce(x, group, args, device))
             slowest = max(range(world), key=times.__getitem__)
             if phase == "node":  # each node's group ran at once: the slowest node's figure
-                row.update(node_busbw=round(bus_bandwidth(nbytes, times[slowest], n), 4), node_slowest_rank=slowest)
+                row.update(node_busbw=figure(bus_bandwidth(nbytes, times[slowest], n)), node_slowest_rank=slowest)
             else:
-                row.update(busbw=round(bus_bandwidth(nbytes, times[slowest], n), 4), slowest_rank=slowest,
-                           time_us=round(times[slowest] * 1e6, 1), algbw=round(nbytes / times[slowest] / 1e9, 4))
+                row.update(busbw=figure(bus_bandwidth(nbytes, times[slowest], n)), slowest_rank=slowest,
+                           time_us=round(times[slowest] * 1e6, 1), algbw=figure(nbytes / times[slowest] / 1e9))
             cluster.print0(f"{words(nbytes):>10} {phase:>6} {times[slowest] * 1e6:>10.1f} "
                            f"{nbytes / times[slowest] / 1e9:>11.3f} {bus_bandwidth(nbytes, times[slowest], n):>11.3f}"
                            f"  {slowest} ({hosts[slowest]})")
