@@ -98,8 +98,9 @@ def window_starts(tokens, seq_len, seed, step, count):
     digest = hashlib.sha256(f"{seed}:{step}".encode()).digest()  # (seed, step) -> a seed: no two pairs share it
     g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
     flat = torch.randint(int(sizes.sum()), (count,), generator=g)
-    shard = torch.searchsorted(sizes.cumsum(0), flat, right=True)
-    return list(zip(shard.tolist(), (flat - (sizes.cumsum(0) - sizes)[shard]).tolist(), strict=True))
+    ends = sizes.cumsum(0)  # where each shard's starts end in the count over all shards
+    shard = torch.searchsorted(ends, flat, right=True)
+    return list(zip(shard.tolist(), (flat - (ends - sizes)[shard]).tolist(), strict=True))
 
 
 def batch(tokens, starts, seq_len, device):
@@ -132,7 +133,7 @@ class Block(nn.Module):
 class GPT(nn.Module):
     def __init__(self, vocab_size, seq_len, layers, heads, width, dropout=0.0):
         super().__init__()
-        self.dropout, self.layers, self.width, self.seq_len = dropout, layers, width, seq_len
+        self.dropout, self.layers, self.width = dropout, layers, width
         self.tok, self.pos = nn.Embedding(vocab_size, width), nn.Embedding(seq_len, width)
         self.blocks = nn.ModuleList(Block(width, heads, dropout) for _ in range(layers))
         self.ln = nn.LayerNorm(width)
@@ -209,7 +210,8 @@ def train(args, device):
     decode = str  # the samples at the end: token ids, or text where the tokenizer that made the shards loads here
     spec = os.path.join(args.data_dir, "tokenizer.txt")  # prepare_tokens.py's: which tokenizer that was
     try:
-        decode = shards.tokenizer(open(spec).read().strip()).decode if os.path.exists(spec) else str
+        if os.path.exists(spec):
+            decode = shards.tokenizer(open(spec).read().strip()).decode
     except (ImportError, AttributeError, ValueError, TypeError) as e:
         cluster.print0(f"NOTE: the tokenizer in {spec} does not load here ({type(e).__name__}: {e}): the samples at "
                        "the end are token ids")

@@ -168,7 +168,7 @@ def _accept(path, state, run, device):
     check_same_run(path, state.get("run"), run)
     if len(state.get("rng", [])) == launch.WORLD_SIZE:
         set_rng_state(state["rng"][launch.RANK], device)
-    else:  # another number of processes (a script whose run record allows it): the random numbers start afresh
+    elif "rng" in state:  # another number of processes (a script whose run record allows it): they start afresh
         launch.print0(f"NOTE: {path} was saved by {len(state.get('rng', []))} processes, resumed by "
                       f"{launch.WORLD_SIZE}: the weights and optimizer state reshard, random numbers (dropout) start "
                       "afresh")
